@@ -1,0 +1,25 @@
+"""RecurrentGemma in JAX/Flax: config, network, checkpoints, tokenizer."""
+
+from model.config import ModelConfig
+from model.griffin import (
+    Cache,
+    RecurrentGemma,
+    TokenRangeError,
+    cache_bytes_per_sequence,
+    check_token_ids,
+    count_params,
+    init_cache,
+    param_shapes,
+)
+
+__all__ = [
+    "Cache",
+    "ModelConfig",
+    "RecurrentGemma",
+    "TokenRangeError",
+    "cache_bytes_per_sequence",
+    "check_token_ids",
+    "count_params",
+    "init_cache",
+    "param_shapes",
+]

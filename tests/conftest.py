@@ -1,0 +1,61 @@
+"""Shared fixtures: a local S3 stand-in served by moto."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+FAKE_KEY = "testing"
+FAKE_SECRET = "testing"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """A moto S3 server on a free local port for the whole session; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_bucket(
+    s3_server: str, monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, dict[str, Any]]:
+    """A fresh, empty bucket on the moto server: returns (bucket_name, storage_options).
+
+    Fake credentials are put in the environment (and real AWS config files hidden) for the test.
+    """
+    import s3fs
+
+    aws_home = tmp_path_factory.mktemp("aws-home")
+    for name, value in {
+        "AWS_ACCESS_KEY_ID": FAKE_KEY,
+        "AWS_SECRET_ACCESS_KEY": FAKE_SECRET,
+        "AWS_SECURITY_TOKEN": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(aws_home / "config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(aws_home / "credentials"),
+    }.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+    storage_options: dict[str, Any] = {
+        "client_kwargs": {"endpoint_url": s3_server},
+        "key": FAKE_KEY,
+        "secret": FAKE_SECRET,
+    }
+    bucket = f"rgbatch-test-{uuid.uuid4().hex[:12]}"
+    fs = s3fs.S3FileSystem(**storage_options)
+    fs.mkdir(bucket)
+    fs.invalidate_cache()
+    return bucket, storage_options
