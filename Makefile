@@ -36,8 +36,15 @@ format: setup
 bench: setup
 	$(PY) benchmarks/prefill.py
 
-run-local: setup
-	$(PY) -m pipeline.cli run configs/local.yaml
+FIXTURES ?= .fixtures
+
+$(FIXTURES)/tokenizer.model: | setup
+	$(PY) -m pipeline.cli fixtures $(FIXTURES)
+
+run-local: setup $(FIXTURES)/tokenizer.model
+	$(PY) -m pipeline.cli generate --checkpoint $(FIXTURES)/tiny-it --max-new-tokens 24 \
+	  "Summarize: the river rose overnight and the bridge was closed." \
+	  "What is the capital of France?"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,1 @@
+"""The Ray side of rg-batch: job config, readers, stages, writer, CLI."""
