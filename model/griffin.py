@@ -112,8 +112,13 @@ class RecurrentGemma(nn.Module):
         segment_pos: Array,
         cache: Cache | None = None,
         return_cache: bool = True,
+        last_logits_only: bool = False,
     ) -> tuple[Array, Cache | None]:
-        """tokens, segment_pos int [b, t] -> (logits float32 [b, t, v], cache or None)."""
+        """tokens, segment_pos int [b, t] -> (logits float32 [b, t, v], cache or None).
+
+        With ``last_logits_only`` the logits are [b, 1, v], for the last position only: what a
+        prefill needs, without the [b, t, v] projection.
+        """
         if not isinstance(tokens, jax.core.Tracer):
             check_token_ids(tokens, self.config.vocab_size)
         if tokens.shape != segment_pos.shape or tokens.ndim != 2:
@@ -126,6 +131,8 @@ class RecurrentGemma(nn.Module):
         for i, block in enumerate(self.blocks):
             name = f"blocks.{i}"
             x, new_cache[name] = block(x, segment_pos, None if cache is None else cache[name])
+        if last_logits_only:
+            x = x[:, -1:]
         logits = self.embedder.decode(self.final_norm(x)).astype(jnp.float32)
         cap = self.config.logits_soft_cap
         if cap:

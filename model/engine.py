@@ -1,0 +1,367 @@
+"""Continuous-batching generation over RecurrentGemma's fixed-size per-sequence state.
+
+The engine keeps ``max_slots`` sequences on the device. A finished sequence frees its slot at once;
+the next prompts are prefilled (in fixed-size chunks, carrying the state from chunk to chunk, so a
+32k-token document costs the memory of a short one) and inserted into the free slots. Decoding
+runs ``decode_steps`` tokens per jitted call. Every jitted function has one fixed shape, so
+nothing compiles after warm-up: prefill [prefill_batch, prefill_chunk], insert, decode [max_slots].
+
+Idle slots and left pads are fed position -1, which leaves their state untouched; so a request's
+tokens do not depend on which slot or batch it landed in, and sampling is keyed by each request's
+own seed and token index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model.config import ModelConfig
+from model.griffin import Cache, RecurrentGemma, init_cache
+from model.sampling import SamplingParams, sample
+
+Array = jax.Array
+DEFAULT_EOS_ID = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to continue. The caller adds BOS to ``prompt_ids``."""
+
+    prompt_ids: Sequence[int]
+    max_new_tokens: int
+    stop_ids: Sequence[int] = (DEFAULT_EOS_ID,)
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """Generated ids (without the stop id) and why generation ended: stop, length or error."""
+
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    output_tokens: int
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Engine limits and shapes.
+
+    Attributes:
+      max_slots: Sequences decoded together (the decode batch).
+      prefill_batch: Prompts prefilled together per call.
+      prefill_chunk: Tokens per prefill call; longer prompts take several calls.
+      decode_steps: Tokens generated per jitted decode call (per host round trip).
+      max_prompt_tokens: Longer prompts come back as errors; None means no limit.
+      max_stop_ids: Most stop ids one request may give.
+      dtype: Compute dtype; params are cast to it once, on the device.
+    """
+
+    max_slots: int = 32
+    prefill_batch: int = 8
+    prefill_chunk: int = 128
+    decode_steps: int = 8
+    max_prompt_tokens: int | None = None
+    max_stop_ids: int = 4
+    dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        for name in ("max_slots", "prefill_batch", "prefill_chunk", "decode_steps", "max_stop_ids"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+class SlotState(NamedTuple):
+    """Everything the device keeps per slot; every array has leading dimension max_slots."""
+
+    cache: Cache
+    next_token: Array  # int32: the last emitted token, fed at the next step
+    position: Array  # int32: its position
+    active: Array  # bool
+    generated: Array  # int32: tokens emitted so far
+    budget: Array  # int32: max_new_tokens
+    stop_ids: Array  # int32 [s, max_stop_ids], -1 padded
+    sampling: SamplingParams
+
+
+class StepOutput(NamedTuple):
+    """Per slot and step: the drawn token, whether it was emitted, whether it was a stop id."""
+
+    tokens: Array
+    emitted: Array
+    stopped: Array
+
+
+@dataclasses.dataclass
+class _Running:
+    index: int
+    request: GenerationRequest
+    tokens: list[int]
+
+
+def _validate(request: GenerationRequest, config: ModelConfig, engine: EngineConfig) -> str | None:
+    ids = np.asarray(request.prompt_ids)
+    if ids.size == 0:
+        return "empty prompt"
+    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+        return "prompt_ids must be a flat sequence of integers"
+    if ids.min() < 0 or ids.max() >= config.vocab_size:
+        bad = int(ids[(ids < 0) | (ids >= config.vocab_size)][0])
+        return f"token id {bad} is outside the vocabulary [0, {config.vocab_size})"
+    if engine.max_prompt_tokens is not None and ids.size > engine.max_prompt_tokens:
+        return f"prompt has {ids.size} tokens, over max_prompt_tokens={engine.max_prompt_tokens}"
+    if request.max_new_tokens < 1:
+        return f"max_new_tokens must be >= 1, got {request.max_new_tokens}"
+    if len(request.stop_ids) > engine.max_stop_ids:
+        return f"at most {engine.max_stop_ids} stop ids, got {len(request.stop_ids)}"
+    if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
+        return "temperature and top_k must be >= 0 and top_p in (0, 1]"
+    return None
+
+
+class Engine:
+    """Continuous-batching generation: ``generate(requests)`` or ``stream(requests)``."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        params: Any,
+        *,
+        max_slots: int = 32,
+        engine_config: EngineConfig | None = None,
+        **engine_options: Any,
+    ) -> None:
+        self.config = config
+        self.engine_config = engine_config or EngineConfig(max_slots=max_slots, **engine_options)
+        ec = self.engine_config
+        self.model = RecurrentGemma(config, dtype=ec.dtype)
+        self.params = jax.tree.map(lambda x: jnp.asarray(x, ec.dtype), params)
+        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
+        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
+        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        self._state = self._empty_state()
+
+    # Device functions (one shape each) -----------------------------------------------------------
+    def _prefill_fn(self, params: Any, tokens: Array, positions: Array, cache: Cache):
+        logits, cache = self.model.apply(
+            {"params": params}, tokens, positions, cache, last_logits_only=True
+        )
+        return logits[:, 0], cache
+
+    def _insert_fn(
+        self,
+        state: SlotState,
+        prefill_cache: Cache,
+        logits: Array,
+        slots: Array,
+        prompt_len: Array,
+        budget: Array,
+        stop_ids: Array,
+        sampling: SamplingParams,
+    ) -> tuple[SlotState, StepOutput]:
+        """Samples each new row's first token and moves its state into slot ``slots[i]``."""
+        first = sample(logits, sampling, jnp.zeros_like(prompt_len))
+        stopped = jnp.any(first[:, None] == stop_ids, axis=-1)
+        emitted = ~stopped
+        active = emitted & (budget > 1)
+
+        def put(big: Array, small: Array) -> Array:
+            return big.at[slots].set(small.astype(big.dtype), mode="drop")
+
+        new_state = SlotState(
+            cache=jax.tree.map(put, state.cache, prefill_cache),
+            next_token=put(state.next_token, first),
+            position=put(state.position, prompt_len),
+            active=put(state.active, active),
+            generated=put(state.generated, emitted.astype(jnp.int32)),
+            budget=put(state.budget, budget),
+            stop_ids=put(state.stop_ids, stop_ids),
+            sampling=jax.tree.map(put, state.sampling, sampling),
+        )
+        return new_state, StepOutput(first, emitted, stopped)
+
+    def _decode_fn(self, params: Any, state: SlotState) -> tuple[SlotState, StepOutput]:
+        def step(state: SlotState, _: None) -> tuple[SlotState, StepOutput]:
+            positions = jnp.where(state.active, state.position, -1)
+            logits, cache = self.model.apply(
+                {"params": params}, state.next_token[:, None], positions[:, None], state.cache
+            )
+            token = sample(logits[:, 0], state.sampling, state.generated)
+            stopped = state.active & jnp.any(token[:, None] == state.stop_ids, axis=-1)
+            emitted = state.active & ~stopped
+            generated = state.generated + emitted
+            active = emitted & (generated < state.budget)
+            new_state = state._replace(
+                cache=cache,
+                next_token=jnp.where(emitted, token, state.next_token),
+                position=state.position + emitted,
+                active=active,
+                generated=generated,
+            )
+            return new_state, StepOutput(token, emitted, stopped)
+
+        state, out = jax.lax.scan(step, state, None, length=self.engine_config.decode_steps)
+        return state, StepOutput(*(x.T for x in out))  # [slots, steps]
+
+    def _empty_state(self) -> SlotState:
+        ec, s = self.engine_config, self.engine_config.max_slots
+
+        def zeros(dtype: Any = jnp.int32) -> Array:  # distinct buffers: the state is donated
+            return jnp.zeros((s,), dtype)
+
+        return SlotState(
+            cache=init_cache(self.config, s, ec.dtype),
+            next_token=zeros(),
+            position=zeros(),
+            active=zeros(bool),
+            generated=zeros(),
+            budget=zeros(),
+            stop_ids=jnp.full((s, ec.max_stop_ids), -1, jnp.int32),
+            sampling=SamplingParams(zeros(jnp.float32), zeros(), jnp.ones((s,)), zeros()),
+        )
+
+    # Host side -----------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Compiles every jitted function once (a generate() of one tiny request does the same)."""
+        list(self.stream([GenerationRequest([0], max_new_tokens=2, stop_ids=())]))
+
+    def compiled_shapes(self) -> int:
+        """How many executables the engine's jitted functions hold (constant after warm-up)."""
+        return sum(f._cache_size() for f in (self._prefill, self._insert, self._decode))
+
+    def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
+        """Results in request order."""
+        requests = list(requests)
+        results: list[GenerationResult | None] = [None] * len(requests)
+        for index, result in self.stream(requests):
+            results[index] = result
+        return results  # type: ignore[return-value]
+
+    def stream(
+        self, requests: Iterable[GenerationRequest]
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        """Yields ``(request index, result)`` as each request finishes."""
+        ec = self.engine_config
+        pending: deque[tuple[int, GenerationRequest]] = deque()
+        for index, request in enumerate(requests):
+            error = _validate(request, self.config, ec)
+            if error is not None:
+                yield index, GenerationResult([], "error", len(request.prompt_ids), 0, error)
+            else:
+                pending.append((index, request))
+        slots: list[_Running | None] = [None] * ec.max_slots
+        while pending or any(slots):
+            free = [i for i, run in enumerate(slots) if run is None]
+            while pending and free:
+                batch = [
+                    pending.popleft() for _ in range(min(len(free), ec.prefill_batch, len(pending)))
+                ]
+                targets, free = free[: len(batch)], free[len(batch) :]
+                yield from self._admit(batch, targets, slots)
+            if any(slots):
+                self._state, out = self._decode(self.params, self._state)
+                yield from self._collect(jax.device_get(out), slots)
+
+    def _admit(
+        self,
+        batch: list[tuple[int, GenerationRequest]],
+        targets: list[int],
+        slots: list[_Running | None],
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        ec = self.engine_config
+        p, c = ec.prefill_batch, ec.prefill_chunk
+        longest = max(len(req.prompt_ids) for _, req in batch)
+        chunks = math.ceil(longest / c)
+        tokens = np.zeros((p, chunks * c), np.int32)
+        positions = np.full((p, chunks * c), -1, np.int32)
+        for row, (_, req) in enumerate(batch):
+            n = len(req.prompt_ids)
+            tokens[row, -n:] = req.prompt_ids
+            positions[row, -n:] = np.arange(n)
+        cache = init_cache(self.config, p, ec.dtype)
+        for k in range(chunks):
+            window = slice(k * c, (k + 1) * c)
+            if (positions[:, window] < 0).all():
+                continue  # every row is still padding here: nothing to compute
+            logits, cache = self._prefill(
+                self.params, tokens[:, window], positions[:, window], cache
+            )
+        self._state, first = self._insert(
+            self._state, cache, logits, *self._row_args(batch, targets)
+        )
+        first = jax.device_get(first)
+        for row, (index, req) in enumerate(batch):
+            run = _Running(index, req, [])
+            slots[targets[row]] = run
+            yield from self._advance(
+                targets[row], slots, first.tokens[row], first.emitted[row], first.stopped[row]
+            )
+
+    def _row_args(self, batch: list[tuple[int, GenerationRequest]], targets: list[int]):
+        ec = self.engine_config
+        p = ec.prefill_batch
+        slots = np.full((p,), ec.max_slots, np.int32)  # out of range: rows beyond the batch drop
+        slots[: len(targets)] = targets
+        prompt_len = np.zeros((p,), np.int32)
+        budget = np.ones((p,), np.int32)
+        stop_ids = np.full((p, ec.max_stop_ids), -1, np.int32)
+        temperature = np.zeros((p,), np.float32)
+        top_k = np.zeros((p,), np.int32)
+        top_p = np.ones((p,), np.float32)
+        seed = np.zeros((p,), np.int32)
+        for row, (_, req) in enumerate(batch):
+            prompt_len[row] = len(req.prompt_ids)
+            budget[row] = req.max_new_tokens
+            stop_ids[row, : len(req.stop_ids)] = list(req.stop_ids)
+            temperature[row], top_k[row], top_p[row] = req.temperature, req.top_k, req.top_p
+            seed[row] = np.int64(req.seed) & 0x7FFFFFFF
+        return slots, prompt_len, budget, stop_ids, SamplingParams(temperature, top_k, top_p, seed)
+
+    def _collect(
+        self, out: StepOutput, slots: list[_Running | None]
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        for slot, run in enumerate(slots):
+            if run is None:
+                continue
+            for step in range(out.tokens.shape[1]):
+                if slots[slot] is None:
+                    break
+                yield from self._advance(
+                    slot,
+                    slots,
+                    out.tokens[slot, step],
+                    out.emitted[slot, step],
+                    out.stopped[slot, step],
+                )
+
+    @staticmethod
+    def _advance(
+        slot: int, slots: list[_Running | None], token: Any, emitted: Any, stopped: Any
+    ) -> Iterator[tuple[int, GenerationResult]]:
+        run = slots[slot]
+        assert run is not None
+        if emitted:
+            run.tokens.append(int(token))
+        reason = (
+            "stop"
+            if stopped
+            else "length"
+            if len(run.tokens) >= run.request.max_new_tokens
+            else None
+        )
+        if reason is not None:
+            slots[slot] = None
+            n_prompt = len(run.request.prompt_ids)
+            yield run.index, GenerationResult(run.tokens, reason, n_prompt, len(run.tokens))
