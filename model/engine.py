@@ -280,24 +280,7 @@ class Engine:
         targets: list[int],
         slots: list[_Running | None],
     ) -> Iterator[tuple[int, GenerationResult]]:
-        ec = self.engine_config
-        p, c = ec.prefill_batch, ec.prefill_chunk
-        longest = max(len(req.prompt_ids) for _, req in batch)
-        chunks = math.ceil(longest / c)
-        tokens = np.zeros((p, chunks * c), np.int32)
-        positions = np.full((p, chunks * c), -1, np.int32)
-        for row, (_, req) in enumerate(batch):
-            n = len(req.prompt_ids)
-            tokens[row, -n:] = req.prompt_ids
-            positions[row, -n:] = np.arange(n)
-        cache = init_cache(self.config, p, ec.dtype)
-        for k in range(chunks):
-            window = slice(k * c, (k + 1) * c)
-            if (positions[:, window] < 0).all():
-                continue  # every row is still padding here: nothing to compute
-            logits, cache = self._prefill(
-                self.params, tokens[:, window], positions[:, window], cache
-            )
+        logits, cache = self._prefill_prompts([req.prompt_ids for _, req in batch])
         self._state, first = self._insert(
             self._state, cache, logits, *self._row_args(batch, targets)
         )
@@ -308,6 +291,32 @@ class Engine:
             yield from self._advance(
                 targets[row], slots, first.tokens[row], first.emitted[row], first.stopped[row]
             )
+
+    def _prefill_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[Array, Cache]:
+        """Right-aligned prompts in chunks of prefill_chunk; state carried across chunks."""
+        ec = self.engine_config
+        p, c = ec.prefill_batch, ec.prefill_chunk
+        chunks = math.ceil(max(len(ids) for ids in prompts) / c)
+        tokens = np.zeros((p, chunks * c), np.int32)
+        positions = np.full((p, chunks * c), -1, np.int32)
+        for row, ids in enumerate(prompts):
+            tokens[row, -len(ids) :] = ids
+            positions[row, -len(ids) :] = np.arange(len(ids))
+        cache = init_cache(self.config, p, ec.dtype)
+        for k in range(chunks):
+            window = slice(k * c, (k + 1) * c)
+            logits, cache = self._prefill(
+                self.params, tokens[:, window], positions[:, window], cache
+            )
+        return logits, cache
+
+    def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        """float32 [len(prompts), vocab]: the logits after each prompt, through chunked prefill."""
+        out = []
+        for start in range(0, len(prompts), self.engine_config.prefill_batch):
+            group = prompts[start : start + self.engine_config.prefill_batch]
+            out.append(np.asarray(self._prefill_prompts(group)[0])[: len(group)])
+        return np.concatenate(out)
 
     def _row_args(self, batch: list[tuple[int, GenerationRequest]], targets: list[int]):
         ec = self.engine_config
