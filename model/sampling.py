@@ -30,13 +30,18 @@ def row_key(seed: Array, token_index: Array) -> Array:
 def sample(logits: Array, params: SamplingParams, token_index: Array) -> Array:
     """logits float32 [b, v], token_index int32 [b] -> token ids int32 [b]."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    needs_filter = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
-    filtered = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda lg, _: lg, logits, params)
-    temperature = jnp.maximum(params.temperature, 1e-6)[:, None]
-    keys = jax.vmap(row_key)(params.seed, token_index)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
-    drawn = jnp.argmax(filtered / temperature + gumbel, axis=-1).astype(jnp.int32)
-    return jnp.where(params.temperature > 0, drawn, greedy)
+
+    def draw(logits: Array) -> Array:
+        needs_filter = jnp.any((params.top_k > 0) | (params.top_p < 1.0))
+        filtered = jax.lax.cond(needs_filter, _filter_top_k_top_p, lambda lg, _: lg, logits, params)
+        temperature = jnp.maximum(params.temperature, 1e-6)[:, None]
+        keys = jax.vmap(row_key)(params.seed, token_index)
+        gumbel = jax.vmap(lambda k: jax.random.gumbel(k, logits.shape[-1:], jnp.float32))(keys)
+        drawn = jnp.argmax(filtered / temperature + gumbel, axis=-1).astype(jnp.int32)
+        return jnp.where(params.temperature > 0, drawn, greedy)
+
+    # An all-greedy batch skips the sort and the random draws entirely.
+    return jax.lax.cond(jnp.any(params.temperature > 0), draw, lambda _: greedy, logits)
 
 
 def _filter_top_k_top_p(logits: Array, params: SamplingParams) -> Array:
