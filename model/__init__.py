@@ -1,6 +1,7 @@
 """RecurrentGemma in JAX/Flax: config, network, checkpoints, tokenizer."""
 
 from model.config import ModelConfig
+from model.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
 from model.griffin import (
     Cache,
     RecurrentGemma,
@@ -14,6 +15,10 @@ from model.griffin import (
 
 __all__ = [
     "Cache",
+    "Engine",
+    "EngineConfig",
+    "GenerationRequest",
+    "GenerationResult",
     "ModelConfig",
     "RecurrentGemma",
     "TokenRangeError",

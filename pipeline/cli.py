@@ -27,7 +27,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
     from model.checkpoint import load_checkpoint
-    from model.generate import greedy_generate
+    from model.engine import Engine, GenerationRequest
     from model.tokenizer import Tokenizer
 
     ckpt = load_checkpoint(args.checkpoint)
@@ -36,18 +36,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     chat = ckpt.variant.endswith("-it")
-    prompts = [tokenizer.encode_prompt(text, chat=chat) for text in args.prompts]
-    outputs = greedy_generate(
-        ckpt.config,
-        ckpt.params,
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        stop_ids=[tokenizer.eos_id, *([tokenizer.end_of_turn_id] if chat else [])],
-        pad_id=tokenizer.pad_id,
-        dtype=jnp.dtype(args.dtype),
-    )
-    for text, out in zip(args.prompts, outputs, strict=True):
-        print(f"> {text}\n{tokenizer.decode(out)}\n")
+    stop_ids = (tokenizer.eos_id, *((tokenizer.end_of_turn_id,) if chat else ()))
+    requests = [
+        GenerationRequest(
+            tokenizer.encode_prompt(text, chat=chat),
+            max_new_tokens=args.max_new_tokens,
+            stop_ids=stop_ids,
+            temperature=args.temperature,
+            seed=args.seed,
+        )
+        for text in args.prompts
+    ]
+    engine = Engine(ckpt.config, ckpt.params, max_slots=len(requests), dtype=jnp.dtype(args.dtype))
+    for text, result in zip(args.prompts, engine.generate(requests), strict=True):
+        print(f"> {text}\n{tokenizer.decode(result.token_ids)}  [{result.finish_reason}]\n")
     return EXIT_OK
 
 
@@ -61,10 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures.add_argument("dir")
     fixtures.set_defaults(func=_cmd_fixtures)
 
-    generate = sub.add_parser("generate", help="greedy continuations of a few prompts")
+    generate = sub.add_parser(
+        "generate", help="continue a few prompts (greedy unless --temperature)"
+    )
     generate.add_argument("--checkpoint", required=True, help="variant dir or URI (Kaggle or HF)")
     generate.add_argument("--max-new-tokens", type=int, default=32)
     generate.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("prompts", nargs="+")
     generate.set_defaults(func=_cmd_generate)
     return parser

@@ -179,3 +179,22 @@ def test_stream_yields_in_finish_order_with_indices(engine) -> None:
     ]
     order = [index for index, _ in engine.stream(requests)]
     assert order == [1, 0]
+
+
+@pytest.mark.slow
+def test_long_document_prefills_in_chunks_like_one_shot(params) -> None:
+    """A 3000-token prompt through 64-token chunks: same continuation as a one-shot prefill."""
+    rng = np.random.default_rng(12)
+    prompt = rng.integers(2, CONFIG.vocab_size, 3000).astype(np.int32)
+    engine = Engine(CONFIG, params, max_slots=2, prefill_batch=1, prefill_chunk=64)
+    (result,) = engine.generate([GenerationRequest(prompt.tolist(), 6, stop_ids=())])
+
+    apply = jax.jit(RecurrentGemma(CONFIG).apply)
+    logits, cache = apply({"params": params}, prompt[None], np.arange(len(prompt))[None])
+    expected = []
+    for step in range(6):
+        token = int(np.argmax(np.asarray(logits)[0, -1]))
+        expected.append(token)
+        position = np.array([[len(prompt) + step]], np.int32)
+        logits, cache = apply({"params": params}, np.array([[token]], np.int32), position, cache)
+    assert result.token_ids == expected and result.finish_reason == "length"
