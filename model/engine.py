@@ -106,7 +106,7 @@ class StepOutput(NamedTuple):
 
 @dataclasses.dataclass
 class _Running:
-    index: int
+    index: Any
     request: GenerationRequest
     tokens: list[int]
 
@@ -152,6 +152,8 @@ class Engine:
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._state = self._empty_state()
+        self._pending: deque[tuple[Any, GenerationRequest]] = deque()
+        self._slots: list[_Running | None] = [None] * self.engine_config.max_slots
 
     # Device functions (one shape each) -----------------------------------------------------------
     def _prefill_fn(self, params: Any, tokens: Array, positions: Array, cache: Cache):
@@ -253,33 +255,47 @@ class Engine:
         self, requests: Iterable[GenerationRequest]
     ) -> Iterator[tuple[int, GenerationResult]]:
         """Yields ``(request index, result)`` as each request finishes."""
-        ec = self.engine_config
-        pending: deque[tuple[int, GenerationRequest]] = deque()
         for index, request in enumerate(requests):
-            error = _validate(request, self.config, ec)
-            if error is not None:
-                yield index, GenerationResult([], "error", len(request.prompt_ids), 0, error)
-            else:
-                pending.append((index, request))
-        slots: list[_Running | None] = [None] * ec.max_slots
-        while pending or any(slots):
-            free = [i for i, run in enumerate(slots) if run is None]
-            while pending and free:
-                batch = [
-                    pending.popleft() for _ in range(min(len(free), ec.prefill_batch, len(pending)))
-                ]
-                targets, free = free[: len(batch)], free[len(batch) :]
-                yield from self._admit(batch, targets, slots)
-            if any(slots):
-                self._state, out = self._decode(self.params, self._state)
-                yield from self._collect(jax.device_get(out), slots)
+            rejected = self.submit(index, request)
+            if rejected is not None:
+                yield index, rejected
+        while self.busy:
+            yield from self.step()
+
+    def submit(self, key: Any, request: GenerationRequest) -> GenerationResult | None:
+        """Queues a request under ``key``; a request that cannot run comes back at once as an
+        error result (and is not queued)."""
+        error = _validate(request, self.config, self.engine_config)
+        if error is not None:
+            return GenerationResult([], "error", len(request.prompt_ids), 0, error)
+        self._pending.append((key, request))
+        return None
+
+    @property
+    def busy(self) -> bool:
+        """Whether requests are queued or running."""
+        return bool(self._pending) or any(self._slots)
+
+    def step(self) -> list[tuple[Any, GenerationResult]]:
+        """Fills free slots from the queue, runs one decode call; returns what finished."""
+        ec, slots, done = self.engine_config, self._slots, []
+        free = [i for i, run in enumerate(slots) if run is None]
+        while self._pending and free:
+            take = min(len(free), ec.prefill_batch, len(self._pending))
+            batch = [self._pending.popleft() for _ in range(take)]
+            targets, free = free[:take], free[take:]
+            done.extend(self._admit(batch, targets, slots))
+        if any(slots):
+            self._state, out = self._decode(self.params, self._state)
+            done.extend(self._collect(jax.device_get(out), slots))
+        return done
 
     def _admit(
         self,
-        batch: list[tuple[int, GenerationRequest]],
+        batch: list[tuple[Any, GenerationRequest]],
         targets: list[int],
         slots: list[_Running | None],
-    ) -> Iterator[tuple[int, GenerationResult]]:
+    ) -> Iterator[tuple[Any, GenerationResult]]:
         logits, cache = self._prefill_prompts([req.prompt_ids for _, req in batch])
         self._state, first = self._insert(
             self._state, cache, logits, *self._row_args(batch, targets)
@@ -318,7 +334,7 @@ class Engine:
             out.append(np.asarray(self._prefill_prompts(group)[0])[: len(group)])
         return np.concatenate(out)
 
-    def _row_args(self, batch: list[tuple[int, GenerationRequest]], targets: list[int]):
+    def _row_args(self, batch: list[tuple[Any, GenerationRequest]], targets: list[int]):
         ec = self.engine_config
         p = ec.prefill_batch
         slots = np.full((p,), ec.max_slots, np.int32)  # out of range: rows beyond the batch drop
@@ -340,7 +356,7 @@ class Engine:
 
     def _collect(
         self, out: StepOutput, slots: list[_Running | None]
-    ) -> Iterator[tuple[int, GenerationResult]]:
+    ) -> Iterator[tuple[Any, GenerationResult]]:
         for slot, run in enumerate(slots):
             if run is None:
                 continue
@@ -358,7 +374,7 @@ class Engine:
     @staticmethod
     def _advance(
         slot: int, slots: list[_Running | None], token: Any, emitted: Any, stopped: Any
-    ) -> Iterator[tuple[int, GenerationResult]]:
+    ) -> Iterator[tuple[Any, GenerationResult]]:
         run = slots[slot]
         assert run is not None
         if emitted:
