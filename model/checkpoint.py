@@ -211,7 +211,7 @@ def load_checkpoint(
     if config is None:
         config = _config_for_variant(local, variant, params)
     check_params(params, config)
-    tokenizer = _find_tokenizer(uri, local, storage_options)
+    tokenizer = find_tokenizer(uri, storage_options)
     return Checkpoint(config, params, tokenizer, variant)
 
 
@@ -240,16 +240,18 @@ def _config_for_variant(local: Path, variant: str, params: Params) -> ModelConfi
     return infer_config(params)
 
 
-def _find_tokenizer(
-    uri: str | os.PathLike[str], local: Path, storage_options: dict[str, Any] | None
+def find_tokenizer(
+    uri: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
 ) -> Path | None:
+    """Local path of the tokenizer.model that belongs to a checkpoint: inside its directory
+    (Hugging Face layout) or beside it (Kaggle layout). None when there is none."""
     uri = os.fspath(uri).rstrip("/")
     for candidate in (f"{uri}/{TOKENIZER_FILE}", f"{uri.rsplit('/', 1)[0]}/{TOKENIZER_FILE}"):
         try:
             return localize(candidate, storage_options=storage_options)
         except FileNotFoundError:
             continue
-    log.warning("no %s beside %s", TOKENIZER_FILE, local)
+    log.warning("no %s in or beside %s", TOKENIZER_FILE, uri)
     return None
 
 

@@ -271,6 +271,12 @@ class Engine:
         self._pending.append((key, request))
         return None
 
+    def reset(self) -> None:
+        """Drops every queued and running request and clears the device state."""
+        self._pending.clear()
+        self._slots = [None] * self.engine_config.max_slots
+        self._state = self._empty_state()
+
     @property
     def busy(self) -> bool:
         """Whether requests are queued or running."""

@@ -16,10 +16,61 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
     from model.testing import build_tiny_checkpoint
+    from pipeline.detox_fixture import build_tiny_detoxify
 
     variant_dir = build_tiny_checkpoint(args.dir)
+    detox = build_tiny_detoxify(Path(args.dir) / "detoxify")
     print(f"tiny checkpoint: {variant_dir}")
     print(f"tokenizer:       {Path(args.dir) / 'tokenizer.model'}")
+    print(f"tiny detoxify:   {detox}")
+    return EXIT_OK
+
+
+def _load_config(args: argparse.Namespace):
+    from pipeline.config import load_job_config, preflight
+
+    config = load_job_config(
+        args.config, overrides=args.set, run_id=getattr(args, "run_id", None), date=args.date
+    )
+    preflight(config)
+    return config
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.runner import run_dir_uri
+
+    config = _load_config(args)
+    print(f"{args.config}: ok ({config.task}, {len(config.input_files())} input files)")
+    print(f"output would go to {run_dir_uri(config)}")
+    return EXIT_OK
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    import ray
+
+    from pipeline.runner import run_job
+
+    config = _load_config(args)
+    if config.run.ray_address:
+        ray.init(address=config.run.ray_address)
+    else:
+        ray.init(
+            num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False
+        )
+    try:
+        result = run_job(config)
+    except Exception:
+        logging.getLogger("rgbatch").exception("run %s failed", config.run_id)
+        return EXIT_FAILED
+    finally:
+        ray.shutdown()
+    counts = result.manifest.get("counts", {})
+    if result.status == "already_complete":
+        print(f"run {result.run_id} was already complete: nothing to do")
+    print(f"outputs: {result.run_dir}")
+    print(f"rows: {counts.get('rows')}  finish reasons: {counts.get('finish_reasons')}")
     return EXIT_OK
 
 
@@ -63,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures.add_argument("dir")
     fixtures.set_defaults(func=_cmd_fixtures)
 
+    for name, func, text in (
+        ("run", _cmd_run, "run (or resume) a batch job"),
+        ("validate", _cmd_validate, "check a job config and its inputs; writes nothing"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("config", help="job YAML")
+        cmd.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override a.b=value"
+        )
+        cmd.add_argument("--date", default=None, help="YYYY-MM-DD for {date} (default today, UTC)")
+        if name == "run":
+            cmd.add_argument("--run-id", default=None, help="resume or name this run")
+        cmd.set_defaults(func=func)
+
     generate = sub.add_parser(
         "generate", help="continue a few prompts (greedy unless --temperature)"
     )
@@ -86,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         return args.func(args)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
 

@@ -1,0 +1,158 @@
+"""The model stage: one RecurrentGemma replica per Ray actor, the engine inside.
+
+The engine runs in a background thread of the actor and is fed from a queue, so that with two
+concurrent calls per actor the next batch's prompts are already queued while the current batch's
+last sequences finish: the accelerator does not idle between batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import jax.numpy as jnp
+import pyarrow as pa
+
+from model.checkpoint import fingerprint, load_checkpoint
+from model.engine import Engine, GenerationRequest, GenerationResult
+from model.tokenizer import Tokenizer
+from pipeline import schema as S
+
+log = logging.getLogger(__name__)
+
+
+class EngineWorker:
+    """Owns an Engine and a thread that drives it; any thread may submit a batch and wait."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._inbox: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="rgbatch-engine", daemon=True)
+        self._thread.start()
+
+    def run(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        futures: list[Future] = [Future() for _ in requests]
+        self._inbox.put((list(requests), futures))
+        return [future.result() for future in futures]
+
+    def close(self) -> None:
+        self._inbox.put(None)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        engine, outstanding = self._engine, set()
+        while True:
+            try:
+                items = [self._inbox.get(block=not engine.busy)]
+                while True:
+                    items.append(self._inbox.get_nowait())
+            except queue.Empty:
+                pass
+            for item in items:
+                if item is None:
+                    return
+                for request, future in zip(*item, strict=True):
+                    rejected = engine.submit(future, request)
+                    if rejected is not None:
+                        future.set_result(rejected)
+                    else:
+                        outstanding.add(future)
+            if not engine.busy:
+                continue
+            try:
+                for future, result in engine.step():
+                    outstanding.discard(future)
+                    future.set_result(result)
+            except Exception as exc:  # a broken engine fails every waiting batch; Ray retries them
+                log.exception("engine step failed")
+                for future in outstanding:
+                    future.set_exception(exc)
+                outstanding.clear()
+                engine.reset()
+
+
+def row_seed(base_seed: int, row_id: str) -> int:
+    """A per-row sampling seed: the same row gets the same draw in any batch, on any replica."""
+    digest = hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class ModelStage:
+    """Ray Data actor class: prompted rows in, generated rows out (one-to-one)."""
+
+    def __init__(
+        self,
+        *,
+        checkpoint: str,
+        storage_options: dict[str, Any] | None = None,
+        dtype: str = "bfloat16",
+        chat: bool | None = None,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int = 0,
+        engine_options: dict[str, Any] | None = None,
+    ) -> None:
+        ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
+        if ckpt.tokenizer_path is None:
+            raise FileNotFoundError(f"no tokenizer.model found beside {checkpoint}")
+        self.tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+        chat = ckpt.variant.endswith("-it") if chat is None else chat
+        stop_ids = [self.tokenizer.eos_id]
+        if chat and self.tokenizer.end_of_turn_id is not None:
+            stop_ids.append(self.tokenizer.end_of_turn_id)
+        self.stop_ids = tuple(stop_ids)
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new_tokens = max_new_tokens
+        self.seed = seed
+        self.model_name = f"{ckpt.variant}@{fingerprint(ckpt.params)}"
+        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **(engine_options or {}))
+        engine.warmup()
+        self.worker = EngineWorker(engine)
+        log.info("model stage ready: %s", self.model_name)
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        ids = table.column(S.ID).to_pylist()
+        prompts = table.column(S.PROMPT_IDS).to_pylist()
+        errors = table.column(S.ERROR).to_pylist()
+        kinds = table.column(S.ERROR_KIND).to_pylist()
+        todo = [i for i, err in enumerate(errors) if err is None]
+        requests = [
+            GenerationRequest(
+                prompts[i],
+                max_new_tokens=self.max_new_tokens,
+                stop_ids=self.stop_ids,
+                seed=row_seed(self.seed, ids[i]),
+                **self.sampling,
+            )
+            for i in todo
+        ]
+        n = table.num_rows
+        text: list[str | None] = [None] * n
+        n_out = [0] * n
+        reasons = ["error"] * n
+        for i, result in zip(todo, self.worker.run(requests), strict=True):
+            reasons[i] = result.finish_reason
+            if result.finish_reason == "error":
+                errors[i], kinds[i] = result.error, "generation"
+            else:
+                text[i] = self.tokenizer.decode(result.token_ids)
+                n_out[i] = result.output_tokens
+        table = table.drop_columns([S.PROMPT_IDS, S.ERROR, S.ERROR_KIND])
+        columns = {
+            S.OUTPUT_TEXT: pa.array(text, pa.string()),
+            S.OUTPUT_TOKENS: pa.array(n_out, pa.int32()),
+            S.FINISH_REASON: pa.array(reasons, pa.string()),
+            S.ERROR: pa.array(errors, pa.string()),
+            S.ERROR_KIND: pa.array(kinds, pa.string()),
+            S.MODEL: pa.array([self.model_name] * n, pa.string()),
+        }
+        for name, values in columns.items():
+            table = table.append_column(name, values)
+        return table

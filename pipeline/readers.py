@@ -1,0 +1,589 @@
+"""Readers: Parquet and JSONL corpora (local or any fsspec URI) into rows of ``READ_SCHEMA``.
+
+Each input row becomes exactly one output row with the columns of
+:data:`pipeline.schema.READ_SCHEMA` followed by the configured passthrough columns. A row that
+cannot be read properly (a JSONL line that is not UTF-8 or not a JSON object, a mapped column
+holding something other than a string) still comes out, with ``error`` / ``error_kind`` set.
+Blank JSONL lines are the one exception: they are not rows and are skipped.
+
+Ids
+---
+With ``id_column`` set, a row's id is that column's value as a string (``str`` for strings and
+integers, canonical JSON for anything else). Otherwise, and for a row whose id value is null,
+blank or absent (that row also gets ``error_kind="missing_id"`` with a "missing id" message:
+ERROR_KINDS has no id-specific kind), the id is derived::
+
+    sha256(source + "\\n" + str(position) + "\\n" + content).hexdigest()[:24]
+
+``source`` is the file URI exactly as the caller passed it, ``position`` the 0-based line number
+in the (decompressed) JSONL file, blank lines included, or the 0-based row number in the Parquet
+file, and ``content`` the raw bytes of the JSONL line (without its line break) or the canonical
+JSON (sorted keys, compact) of the Parquet row: all of the file's columns when no ``id_column``
+is configured, the columns read otherwise. The position makes duplicate rows of one file get
+distinct ids; the source makes equal rows of different files distinct. The same file read with
+the same URI always gives the same ids, which is what Ray Data's resume (it filters rows by id)
+needs; pass URIs in a canonical form (full ``s3://`` URIs, absolute local paths) so that reruns
+from another working directory match.
+
+Ray Data
+--------
+:class:`CorpusDatasource` reads a list of files with one read task per group of files, so the
+ids exist at Read time (the checkpoint filter of Ray Data's resume runs right after the Read)::
+
+    ds = ray.data.read_datasource(CorpusDatasource(files, fmt="jsonl", id_column="id"))
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from pipeline.schema import (
+    ERROR,
+    ERROR_KIND,
+    ID,
+    PROMPT,
+    QUESTION,
+    READ_SCHEMA,
+    SOURCE,
+    TEXT,
+)
+
+FORMATS = ("jsonl", "parquet")
+DEFAULT_BATCH_ROWS = 4096
+ID_HEX_CHARS = 24
+
+_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+# Rough in-memory size per on-disk byte, for Ray's block-size planning.
+_INMEMORY_FACTOR = {"jsonl": 1.0, "jsonl.gz": 5.0, "parquet": 3.0}
+_RESERVED = frozenset(READ_SCHEMA.names)
+_MAPPED = (TEXT, QUESTION, PROMPT)
+
+
+# ------------------------------------------------------------------------------------ spec
+
+
+def infer_format(uri: str) -> str | None:
+    """``"jsonl"`` or ``"parquet"`` from the file name (``.gz`` allowed for JSONL), else None."""
+    name = uri.rsplit("/", 1)[-1].lower()
+    if name.endswith(".gz"):
+        name = name[: -len(".gz")]
+        return "jsonl" if name.endswith(_JSONL_SUFFIXES) else None
+    if name.endswith(_JSONL_SUFFIXES):
+        return "jsonl"
+    if name.endswith(_PARQUET_SUFFIXES):
+        return "parquet"
+    return None
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How to turn one file into rows; small and picklable, shipped to Ray read tasks."""
+
+    fmt: str | None
+    id_column: str | None
+    columns: dict[str, str]  # output column (text/question/prompt) -> input column
+    passthrough: tuple[str, ...]
+    storage_options: dict[str, Any] = field(default_factory=dict)
+    batch_rows: int = DEFAULT_BATCH_ROWS
+
+    def format_of(self, uri: str) -> str:
+        fmt = self.fmt or infer_format(uri)
+        if fmt not in FORMATS:
+            raise ValueError(
+                f"cannot tell the format of {uri!r}: pass fmt= one of {FORMATS}"
+                if fmt is None
+                else f"unknown format {fmt!r}: expected one of {FORMATS}"
+            )
+        return fmt
+
+
+def _make_spec(
+    fmt: str | None,
+    id_column: str | None,
+    text_column: str,
+    question_column: str,
+    prompt_column: str,
+    passthrough: Sequence[str],
+    storage_options: dict[str, Any] | None,
+    batch_rows: int,
+) -> _Spec:
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
+    if isinstance(passthrough, str):
+        raise TypeError("passthrough must be a sequence of column names, not a string")
+    names = tuple(passthrough)
+    clash = sorted(_RESERVED.intersection(names))
+    if clash:
+        raise ValueError(f"passthrough columns clash with reader columns: {clash}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"passthrough columns repeat: {list(names)}")
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    columns = {TEXT: text_column, QUESTION: question_column, PROMPT: prompt_column}
+    return _Spec(fmt, id_column, columns, names, dict(storage_options or {}), batch_rows)
+
+
+# ------------------------------------------------------------------------------ row pieces
+
+
+def _canonical_json(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=_json_fallback
+    )
+
+
+def _json_fallback(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def derive_id(source: str, position: int, content: bytes) -> str:
+    """The derived row id: sha256 of source, position and content, first 24 hex chars."""
+    digest = hashlib.sha256(f"{source}\n{position}\n".encode())
+    digest.update(content)
+    return digest.hexdigest()[:ID_HEX_CHARS]
+
+
+def _id_text(value: Any) -> str | None:
+    """The id for an id-column value; None for null or blank (those rows get a derived id)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value if value.strip() else None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return _canonical_json(value)
+
+
+def _passthrough_text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=_json_fallback)
+
+
+class _Rows:
+    """Column-wise accumulator for the fixed columns of one output batch."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.ids: list[str] = []
+        self.mapped: dict[str, list[str | None]] = {name: [] for name in _MAPPED}
+        self.errors: list[str | None] = []
+        self.kinds: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def table(self, passthrough: dict[str, pa.Array]) -> pa.Table:
+        n = len(self.ids)
+        columns = {
+            ID: self.ids,
+            SOURCE: [self.source] * n,
+            ERROR: self.errors,
+            ERROR_KIND: self.kinds,
+            **self.mapped,
+        }
+        arrays = [pa.array(columns[f.name], f.type) for f in READ_SCHEMA]
+        fields = list(READ_SCHEMA)
+        for name, array in passthrough.items():
+            arrays.append(array)
+            fields.append(pa.field(name, array.type))
+        return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _missing_id(id_column: str) -> tuple[str, str]:
+    return "missing_id", f"missing id: column {id_column!r} is absent, null or blank"
+
+
+def _join_errors(errors: list[tuple[str, str]]) -> tuple[str | None, str | None]:
+    """One message for all of a row's problems; the first one's kind."""
+    if not errors:
+        return None, None
+    return "; ".join(message for _, message in errors), errors[0][0]
+
+
+# ----------------------------------------------------------------------------------- JSONL
+
+
+def _parse_line(raw: bytes, position: int) -> tuple[dict[str, Any] | None, str, str]:
+    """(object, error_kind, message); the object is None when the line is unusable."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return None, "invalid_utf8", f"line {position + 1} is not UTF-8: {err.reason}"
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as err:
+        return None, "invalid_json", f"line {position + 1} is not JSON: {err.msg}"
+    if not isinstance(obj, dict):
+        kind = type(obj).__name__
+        return None, "invalid_json", f"line {position + 1} is a JSON {kind}, not an object"
+    if b"\\ud" in raw.lower() and not _encodable(obj):
+        # Valid JSON, but an unpaired "\\ud800" is no UTF-8 text, and Arrow would refuse it.
+        return None, "invalid_utf8", f"line {position + 1} holds an unpaired surrogate escape"
+    return obj, "", ""
+
+
+def _encodable(obj: Any) -> bool:
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _add_jsonl_row(
+    rows: _Rows, spec: _Spec, raw: bytes, position: int, passthrough: dict[str, list[Any]]
+) -> None:
+    parsed, kind, message = _parse_line(raw, position)
+    errors: list[tuple[str, str]] = [(kind, message)] if parsed is None else []
+    obj = parsed or {}
+    for out_name, in_name in spec.columns.items():
+        value = obj.get(in_name)
+        if value is not None and not isinstance(value, str):
+            errors.append(
+                ("not_a_string", f"column {in_name!r} holds {type(value).__name__}, not a string")
+            )
+            value = None
+        rows.mapped[out_name].append(value)
+    row_id = None
+    if spec.id_column is not None:
+        row_id = _id_text(obj.get(spec.id_column))
+        if row_id is None and parsed is not None:
+            errors.append(_missing_id(spec.id_column))
+    rows.ids.append(row_id if row_id is not None else derive_id(rows.source, position, raw))
+    for name in spec.passthrough:
+        passthrough[name].append(_passthrough_text(obj.get(name)))
+    error, error_kind = _join_errors(errors)
+    rows.errors.append(error)
+    rows.kinds.append(error_kind)
+
+
+def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[pa.Table]:
+    def flush() -> pa.Table:
+        arrays = {name: pa.array(values, pa.string()) for name, values in passthrough.items()}
+        return rows.table(arrays)
+
+    rows = _Rows(uri)
+    passthrough: dict[str, list[Any]] = {name: [] for name in spec.passthrough}
+    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
+        for position, line in enumerate(f):
+            raw = line.rstrip(b"\r\n")
+            if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark
+            if not raw.strip():
+                continue
+            _add_jsonl_row(rows, spec, raw, position, passthrough)
+            if len(rows) >= spec.batch_rows:
+                yield flush()
+                rows = _Rows(uri)
+                passthrough = {name: [] for name in spec.passthrough}
+    if len(rows):
+        yield flush()
+
+
+# --------------------------------------------------------------------------------- Parquet
+
+
+def _is_string_type(dtype: pa.DataType) -> bool:
+    if pa.types.is_dictionary(dtype):
+        dtype = dtype.value_type
+    return (
+        pa.types.is_string(dtype)
+        or pa.types.is_large_string(dtype)
+        or pa.types.is_string_view(dtype)
+    )
+
+
+def _mapped_from_parquet(
+    batch: pa.RecordBatch, in_name: str, errors: list[list[tuple[str, str]]]
+) -> list[str | None]:
+    if in_name not in batch.schema.names:
+        return [None] * batch.num_rows
+    column = batch.column(in_name)
+    if _is_string_type(column.type):
+        return column.cast(pa.string()).to_pylist()
+    if not pa.types.is_null(column.type):
+        message = f"column {in_name!r} holds {column.type}, not a string"
+        for i in pc.indices_nonzero(column.is_valid()).to_pylist():
+            errors[i].append(("not_a_string", message))
+    return [None] * batch.num_rows
+
+
+def _ids_from_parquet(
+    batch: pa.RecordBatch,
+    spec: _Spec,
+    source: str,
+    start: int,
+    errors: list[list[tuple[str, str]]],
+) -> list[str]:
+    if spec.id_column is not None and spec.id_column in batch.schema.names:
+        values: list[Any] = batch.column(spec.id_column).to_pylist()
+    else:
+        values = [None] * batch.num_rows
+    ids: list[str] = []
+    records: list[dict[str, Any]] | None = None
+    for i, value in enumerate(values):
+        row_id = _id_text(value)
+        if row_id is not None:
+            ids.append(row_id)
+            continue
+        if spec.id_column is not None:
+            errors[i].append(_missing_id(spec.id_column))
+        if records is None:
+            records = batch.to_pylist()
+        content = _canonical_json(records[i]).encode()
+        ids.append(derive_id(source, start + i, content))
+    return ids
+
+
+def _parquet_table(batch: pa.RecordBatch, spec: _Spec, source: str, start: int) -> pa.Table:
+    rows = _Rows(source)
+    errors: list[list[tuple[str, str]]] = [[] for _ in range(batch.num_rows)]
+    for out_name, in_name in spec.columns.items():
+        rows.mapped[out_name] = _mapped_from_parquet(batch, in_name, errors)
+    rows.ids = _ids_from_parquet(batch, spec, source, start, errors)
+    for row_errors in errors:
+        error, kind = _join_errors(row_errors)
+        rows.errors.append(error)
+        rows.kinds.append(kind)
+    passthrough = {
+        name: (
+            batch.column(name)
+            if name in batch.schema.names
+            else pa.nulls(batch.num_rows, pa.null())
+        )
+        for name in spec.passthrough
+    }
+    return rows.table(passthrough)
+
+
+def _parquet_columns(file_schema: pa.Schema, spec: _Spec) -> list[str] | None:
+    """The columns to read: all of them when ids hash the whole row, else only those used."""
+    if spec.id_column is None:
+        return None
+    wanted = {spec.id_column, *spec.columns.values(), *spec.passthrough}
+    return [name for name in file_schema.names if name in wanted]
+
+
+def _iter_parquet(uri: str, spec: _Spec, keep_empty: bool) -> Iterator[pa.Table]:
+    with fsspec.open(uri, "rb", **spec.storage_options) as f:
+        parquet = pq.ParquetFile(f)
+        columns = _parquet_columns(parquet.schema_arrow, spec)
+        start = 0
+        for batch in parquet.iter_batches(batch_size=spec.batch_rows, columns=columns):
+            if batch.num_rows:
+                yield _parquet_table(batch, spec, uri, start)
+                start += batch.num_rows
+        if start == 0 and keep_empty:
+            schema = parquet.schema_arrow
+            if columns is not None:
+                schema = pa.schema([schema.field(name) for name in columns])
+            empty = pa.RecordBatch.from_pylist([], schema=schema)
+            yield _parquet_table(empty, spec, uri, 0)
+
+
+# ---------------------------------------------------------------------------------- public
+
+
+def _iter_batches(uri: str, spec: _Spec, keep_empty: bool = False) -> Iterator[pa.Table]:
+    if spec.format_of(uri) == "parquet":
+        yield from _iter_parquet(uri, spec, keep_empty)
+        return
+    produced = False
+    for table in _iter_jsonl(uri, spec):
+        produced = True
+        yield table
+    if keep_empty and not produced:
+        arrays = {name: pa.array([], pa.string()) for name in spec.passthrough}
+        yield _Rows(uri).table(arrays)
+
+
+def iter_file_batches(
+    uri: str,
+    *,
+    fmt: str | None,
+    id_column: str | None = None,
+    text_column: str = TEXT,
+    question_column: str = QUESTION,
+    prompt_column: str = PROMPT,
+    passthrough: Sequence[str] = (),
+    storage_options: dict[str, Any] | None = None,
+    batch_rows: int = DEFAULT_BATCH_ROWS,
+) -> Iterator[pa.Table]:
+    """Reads one file as tables of at most ``batch_rows`` rows (none for a file without rows).
+
+    ``fmt`` is ``"jsonl"`` or ``"parquet"``, or None to infer it from the name. ``*_column`` name
+    the input columns mapped to ``text`` / ``question`` / ``prompt``; ``passthrough`` columns are
+    copied after the ``READ_SCHEMA`` columns. ``storage_options`` go to fsspec.
+    """
+    spec = _make_spec(
+        fmt,
+        id_column,
+        text_column,
+        question_column,
+        prompt_column,
+        passthrough,
+        storage_options,
+        batch_rows,
+    )
+    return _iter_batches(uri, spec)
+
+
+def read_file_rows(
+    uri: str,
+    *,
+    fmt: str | None,
+    id_column: str | None = None,
+    text_column: str = TEXT,
+    question_column: str = QUESTION,
+    prompt_column: str = PROMPT,
+    passthrough: Sequence[str] = (),
+    storage_options: dict[str, Any] | None = None,
+) -> pa.Table:
+    """Reads one whole file into a table (see :func:`iter_file_batches` for the arguments)."""
+    spec = _make_spec(
+        fmt,
+        id_column,
+        text_column,
+        question_column,
+        prompt_column,
+        passthrough,
+        storage_options,
+        DEFAULT_BATCH_ROWS,
+    )
+    tables = list(_iter_batches(uri, spec, keep_empty=True))
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+# -------------------------------------------------------------------------------- Ray Data
+
+
+def _read_files(uris: tuple[str, ...], spec: _Spec) -> Iterator[pa.Table]:
+    """The body of one Ray read task: the files one after the other, in batches."""
+    for uri in uris:
+        yield from _iter_batches(uri, spec)
+
+
+def _group(count: int, groups: int, sizes: Sequence[int] | None) -> list[range]:
+    """Splits ``range(count)`` into at most ``groups`` contiguous, non-empty runs of similar size."""
+    if count == 0:
+        return []
+    groups = max(1, min(groups, count))
+    weights = [max(1, size) for size in sizes] if sizes is not None else [1] * count
+    total = sum(weights)
+    runs: list[range] = []
+    begin = acc = 0
+    for i, weight in enumerate(weights):
+        acc += weight
+        groups_after = groups - len(runs) - 1
+        if groups_after == 0:
+            break  # the last run takes the rest
+        items_after = count - i - 1
+        if items_after == groups_after or acc >= total * (len(runs) + 1) / groups:
+            runs.append(range(begin, i + 1))
+            begin = i + 1
+    runs.append(range(begin, count))
+    return runs
+
+
+class CorpusDatasource(Datasource):
+    """A Ray Data datasource over a list of Parquet / JSONL files (any fsspec URI).
+
+    Each read task reads a contiguous group of files (``parallelism`` groups at most, balanced
+    by ``file_sizes`` when given) and yields tables of at most ``batch_rows`` rows, the same
+    tables as :func:`iter_file_batches`. ``file_sizes`` (bytes, in the order of ``files``; a
+    ``fs.find(..., detail=True)`` gives them for free) also feed Ray's size estimate; without
+    them the estimate is unknown. ``storage_options`` must be picklable: each task opens its
+    files through fsspec with them.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        *,
+        fmt: str | None = None,
+        id_column: str | None = None,
+        text_column: str = TEXT,
+        question_column: str = QUESTION,
+        prompt_column: str = PROMPT,
+        passthrough: Sequence[str] = (),
+        storage_options: dict[str, Any] | None = None,
+        batch_rows: int = DEFAULT_BATCH_ROWS,
+        file_sizes: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(files, str):
+            raise TypeError("files must be a sequence of URIs, not a string")
+        self._files = tuple(files)
+        if file_sizes is not None and len(file_sizes) != len(self._files):
+            raise ValueError(f"{len(file_sizes)} file_sizes for {len(self._files)} files")
+        self._sizes = tuple(int(s) for s in file_sizes) if file_sizes is not None else None
+        self._spec = _make_spec(
+            fmt,
+            id_column,
+            text_column,
+            question_column,
+            prompt_column,
+            passthrough,
+            storage_options,
+            batch_rows,
+        )
+        for uri in self._files:
+            self._spec.format_of(uri)  # fail on the driver, not in a task
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return self._files
+
+    def _inmemory_size(self, index: int) -> int | None:
+        if self._sizes is None:
+            return None
+        uri = self._files[index]
+        fmt = self._spec.format_of(uri)
+        if fmt == "jsonl" and uri.lower().endswith(".gz"):
+            fmt = "jsonl.gz"
+        return math.ceil(self._sizes[index] * _INMEMORY_FACTOR[fmt])
+
+    def estimate_inmemory_data_size(self) -> int | None:
+        if self._sizes is None:
+            return None
+        return sum(self._inmemory_size(i) or 0 for i in range(len(self._files)))
+
+    def get_read_tasks(
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,
+        data_context: Any = None,
+    ) -> list[ReadTask]:
+        # Ray calls this several times while planning (and with parallelism=1 for metadata), so
+        # it does no I/O: sizes come from the constructor.
+        tasks = []
+        for run in _group(len(self._files), parallelism, self._sizes):
+            uris = tuple(self._files[i] for i in run)
+            size = None
+            if self._sizes is not None:
+                size = sum(self._inmemory_size(i) or 0 for i in run)
+            metadata = BlockMetadata(
+                num_rows=None, size_bytes=size, input_files=list(uris), exec_stats=None
+            )
+            read_fn = functools.partial(_read_files, uris, self._spec)
+            tasks.append(ReadTask(read_fn, metadata, per_task_row_limit=per_task_row_limit))
+        return tasks

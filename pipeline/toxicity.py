@@ -1,0 +1,331 @@
+"""Toxicity scoring with detoxify, and the keep / drop / redact policy.
+
+``ToxicityScorer`` wraps one ``detoxify.Detoxify`` object, created once. ``ToxicityStage`` is the
+Ray Data stage built on it (``map_batches(ToxicityStage, compute=ActorPoolStrategy(...),
+batch_format="pyarrow")``): it adds a ``toxicity_<label>`` float32 column per label of the loaded
+model for ``output_text`` (and ``input_toxicity_<label>`` for the input text when asked), then
+``apply_policy`` sets ``toxic`` and ``toxicity_decision``. Rows are never added, removed or
+reordered; a batch whose scoring fails keeps flowing with ``error_kind="toxicity"``.
+
+Checkpoints. ``checkpoint=None`` loads a named detoxify model ("original", "unbiased", ...), which
+downloads weights from GitHub. Otherwise ``checkpoint`` is a local path or fsspec URI of a
+detoxify checkpoint (``torch.save`` of ``{"config": ..., "state_dict": ...}``); remote ones are
+copied once into the local cache. detoxify builds the transformers config and tokenizer with
+``from_pretrained(config.arch.args.model_type)``, so offline that value must name a local directory
+with ``config.json`` and the tokenizer files. When it does not (the directory was moved, or it is a
+hub name such as ``bert-base-uncased``) and a directory with the same base name sits beside the
+checkpoint, ``model_type`` is rewritten to that directory at load time, in memory only.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import schema
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("annotate", "drop", "redact")
+# Decisions: KEEP for rows the policy lets through, else the action's name ("drop", "redact").
+KEEP = "keep"
+
+# transformers model types whose position ids start after the padding index.
+_POSITION_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert")
+
+
+class ToxicityScorer:
+    """Scores texts with one detoxify model, loaded once.
+
+    ``model`` names a released detoxify model and is used only when ``checkpoint`` is None.
+    ``batch_size`` bounds how many texts go through the model at once. ``storage_options`` go to
+    fsspec for a remote checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: str = "original",
+        checkpoint: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        *,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        from detoxify import Detoxify
+        from detoxify.detoxify import MODEL_URLS
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if checkpoint is None and model not in MODEL_URLS:
+            raise ValueError(f"unknown detoxify model {model!r}; known: {sorted(MODEL_URLS)}")
+        self.batch_size = batch_size
+        source = None if checkpoint is None else _checkpoint_source(checkpoint, storage_options)
+        self._detoxify = Detoxify(model_type=model, checkpoint=source, device=device)
+        _cap_max_length(self._detoxify.tokenizer, self._detoxify.model.config)
+        self._labels = tuple(self._detoxify.class_names)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """The model's labels, in detoxify's standard names (``toxicity``, ``insult``, ...)."""
+        return self._labels
+
+    def score(self, texts: Sequence[str | None]) -> dict[str, np.ndarray]:
+        """Returns one float32 array per label, aligned with ``texts``; None texts score NaN."""
+        scores = {label: np.full(len(texts), np.nan, np.float32) for label in self._labels}
+        # Similar lengths together: detoxify pads each call to its longest text.
+        order = sorted(
+            (i for i, t in enumerate(texts) if t is not None), key=lambda i: len(texts[i])
+        )
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            result = self._detoxify.predict([texts[i] for i in rows])
+            for label in self._labels:
+                # predict() squeezes: a single text gives a float instead of a list.
+                scores[label][rows] = np.atleast_1d(np.asarray(result[label], np.float32))
+        return scores
+
+
+class ToxicityStage:
+    """Ray Data stage: scores ``output_text`` (and optionally the input) and applies the policy.
+
+    ``model``, ``checkpoint``, ``device``, ``batch_size`` and ``storage_options`` go to
+    ``ToxicityScorer``. ``action`` is one of ``ACTIONS``; a row is toxic when any output label
+    scores >= ``threshold``.
+    """
+
+    def __init__(
+        self,
+        model: str = "original",
+        checkpoint: str | None = None,
+        device: str = "cpu",
+        batch_size: int = 64,
+        *,
+        threshold: float = 0.5,
+        action: str = "annotate",
+        score_inputs: bool = False,
+        redaction_text: str = "[redacted]",
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        _check_policy(threshold, action)
+        self.threshold = threshold
+        self.action = action
+        self.score_inputs = score_inputs
+        self.redaction_text = redaction_text
+        self.scorer = ToxicityScorer(
+            model, checkpoint, device, batch_size, storage_options=storage_options
+        )
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        scored = score_table(batch, self.scorer, score_inputs=self.score_inputs)
+        return apply_policy(
+            scored, self.threshold, self.action, self.redaction_text, labels=self.scorer.labels
+        )
+
+
+def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool = False) -> pa.Table:
+    """Adds the ``toxicity_<label>`` (and ``input_toxicity_<label>``) float32 columns.
+
+    Null texts get null scores. If the scorer raises, every row with a text gets null scores and,
+    unless it already has one, an error of kind ``toxicity``.
+    """
+    outputs = table.column(schema.OUTPUT_TEXT).to_pylist()
+    inputs = _input_texts(table) if score_inputs else []
+    texts = outputs + inputs
+    try:
+        scores = scorer.score(texts)
+    except Exception as exc:
+        log.exception("toxicity scoring failed for a batch of %d rows", table.num_rows)
+        scores = {label: np.full(len(texts), np.nan, np.float32) for label in scorer.labels}
+        row_inputs = inputs or [None] * len(outputs)
+        has_text = [
+            o is not None or i is not None for o, i in zip(outputs, row_inputs, strict=True)
+        ]
+        table = _mark_errors(
+            table, has_text, f"toxicity scoring failed: {type(exc).__name__}: {exc}"
+        )
+        texts = [None] * len(texts)
+    n = table.num_rows
+    columns = [(schema.TOXICITY_PREFIX, 0)]
+    if score_inputs:
+        columns.append((schema.INPUT_TOXICITY_PREFIX, n))
+    for prefix, offset in columns:
+        missing = np.array([t is None for t in texts[offset : offset + n]], dtype=bool)
+        for label in scorer.labels:
+            values = pa.array(scores[label][offset : offset + n], pa.float32(), mask=missing)
+            table = _set_column(table, prefix + label, values)
+    return table
+
+
+def apply_policy(
+    table: pa.Table,
+    threshold: float,
+    action: str,
+    redaction_text: str = "[redacted]",
+    labels: Sequence[str] | None = None,
+) -> pa.Table:
+    """Sets ``toxic`` and ``toxicity_decision`` from the ``toxicity_<label>`` columns.
+
+    ``toxic`` is null where the row has no scores. annotate keeps every row; drop marks toxic rows
+    "drop" (a writer sends them elsewhere); redact marks them "redact" and replaces their
+    ``output_text`` with ``redaction_text``. ``labels`` defaults to every float column named
+    ``toxicity_<label>``.
+    """
+    _check_policy(threshold, action)
+    names = (
+        _score_columns(table) if labels is None else [schema.TOXICITY_PREFIX + x for x in labels]
+    )
+    if not names:
+        raise ValueError(f"no {schema.TOXICITY_PREFIX}<label> columns to apply the policy to")
+    toxic = None
+    for name in names:
+        hit = pc.greater_equal(table.column(name), pa.scalar(float(threshold)))
+        toxic = hit if toxic is None else pc.or_kleene(toxic, hit)
+    flagged = pc.fill_null(toxic, False)
+    table = _set_column(table, schema.TOXIC, toxic)
+    if action == "annotate":
+        decision = pa.array([KEEP] * table.num_rows, pa.string())
+    else:
+        decision = pc.if_else(flagged, pa.scalar(action), pa.scalar(KEEP))
+    if action == "redact":
+        redacted = pc.if_else(
+            flagged, pa.scalar(redaction_text), table.column(schema.OUTPUT_TEXT).cast(pa.string())
+        )
+        table = _set_column(table, schema.OUTPUT_TEXT, redacted)
+    return _set_column(table, schema.TOXICITY_DECISION, decision)
+
+
+# Loading ------------------------------------------------------------------------------------------
+
+
+def _checkpoint_source(uri: str, storage_options: dict[str, Any] | None) -> str | IO[bytes]:
+    """What to pass to detoxify as ``checkpoint``: the local path, or a patched copy in memory."""
+    import torch
+
+    path = _localize(uri, storage_options)
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        loaded = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        args = loaded["config"]["arch"]["args"]
+    except (KeyError, TypeError):
+        return str(path)  # detoxify itself explains what is missing
+    model_dir = _model_dir_beside(uri, str(args["model_type"]), storage_options)
+    if model_dir is None:
+        return str(path)
+    log.info("detoxify model_type %r rewritten to %s", args["model_type"], model_dir)
+    args["model_type"] = str(model_dir)
+    buffer = io.BytesIO()
+    torch.save(loaded, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def _model_dir_beside(
+    checkpoint_uri: str, model_type: str, storage_options: dict[str, Any] | None
+) -> Path | None:
+    """A directory named like ``model_type`` beside the checkpoint, if ``model_type`` is not one."""
+    if os.path.isdir(model_type):
+        return None
+    name = Path(model_type).name
+    if _is_local(checkpoint_uri):
+        sibling = str(Path(checkpoint_uri.removeprefix("file://")).parent / name)
+    else:
+        sibling = checkpoint_uri.rstrip("/").rsplit("/", 1)[0] + "/" + name
+    try:
+        local = _localize(sibling, storage_options)
+    except FileNotFoundError:
+        return None
+    return local if local.is_dir() else None
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+def _localize(uri: str, storage_options: dict[str, Any] | None) -> Path:
+    """``model.storage.localize``, imported only for remote URIs: ``model`` imports JAX."""
+    if _is_local(uri):
+        path = Path(uri.removeprefix("file://"))
+        if not path.exists():
+            raise FileNotFoundError(f"no such file or directory: {path}")
+        return path
+    from model.storage import localize
+
+    return localize(uri, storage_options=storage_options)
+
+
+def _cap_max_length(tokenizer: Any, config: Any) -> None:
+    """Keeps truncation within the model's position embeddings (unset model_max_length is 1e30)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is None:
+        return
+    if getattr(config, "model_type", None) in _POSITION_OFFSET_MODELS:
+        limit -= (config.pad_token_id or 0) + 1
+    if tokenizer.model_max_length > limit:
+        log.warning(
+            "tokenizer model_max_length %s exceeds the model's %d positions; truncating at %d",
+            tokenizer.model_max_length,
+            limit,
+            limit,
+        )
+        tokenizer.model_max_length = limit
+
+
+# Table helpers ------------------------------------------------------------------------------------
+
+
+def _check_policy(threshold: float, action: str) -> None:
+    if action not in ACTIONS:
+        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    if not isinstance(threshold, int | float) or math.isnan(threshold):
+        raise ValueError(f"threshold must be a number, got {threshold!r}")
+
+
+def _input_texts(table: pa.Table) -> list[str | None]:
+    """The input of each row: ``text`` when set, else ``prompt`` (generate rows)."""
+    names = [c for c in (schema.TEXT, schema.PROMPT) if c in table.column_names]
+    if not names:
+        return [None] * table.num_rows
+    merged = pc.coalesce(*(table.column(c).cast(pa.string()) for c in names))
+    return merged.to_pylist()
+
+
+def _score_columns(table: pa.Table) -> list[str]:
+    return [
+        field.name
+        for field in table.schema
+        if field.name.startswith(schema.TOXICITY_PREFIX)
+        and field.name != schema.TOXICITY_DECISION
+        and pa.types.is_floating(field.type)
+    ]
+
+
+def _mark_errors(table: pa.Table, rows: list[bool], message: str) -> pa.Table:
+    for name in (schema.ERROR, schema.ERROR_KIND):
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+    error = table.column(schema.ERROR).cast(pa.string())
+    set_here = pc.and_(pa.array(rows, pa.bool_()), pc.is_null(error))
+    new_error = pc.if_else(set_here, pa.scalar(message), error)
+    kind = pc.if_else(
+        set_here, pa.scalar("toxicity"), table.column(schema.ERROR_KIND).cast(pa.string())
+    )
+    table = _set_column(table, schema.ERROR, new_error)
+    return _set_column(table, schema.ERROR_KIND, kind)
+
+
+def _set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    index = table.schema.get_field_index(name)
+    if index < 0:
+        return table.append_column(name, values)
+    return table.set_column(index, name, values)

@@ -1,0 +1,230 @@
+"""The whole job on a real local Ray cluster: local files, every task, both formats, bad rows,
+bad configs."""
+
+from __future__ import annotations
+
+import json
+
+import fsspec
+import pyarrow as pa
+import pytest
+import ray
+from pipeline_helpers import (
+    build_fixtures,
+    corpus_rows,
+    job_config,
+    job_yaml,
+    read_output,
+    write_corpus,
+)
+
+from pipeline import schema as S
+from pipeline.cli import main as cli_main
+from pipeline.runner import run_job
+
+LOCAL = fsspec.filesystem("file")
+TOXICITY_LABELS = (
+    "toxicity",
+    "severe_toxicity",
+    "obscene",
+    "threat",
+    "insult",
+    "identity_attack",
+)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def check_output(table: pa.Table, input_ids: list[str], manifest: dict, task: str) -> None:
+    ids = table.column(S.ID).to_pylist()
+    assert sorted(ids) == sorted(input_ids)  # one row per input row, each exactly once
+    assert len(set(ids)) == len(ids)
+    expected = {
+        S.ID: pa.string(),
+        S.TASK: pa.string(),
+        "title": pa.string(),
+        S.PROMPT_TOKENS: pa.int32(),
+        S.PROMPT_TRUNCATED: pa.bool_(),
+        S.OUTPUT_TEXT: pa.string(),
+        S.OUTPUT_TOKENS: pa.int32(),
+        S.FINISH_REASON: pa.string(),
+        S.ERROR: pa.string(),
+        S.ERROR_KIND: pa.string(),
+        S.TOXIC: pa.bool_(),
+        S.TOXICITY_DECISION: pa.string(),
+        S.MODEL: pa.string(),
+        S.RUN_ID: pa.string(),
+        **{S.TOXICITY_PREFIX + label: pa.float32() for label in TOXICITY_LABELS},
+    }
+    for name, dtype in expected.items():
+        assert name in table.column_names, name
+        if table.column(name).null_count < table.num_rows:  # JSONL cannot carry all-null types
+            assert table.schema.field(name).type in (dtype, pa.int64(), pa.float64()), name
+    rows = table.to_pylist()
+    assert {r[S.TASK] for r in rows} == {task}
+    ok = [r for r in rows if r[S.ERROR] is None]
+    assert ok and all(r[S.FINISH_REASON] in ("stop", "length") for r in ok)
+    for r in ok:
+        assert 0 <= r[S.TOXICITY_PREFIX + "toxicity"] <= 1 and r[S.TOXIC] in (True, False)
+    counts = manifest["counts"]
+    assert counts["rows"] == len(input_ids)
+    assert sum(counts["finish_reasons"].values()) == len(input_ids)
+    assert sum(counts["toxicity_decisions"].values()) == len(input_ids)
+    assert counts["output_tokens"] == sum(r[S.OUTPUT_TOKENS] for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("task", "in_fmt", "out_fmt"),
+    [("summarize", "jsonl", "parquet"), ("qa", "parquet", "jsonl"), ("generate", "jsonl", "jsonl")],
+)
+def test_end_to_end_local(tmp_path, fixtures, ray_cluster, task, in_fmt, out_fmt) -> None:
+    rows = corpus_rows(23)
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, in_fmt, files=3)
+    ext = "jsonl" if in_fmt == "jsonl" else "parquet"
+    text = job_yaml(
+        fixtures,
+        task=task,
+        input_uri=str(tmp_path / "in" / f"*.{ext}"),
+        output_uri=str(tmp_path / "out"),
+        output_format=out_fmt,
+    )
+    result = run_job(job_config(text, run_id=f"run-{task}"))
+    run_dir = str(tmp_path / "out" / f"run-{task}")
+    assert result.status == "succeeded" and result.run_dir == run_dir
+    assert LOCAL.exists(f"{run_dir}/_SUCCESS") and not LOCAL.exists(f"{run_dir}/_checkpoint")
+    manifest = json.loads(LOCAL.cat_file(f"{run_dir}/_manifest.json"))
+    table = read_output(LOCAL, run_dir, out_fmt)
+    check_output(table, [r["id"] for r in rows], manifest, task)
+    assert set(table.column(S.RUN_ID).to_pylist()) == {f"run-{task}"}
+    assert manifest["model"] == sorted(set(table.column(S.MODEL).to_pylist()))
+
+    # A finished run id is never written again.
+    before = sorted(LOCAL.ls(run_dir))
+    again = run_job(job_config(text, run_id=f"run-{task}"))
+    assert again.status == "already_complete" and sorted(LOCAL.ls(run_dir)) == before
+
+
+def test_bad_rows_become_error_rows(tmp_path, fixtures, ray_cluster) -> None:
+    good = corpus_rows(3)
+    lines = [json.dumps(r) for r in good]
+    lines += [
+        json.dumps({"id": "no-text", "title": "t"}),
+        json.dumps({"id": "null-text", "text": None}),
+        json.dumps({"id": "number", "text": 42}),
+        json.dumps({"id": "blank", "text": "   \n"}),
+        json.dumps({"id": "huge", "text": "word " * 5000}),
+    ]
+    raw = ("\n".join(lines) + "\n").encode() + b'{"id": "latin1", "text": "caf\xe9"}\n'
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rows.jsonl").write_bytes(raw)
+    text = job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(tmp_path / "in" / "rows.jsonl"),
+        output_uri=str(tmp_path / "out"),
+        extra={"generation": {"truncation": "error"}},
+    )
+    result = run_job(job_config(text, run_id="bad-rows"))
+    table = read_output(LOCAL, f"{tmp_path}/out/bad-rows", "parquet")
+    by_id = {r[S.ID]: r for r in table.to_pylist()}
+    assert len(by_id) == table.num_rows == len(good) + 5 + 1  # the latin-1 line has a derived id
+    kinds = {
+        "no-text": "missing_text",
+        "null-text": "missing_text",
+        "number": "not_a_string",
+        "blank": "empty_text",
+        "huge": "prompt_too_long",
+    }
+    for row_id, kind in kinds.items():
+        row = by_id[row_id]
+        assert row[S.ERROR_KIND] == kind and row[S.ERROR] and row[S.FINISH_REASON] == "error"
+        assert row[S.OUTPUT_TEXT] is None and row[S.TOXICITY_PREFIX + "toxicity"] is None
+    invalid = [r for r in by_id.values() if r[S.ERROR_KIND] == "invalid_utf8"]
+    assert len(invalid) == 1
+    counts = result.manifest["counts"]
+    assert counts["error_kinds"] == {
+        "empty_text": 1,
+        "invalid_utf8": 1,
+        "missing_text": 2,
+        "not_a_string": 1,
+        "prompt_too_long": 1,
+    }
+    assert counts["finish_reasons"]["error"] == 6
+
+
+def test_long_prompts_are_truncated_and_flagged(tmp_path, fixtures, ray_cluster) -> None:
+    rows = [*corpus_rows(2), {"id": "long", "text": "river " * 2000, "title": "x"}]
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=1)
+    text = job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(tmp_path / "in"),
+        output_uri=str(tmp_path / "out"),
+        extra={"input": {"format": "jsonl"}},
+    )
+    result = run_job(job_config(text, run_id="trunc"))
+    by_id = {r[S.ID]: r for r in read_output(LOCAL, f"{tmp_path}/out/trunc", "parquet").to_pylist()}
+    assert by_id["long"][S.PROMPT_TRUNCATED] and by_id["long"][S.ERROR] is None
+    assert by_id["long"][S.PROMPT_TOKENS] <= 96
+    assert result.manifest["counts"]["prompts_truncated"] == 1
+
+
+def test_drop_policy_moves_rows_to_rejected(tmp_path, fixtures, ray_cluster) -> None:
+    rows = corpus_rows(9)
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=2)
+    text = job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(tmp_path / "in" / "*.jsonl"),
+        output_uri=str(tmp_path / "out"),
+        extra={"toxicity": {"threshold": 0.0, "action": "drop"}},  # every scored row is toxic
+    )
+    result = run_job(job_config(text, run_id="drop"))
+    kept = read_output(LOCAL, f"{tmp_path}/out/drop", "parquet")
+    rejected = read_output(LOCAL, f"{tmp_path}/out/drop", "parquet", sub="rejected")
+    assert kept.num_rows == 0 and rejected.num_rows == len(rows)
+    assert set(rejected.column(S.TOXICITY_DECISION).to_pylist()) == {"drop"}
+    counts = result.manifest["counts"]
+    assert counts["rows_rejected"] == len(rows) and counts["toxicity_decisions"] == {"drop": 9}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("input.colour=red", "input.colour: unknown key"),
+        ("generation.max_new_tokens=lots", "generation.max_new_tokens:"),
+        ("model=null", "model"),
+        ("input.uri=/nonexistent/dir/*.jsonl", "input.uri: no files match"),
+    ],
+)
+def test_bad_config_exits_2_before_any_work(tmp_path, fixtures, capsys, override, message) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(2), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        job_yaml(
+            fixtures,
+            task="summarize",
+            input_uri=str(tmp_path / "in" / "*.jsonl"),
+            output_uri=str(tmp_path / "out"),
+        )
+    )
+    assert cli_main(["run", str(config), "--set", override]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_required_field_names_it(tmp_path, capsys) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text("task: summarize\ninput: {uri: x.jsonl}\noutput: {uri: out}\n")
+    assert cli_main(["validate", str(config)]) == 2
+    assert "model: field required" in capsys.readouterr().err

@@ -1,0 +1,319 @@
+"""The toxicity scorer, stage and policy, on a tiny random detoxify checkpoint loaded offline."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline import schema
+from pipeline.detox_fixture import build_tiny_detoxify
+from pipeline.toxicity import ToxicityScorer, ToxicityStage, apply_policy
+
+LABELS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+TEXTS = ["you are a stupid idiot", "good morning, my friend", "", "the river is deep " * 40]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in OFFLINE.items():
+            mp.setenv(name, value)
+        yield
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_detoxify(tmp_path_factory.mktemp("detox"))
+
+
+@pytest.fixture(scope="module")
+def scorer(checkpoint: Path) -> ToxicityScorer:
+    return ToxicityScorer(checkpoint=str(checkpoint))
+
+
+def _batch() -> pa.Table:
+    """Summarize, qa and generate rows; r2 failed generation, r3 has no input text."""
+    return pa.table(
+        {
+            schema.ID: ["r0", "r1", "r2", "r3", "r4"],
+            schema.TEXT: ["a long report about the city", None, "the context", None, "a story"],
+            schema.PROMPT: [None, "write a poem about the sea", None, None, None],
+            schema.OUTPUT_TEXT: ["you stupid idiot", "the sea is blue", None, "hello", "the end"],
+            schema.ERROR: [None, None, "engine failed", None, None],
+            schema.ERROR_KIND: [None, None, "generation", None, None],
+        }
+    )
+
+
+# The fixture -------------------------------------------------------------------------------------
+
+
+def test_fixture_is_small_fast_and_seeded(tmp_path: Path) -> None:
+    import torch
+
+    first = build_tiny_detoxify(tmp_path / "a", seed=3)  # the first call also imports transformers
+    assert first.stat().st_size < 2 * 1024 * 1024
+    start = time.perf_counter()
+    second = build_tiny_detoxify(tmp_path / "b", seed=3)
+    assert time.perf_counter() - start < 2.0
+    same = torch.load(second, weights_only=False)
+    other = torch.load(build_tiny_detoxify(tmp_path / "c", seed=4), weights_only=False)
+    loaded = torch.load(first, weights_only=False)
+    assert loaded["config"]["arch"]["args"]["num_classes"] == 6
+    assert Path(loaded["config"]["arch"]["args"]["model_type"]).is_dir()
+    for key, value in loaded["state_dict"].items():
+        assert torch.equal(value, same["state_dict"][key]), key
+    assert not torch.equal(
+        loaded["state_dict"]["classifier.weight"], other["state_dict"]["classifier.weight"]
+    )
+
+
+# The scorer --------------------------------------------------------------------------------------
+
+
+def test_scorer_scores_every_label_in_unit_interval(scorer: ToxicityScorer) -> None:
+    assert scorer.labels == LABELS
+    scores = scorer.score(TEXTS)
+    assert set(scores) == set(LABELS)
+    for values in scores.values():
+        assert values.dtype == np.float32 and values.shape == (len(TEXTS),)
+        assert np.all((values >= 0) & (values <= 1))
+    assert len({float(scores["toxicity"][i]) for i in range(len(TEXTS))}) > 1
+
+
+def test_scorer_matches_detoxify_predict(scorer: ToxicityScorer, checkpoint: Path) -> None:
+    from detoxify import Detoxify
+
+    expected = Detoxify(checkpoint=str(checkpoint)).predict(TEXTS)
+    scores = scorer.score(TEXTS)
+    for label in LABELS:
+        np.testing.assert_allclose(scores[label], expected[label], atol=1e-5)
+
+
+def test_scorer_handles_one_text_none_and_empty(scorer: ToxicityScorer) -> None:
+    one = scorer.score(["hello"])  # detoxify squeezes a single text to a float
+    assert one["insult"].shape == (1,)
+    with_none = scorer.score([None, "hello", None])
+    assert np.isnan(with_none["insult"][[0, 2]]).all()
+    assert with_none["insult"][1] == pytest.approx(one["insult"][0], abs=1e-6)
+    assert scorer.score([])["insult"].shape == (0,)
+
+
+def test_scores_do_not_depend_on_batching(scorer: ToxicityScorer, checkpoint: Path) -> None:
+    small = ToxicityScorer(checkpoint=str(checkpoint), batch_size=1).score(TEXTS)
+    for label, values in scorer.score(TEXTS).items():
+        np.testing.assert_allclose(small[label], values, atol=1e-5)
+
+
+def test_two_loads_give_the_same_scores(scorer: ToxicityScorer, checkpoint: Path) -> None:
+    again = ToxicityScorer(checkpoint=str(checkpoint))
+    first, second = scorer.score(TEXTS), again.score(TEXTS)
+    for label in LABELS:
+        np.testing.assert_array_equal(first[label], second[label])
+
+
+def test_moved_fixture_still_loads(tmp_path: Path, scorer: ToxicityScorer) -> None:
+    from detoxify import Detoxify
+
+    built = build_tiny_detoxify(tmp_path / "before")  # seed 0, like the module checkpoint
+    shutil.move(tmp_path / "before", tmp_path / "after")
+    moved = tmp_path / "after" / built.name
+    with pytest.raises(OSError):  # detoxify alone follows the stale model_type path
+        Detoxify(checkpoint=str(moved))
+    scores = ToxicityScorer(checkpoint=str(moved)).score(TEXTS)
+    for label, values in scorer.score(TEXTS).items():
+        np.testing.assert_array_equal(scores[label], values)
+
+
+def test_labels_follow_the_model_type(tmp_path: Path) -> None:
+    unbiased = ToxicityScorer(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
+    assert len(unbiased.labels) == 7 and "sexual_explicit" in unbiased.labels
+    table = ToxicityStage(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))(
+        _batch()
+    )
+    assert "toxicity_sexual_explicit" in table.column_names
+
+
+# The stage and the policy ------------------------------------------------------------------------
+
+
+def test_stage_adds_typed_columns_and_keeps_rows(checkpoint: Path) -> None:
+    batch = _batch()
+    out = ToxicityStage(checkpoint=str(checkpoint))(batch)
+    assert out.column(schema.ID).to_pylist() == batch.column(schema.ID).to_pylist()
+    assert out.column(schema.OUTPUT_TEXT).equals(batch.column(schema.OUTPUT_TEXT))
+    for label in LABELS:
+        column = out.column(schema.TOXICITY_PREFIX + label)
+        assert column.type == pa.float32()
+        assert column.null_count == 1 and column[2].as_py() is None  # the failed generation
+        assert not any(name.startswith(schema.INPUT_TOXICITY_PREFIX) for name in out.column_names)
+    assert out.schema.field(schema.TOXIC).type == pa.bool_()
+    assert out.column(schema.TOXIC)[2].as_py() is None
+    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
+    assert out.column(schema.ERROR).equals(batch.column(schema.ERROR))
+
+
+@pytest.mark.parametrize(
+    ("action", "threshold", "decision", "redacted"),
+    [
+        ("annotate", 0.0, "keep", False),
+        ("drop", 0.0, "drop", False),
+        ("drop", 1.01, "keep", False),
+        ("redact", 0.0, "redact", True),
+        ("redact", 1.01, "keep", False),
+    ],
+)
+def test_policy_actions(
+    checkpoint: Path, action: str, threshold: float, decision: str, redacted: bool
+) -> None:
+    stage = ToxicityStage(
+        checkpoint=str(checkpoint), threshold=threshold, action=action, redaction_text="<gone>"
+    )
+    out = stage(_batch())
+    scored = [0, 1, 3, 4]
+    assert [out.column(schema.TOXIC)[i].as_py() for i in scored] == [threshold <= 1.0] * 4
+    decisions = out.column(schema.TOXICITY_DECISION).to_pylist()
+    assert [decisions[i] for i in scored] == [decision] * 4
+    assert decisions[2] == "keep"  # unscored rows are kept
+    outputs = out.column(schema.OUTPUT_TEXT).to_pylist()
+    expected = _batch().column(schema.OUTPUT_TEXT).to_pylist()
+    if redacted:
+        expected = [None if i == 2 else "<gone>" for i in range(5)]
+    assert outputs == expected
+
+
+def test_apply_policy_without_a_model() -> None:
+    table = pa.table(
+        {
+            schema.OUTPUT_TEXT: ["a", "b", "c", None],
+            "toxicity_toxicity": pa.array([0.9, 0.1, 0.4, None], pa.float32()),
+            "toxicity_insult": pa.array([0.2, 0.1, 0.6, None], pa.float32()),
+            "input_toxicity_toxicity": pa.array([0.99, 0.99, 0.99, 0.99], pa.float32()),
+        }
+    )
+    out = apply_policy(table, 0.5, "redact", "x")
+    assert out.column(schema.TOXIC).to_pylist() == [True, False, True, None]
+    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["redact", "keep", "redact", "keep"]
+    assert out.column(schema.OUTPUT_TEXT).to_pylist() == ["x", "b", "x", None]
+    again = apply_policy(out, 0.5, "drop")  # toxicity_decision is not taken for a label
+    assert again.column(schema.TOXICITY_DECISION).to_pylist() == ["drop", "keep", "drop", "keep"]
+    assert again.num_columns == out.num_columns
+    with pytest.raises(ValueError, match="action"):
+        apply_policy(table, 0.5, "delete")
+
+
+def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicityScorer) -> None:
+    out = ToxicityStage(checkpoint=str(checkpoint), score_inputs=True)(_batch())
+    column = out.column(schema.INPUT_TOXICITY_PREFIX + "insult")
+    assert column.type == pa.float32()
+    inputs = ["a long report about the city", "write a poem about the sea", "the context"]
+    expected = scorer.score([*inputs, "a story"])["insult"]
+    got = column.to_pylist()
+    assert got[3] is None  # neither text nor prompt
+    np.testing.assert_allclose([got[0], got[1], got[2], got[4]], expected, atol=1e-5)
+    for label in LABELS:
+        assert schema.INPUT_TOXICITY_PREFIX + label in out.column_names
+
+
+def test_failing_scorer_becomes_row_errors(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray]:
+        raise RuntimeError("out of memory")
+
+    stage = ToxicityStage(checkpoint=str(checkpoint), action="drop", threshold=0.0)
+    monkeypatch.setattr(ToxicityScorer, "score", fail)
+    out = stage(_batch())
+    assert out.num_rows == 5
+    errors = out.column(schema.ERROR).to_pylist()
+    kinds = out.column(schema.ERROR_KIND).to_pylist()
+    assert errors[2] == "engine failed" and kinds[2] == "generation"  # kept as it was
+    for i in (0, 1, 3, 4):
+        assert kinds[i] == "toxicity" and "out of memory" in errors[i]
+    assert out.column("toxicity_insult").null_count == 5
+    assert out.column(schema.TOXIC).null_count == 5
+    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
+
+    no_error_columns = _batch().drop_columns([schema.ERROR, schema.ERROR_KIND])
+    kinds = stage(no_error_columns).column(schema.ERROR_KIND).to_pylist()
+    assert kinds == [
+        "toxicity",
+        "toxicity",
+        None,
+        "toxicity",
+        "toxicity",
+    ]  # r2 has nothing to score
+
+
+# Inside Ray Data ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": OFFLINE})
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def test_stage_in_ray_data_matches_direct_call(ray_cluster: None, checkpoint: Path) -> None:
+    import ray
+
+    kwargs = {
+        "checkpoint": str(checkpoint),
+        "threshold": 0.5,
+        "action": "redact",
+        "score_inputs": True,
+    }
+    batch = _batch()
+    direct = ToxicityStage(**kwargs)(batch)
+    dataset = ray.data.from_arrow(batch).map_batches(
+        ToxicityStage,
+        fn_constructor_kwargs=kwargs,
+        compute=ray.data.ActorPoolStrategy(size=1),
+        batch_format="pyarrow",
+    )
+    result = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    assert result.column_names == direct.column_names
+    assert result.column(schema.ID).to_pylist() == direct.column(schema.ID).to_pylist()
+    for name in direct.column_names:
+        if pa.types.is_floating(direct.schema.field(name).type):
+            np.testing.assert_allclose(
+                result.column(name).to_numpy(zero_copy_only=False),
+                direct.column(name).to_numpy(zero_copy_only=False),
+                atol=1e-5,
+            )
+        else:
+            assert result.column(name).to_pylist() == direct.column(name).to_pylist(), name
+
+
+def test_remote_checkpoint_loads_with_its_model_dir(
+    scorer: ToxicityScorer,
+    s3_bucket: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import s3fs
+
+    bucket, options = s3_bucket
+    monkeypatch.setenv("RGBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    built = build_tiny_detoxify(tmp_path / "upload")
+    s3fs.S3FileSystem(**options).put(str(built.parent) + "/", f"{bucket}/detox/", recursive=True)
+    shutil.rmtree(built.parent)  # model_type now names a missing local directory
+    uri = f"s3://{bucket}/detox/{built.name}"
+    remote = ToxicityScorer(checkpoint=uri, storage_options=options).score(TEXTS)
+    for label, values in scorer.score(TEXTS).items():
+        np.testing.assert_array_equal(remote[label], values)
+    cached = [p for p in (tmp_path / "cache" / "objects").iterdir() if p.is_dir()]
+    assert [p.name.split("-", 1)[1] for p in cached] == ["tiny-detoxify-original-hf"]
