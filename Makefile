@@ -38,13 +38,13 @@ bench: setup
 
 FIXTURES ?= .fixtures
 
-$(FIXTURES)/tokenizer.model: | setup
+$(FIXTURES)/.built: | setup
 	$(PY) -m pipeline.cli fixtures $(FIXTURES)
+	@touch $@
 
-run-local: setup $(FIXTURES)/tokenizer.model
-	$(PY) -m pipeline.cli generate --checkpoint $(FIXTURES)/tiny-it --max-new-tokens 24 \
-	  "Summarize: the river rose overnight and the bridge was closed." \
-	  "What is the capital of France?"
+# The main job on the embedded default: tiny offline model, committed sample corpus, local Ray.
+run-local: setup $(FIXTURES)/.built
+	$(PY) -m pipeline.cli run configs/local.yaml $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -47,8 +47,9 @@ class EngineWorker:
     def _loop(self) -> None:
         engine, outstanding = self._engine, set()
         while True:
+            items = []
             try:
-                items = [self._inbox.get(block=not engine.busy)]
+                items.append(self._inbox.get(block=not engine.busy))
                 while True:
                     items.append(self._inbox.get_nowait())
             except queue.Empty:

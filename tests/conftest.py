@@ -1,12 +1,18 @@
-"""Shared fixtures: a local S3 stand-in served by moto."""
+"""Shared fixtures: a local S3 stand-in served by moto and a GCS emulator, both on 127.0.0.1."""
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+# gcsfs probes for hierarchical-namespace buckets over gRPC (60 s against an emulator) unless this
+# is off; set before any import of gcsfs here and in the Ray workers the tests start.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 FAKE_KEY = "testing"
 FAKE_SECRET = "testing"
@@ -56,6 +62,39 @@ def s3_bucket(
     }
     bucket = f"rgbatch-test-{uuid.uuid4().hex[:12]}"
     fs = s3fs.S3FileSystem(**storage_options)
+    fs.mkdir(bucket)
+    fs.invalidate_cache()
+    return bucket, storage_options
+
+
+@pytest.fixture(scope="session")
+def gcs_server() -> Iterator[str]:
+    """gcp-storage-emulator (in memory) on a free local port; yields its endpoint URL."""
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def gcs_bucket(gcs_server: str) -> tuple[str, dict[str, Any]]:
+    """A fresh bucket on the GCS emulator: returns (bucket_name, storage_options)."""
+    import gcsfs
+
+    storage_options: dict[str, Any] = {
+        "endpoint_url": gcs_server,
+        "token": "anon",
+        "project": "rgbatch-test",
+    }
+    bucket = f"rgbatch-test-{uuid.uuid4().hex[:12]}"
+    fs = gcsfs.GCSFileSystem(**storage_options)
     fs.mkdir(bucket)
     fs.invalidate_cache()
     return bucket, storage_options

@@ -1,0 +1,71 @@
+"""The engine worker the model stage drives: batches from several threads share one engine."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from model.engine import Engine, GenerationRequest
+from model.testing import random_params, tiny_config
+from pipeline.model_stage import EngineWorker, row_seed
+
+CONFIG = tiny_config()
+
+
+def batch(seed: int, n: int = 30) -> list[GenerationRequest]:
+    rng = np.random.default_rng(seed)
+    return [
+        GenerationRequest(
+            rng.integers(2, CONFIG.vocab_size, int(rng.integers(1, 40))).tolist(),
+            int(rng.integers(1, 20)),
+            stop_ids=(int(rng.integers(2, CONFIG.vocab_size)),),
+        )
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(CONFIG, random_params(CONFIG, 3), max_slots=6, prefill_batch=3, prefill_chunk=16)
+
+
+def test_concurrent_batches_get_their_own_results(engine) -> None:
+    expected = {seed: engine.generate(batch(seed)) for seed in range(4)}
+    worker = EngineWorker(engine)
+    got: dict[int, list] = {}
+    threads = [
+        threading.Thread(target=lambda s=seed: got.__setitem__(s, worker.run(batch(s))))
+        for seed in range(4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    worker.close()
+    assert got == expected
+
+
+def test_a_failing_engine_fails_the_waiting_batch_and_recovers(engine, monkeypatch) -> None:
+    worker = EngineWorker(engine)
+    calls = {"n": 0}
+    real_step = engine.step
+
+    def flaky_step():
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("device lost")
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", flaky_step)
+    with pytest.raises(RuntimeError, match="device lost"):
+        worker.run(batch(7))
+    assert worker.run(batch(8)) == Engine.generate(engine, batch(8))
+    worker.close()
+
+
+def test_row_seed_is_stable_and_spread() -> None:
+    assert row_seed(0, "doc-1") == row_seed(0, "doc-1")
+    assert len({row_seed(0, f"doc-{i}") for i in range(1000)}) == 1000
+    assert row_seed(0, "doc-1") != row_seed(1, "doc-1")
