@@ -1,0 +1,187 @@
+"""Pipeline efficiency: end-to-end generated tokens/s over engine-only tokens/s, same rows.
+
+Workload (defaults): 2,000 rows of the kind `make run-local` reads (short documents, summarize
+task), one model replica on CPU, a model of the engine benchmark's size (width 512, 6 layers
+R,R,A, 4 heads, MLP 1536, window 256, float32) with random weights written in the Kaggle layout
+and the tiny tokenizer (vocab 512), 32 new tokens per row (no early stop), 32 slots.
+
+1. engine only: the exact prompt ids the pipeline builds, through `Engine.generate` in one process
+   (warm: compiled beforehand);
+2. end to end: `run_job` on a local Ray cluster (read -> prompts -> model stage -> write; the
+   toxicity stage on or off, `--toxicity`), wall time from submit to `_SUCCESS`, actor start-up
+   and compilation included.
+
+efficiency = (generated tokens / end-to-end seconds) / (generated tokens / engine seconds).
+
+  python benchmarks/pipeline_efficiency.py [--rows 2000] [--toxicity] [--json out.json]
+  python benchmarks/pipeline_efficiency.py --small      # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import ray
+import yaml
+
+from model.engine import Engine, GenerationRequest
+from model.testing import random_params, tiny_config, write_kaggle_checkpoint
+from model.tokenizer import Tokenizer
+from pipeline import schema as S
+from pipeline.config import load_job_config
+from pipeline.prompts import PromptBuilder
+from pipeline.readers import read_file_rows
+from pipeline.runner import run_job
+
+SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+
+
+def write_corpus(path: Path, rows: int) -> None:
+    """`rows` documents cycled from the committed sample corpus, with fresh ids."""
+    docs = []
+    for part in sorted(SAMPLE.glob("part-*.jsonl")):
+        docs += [json.loads(line) for line in part.read_text().splitlines() if line.strip()]
+    with path.open("w") as out:
+        for i in range(rows):
+            doc = dict(docs[i % len(docs)], id=f"row-{i:06d}")
+            out.write(json.dumps(doc) + "\n")
+
+
+def job(args: argparse.Namespace, root: Path, checkpoint: Path, detox: Path | None) -> dict:
+    return {
+        "task": "summarize",
+        "input": {"uri": str(root / "corpus.jsonl"), "id_column": "id", "num_blocks": 8},
+        "model": {"checkpoint": str(checkpoint), "dtype": "float32"},
+        "generation": {
+            "max_new_tokens": args.new_tokens,
+            "max_prompt_tokens": 256,
+            "max_slots": args.slots,
+            "prefill_batch": 8,
+            "prefill_chunk": 256,
+            "decode_steps": 8,
+            "batch_size": args.batch_size,
+        },
+        "toxicity": {"enabled": detox is not None, "checkpoint": str(detox) if detox else None},
+        "output": {"uri": str(root / "out")},
+        "run": {"num_cpus": 8},
+    }
+
+
+def engine_only(config_dict: dict, checkpoint: Path, root: Path) -> tuple[float, float, int]:
+    """(warm seconds, seconds with compilation, tokens) for the same prompts, engine alone."""
+    from model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+    cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="engine-only")
+    table = read_file_rows(str(root / "corpus.jsonl"), fmt="jsonl", id_column="id")
+    builder = PromptBuilder(
+        tokenizer,
+        task=cfg.task,
+        template=cfg.prompt_template(),
+        chat=cfg.model.use_chat_template,
+        max_prompt_tokens=cfg.generation.max_prompt_tokens,
+        truncation=cfg.generation.truncation,
+    )
+    prompts = builder(table).column(S.PROMPT_IDS).to_pylist()
+    gen = cfg.generation
+    engine = Engine(
+        ckpt.config,
+        ckpt.params,
+        max_slots=gen.max_slots,
+        prefill_batch=gen.prefill_batch,
+        prefill_chunk=gen.prefill_chunk,
+        decode_steps=gen.decode_steps,
+        dtype=jnp.float32,
+    )
+    requests = [GenerationRequest(p, gen.max_new_tokens, stop_ids=()) for p in prompts]
+    start = time.perf_counter()
+    engine.warmup()
+    compiled = time.perf_counter()
+    results = engine.generate(requests)
+    done = time.perf_counter()
+    return done - compiled, done - start, sum(r.output_tokens for r in results)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--slots", type=int, default=32)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--toxicity", action="store_true", help="include the toxicity stage")
+    parser.add_argument("--small", action="store_true", help="tiny model, 64 rows (smoke run)")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    if args.small:
+        config, args.rows, args.new_tokens, args.batch_size = tiny_config(), 64, 8, 16
+    else:
+        config = tiny_config(
+            width=512,
+            mlp_expanded_width=1536,
+            num_heads=4,
+            lru_width=512,
+            block_types=("recurrent", "recurrent", "attention") * 2,
+            attention_window_size=256,
+        )
+    with tempfile.TemporaryDirectory(prefix="rgbatch-bench-") as tmp:
+        root = Path(tmp)
+        write_corpus(root / "corpus.jsonl", args.rows)
+        checkpoint = write_kaggle_checkpoint(root / "ckpt", random_params(config, 0), config)
+        detox = None
+        if args.toxicity:
+            from pipeline.detox_fixture import build_tiny_detoxify
+
+            detox = build_tiny_detoxify(root / "detoxify")
+        config_dict = job(args, root, checkpoint, detox)
+
+        engine_s, engine_cold_s, engine_tokens = engine_only(config_dict, checkpoint, root)
+        os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+        ray.init(num_cpus=8, include_dashboard=False)
+        try:
+            cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="bench")
+            start = time.perf_counter()
+            result = run_job(cfg)
+            e2e_s = time.perf_counter() - start
+        finally:
+            ray.shutdown()
+        e2e_tokens = result.manifest["counts"]["output_tokens"]
+
+    engine_tps, e2e_tps = engine_tokens / engine_s, e2e_tokens / e2e_s
+    out = {
+        "rows": args.rows,
+        "new_tokens": args.new_tokens,
+        "toxicity": args.toxicity,
+        "engine_s": engine_s,
+        "engine_tokens": engine_tokens,
+        "engine_tokens_per_s": engine_tps,
+        "end_to_end_s": e2e_s,
+        "end_to_end_tokens": e2e_tokens,
+        "end_to_end_tokens_per_s": e2e_tps,
+        "efficiency": e2e_tps / engine_tps,
+        "engine_with_compile_s": engine_cold_s,
+        "efficiency_vs_engine_with_compile": engine_cold_s / e2e_s,
+        "cpus": os.cpu_count(),
+    }
+    print(
+        f"engine only: {engine_tokens} tokens in {engine_s:.1f} s = {engine_tps:.0f} tok/s\n"
+        f"end to end:  {e2e_tokens} tokens in {e2e_s:.1f} s = {e2e_tps:.0f} tok/s "
+        f"(toxicity {'on' if args.toxicity else 'off'})\n"
+        f"efficiency:  {out['efficiency']:.2f} (vs the engine with its compilation: "
+        f"{out['efficiency_vs_engine_with_compile']:.2f})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
