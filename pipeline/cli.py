@@ -6,6 +6,7 @@ Exit codes: 0 done, 2 bad usage or input, 1 the job failed.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
@@ -26,12 +27,39 @@ def _cmd_fixtures(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def resolve_date(value: str | None, today: dt.date | None = None) -> str | None:
+    """YYYY-MM-DD from "today", "yesterday" (UTC) or a date; None stays None."""
+    if value is None:
+        return None
+    today = today or dt.datetime.now(dt.UTC).date()
+    named = {"today": today, "yesterday": today - dt.timedelta(days=1)}
+    if value in named:
+        return named[value].isoformat()
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(
+            f"--date: expected YYYY-MM-DD, today or yesterday, got {value!r}"
+        ) from None
+
+
+def resolve_run_id(run_id: str | None, date: str | None, force: bool = False) -> str | None:
+    """The run id: --run-id as given; else a dated run is named by its date, so rerunning a date
+    resumes it (or does nothing when it finished); --force starts a new run id instead."""
+    from pipeline.config import new_run_id
+
+    base = run_id or date
+    if force:
+        return f"{base}-{new_run_id()}" if base else new_run_id()
+    return base
+
+
 def _load_config(args: argparse.Namespace):
     from pipeline.config import load_job_config, preflight
 
-    config = load_job_config(
-        args.config, overrides=args.set, run_id=getattr(args, "run_id", None), date=args.date
-    )
+    date = resolve_date(args.date)
+    run_id = resolve_run_id(getattr(args, "run_id", None), date, getattr(args, "force", False))
+    config = load_job_config(args.config, overrides=args.set, run_id=run_id, date=date)
     preflight(config)
     return config
 
@@ -123,9 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_argument(
             "--set", action="append", default=[], metavar="KEY=VALUE", help="override a.b=value"
         )
-        cmd.add_argument("--date", default=None, help="YYYY-MM-DD for {date} (default today, UTC)")
+        cmd.add_argument(
+            "--date",
+            default=None,
+            help="YYYY-MM-DD, today or yesterday: fills {date}; without --run-id the run id is "
+            "the date (default: today for {date}, a fresh run id)",
+        )
         if name == "run":
             cmd.add_argument("--run-id", default=None, help="resume or name this run")
+            cmd.add_argument(
+                "--force", action="store_true", help="start a new run id even if this one finished"
+            )
         cmd.set_defaults(func=func)
 
     generate = sub.add_parser(
