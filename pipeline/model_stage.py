@@ -11,6 +11,7 @@ import hashlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -99,7 +100,9 @@ class ModelStage:
         top_p: float = 1.0,
         seed: int = 0,
         engine_options: dict[str, Any] | None = None,
+        progress: Any = None,
     ) -> None:
+        self.progress = progress  # a ProgressCounter actor handle, or None
         ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
         if ckpt.tokenizer_path is None:
             raise FileNotFoundError(f"no tokenizer.model found beside {checkpoint}")
@@ -153,7 +156,10 @@ class ModelStage:
             S.ERROR: pa.array(errors, pa.string()),
             S.ERROR_KIND: pa.array(kinds, pa.string()),
             S.MODEL: pa.array([self.model_name] * n, pa.string()),
+            S.GENERATED_AT: pa.array([time.time()] * n, pa.float64()),
         }
         for name, values in columns.items():
             table = table.append_column(name, values)
+        if self.progress is not None:
+            self.progress.add.remote(n, sum(n_out))
         return table

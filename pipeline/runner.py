@@ -24,6 +24,7 @@ from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.model_stage import ModelStage
+from pipeline.progress import ProgressCounter, ProgressReporter, count_rows
 from pipeline.prompts import PromptBuilder
 from pipeline.readers import CorpusDatasource
 from pipeline.toxicity import ToxicityStage
@@ -78,12 +79,17 @@ def run_job(config: JobConfig) -> RunResult:
     fs.makedirs(run_dir, exist_ok=True)
     pa_fs = arrow_filesystem(fs)
     _set_checkpoint(config, fs, run_dir, pa_fs)
-    dataset = build_dataset(config, files)
+    counter = ProgressCounter.remote()
+    dataset = build_dataset(config, files, progress=counter)
     names = PartFilenames(config.output.format)
-    if config.output.format == "parquet":
-        dataset.write_parquet(run_dir, filesystem=pa_fs, filename_provider=names)
-    else:
-        dataset.write_json(run_dir, filesystem=pa_fs, filename_provider=names, force_ascii=False)
+    total = count_rows(files, config.input.format, config.input.storage_options)
+    with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s):
+        if config.output.format == "parquet":
+            dataset.write_parquet(run_dir, filesystem=pa_fs, filename_provider=names)
+        else:
+            dataset.write_json(
+                run_dir, filesystem=pa_fs, filename_provider=names, force_ascii=False
+            )
     stats = finalize(fs, run_dir, config.output.format)
     finished = time.time()
     manifest = _manifest(config, files, stats, started, finished)
@@ -94,7 +100,7 @@ def run_job(config: JobConfig) -> RunResult:
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
 
 
-def build_dataset(config: JobConfig, files: list[str]) -> ray.data.Dataset:
+def build_dataset(config: JobConfig, files: list[str], progress: Any = None) -> ray.data.Dataset:
     """The lazy Ray Data plan for a job: one row out for every row in."""
     inp, gen, tox = config.input, config.generation, config.toxicity
     source = CorpusDatasource(
@@ -143,6 +149,7 @@ def build_dataset(config: JobConfig, files: list[str]) -> ray.data.Dataset:
                 decode_steps=gen.decode_steps,
                 max_prompt_tokens=gen.max_prompt_tokens,
             ),
+            progress=progress,
         ),
         # Two calls in flight per actor: the next batch queues into the engine while the
         # current one drains, so the accelerator does not wait between batches.

@@ -27,6 +27,7 @@ PROMPT_TRUNCATED = "prompt_truncated"  # bool
 OUTPUT_TEXT = "output_text"  # str | null
 OUTPUT_TOKENS = "output_tokens"  # int32
 FINISH_REASON = "finish_reason"  # "stop" | "length" | "error"
+GENERATED_AT = "generated_at"  # float64: unix time the row's batch left the model stage
 
 # Set by the toxicity stage and policy ------------------------------------------------------------
 TOXICITY_PREFIX = "toxicity_"  # toxicity_<label>: float32 | null, one per detoxify label
