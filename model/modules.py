@@ -108,22 +108,31 @@ class LocalAttentionBlock(nn.Module):
         values = _dense(self.head_dim, "proj_v", self.dtype, use_bias=False)(x)
 
         segment_ids = jnp.cumsum(segment_pos == 0, axis=1)  # 0 before the first reset in the chunk
-        mask = self._chunk_mask(segment_pos, segment_ids)  # [b, t, t]
-        all_keys, all_values = keys, values
-        if cache is not None:
-            mask = jnp.concatenate([self._cache_mask(segment_pos, segment_ids, cache), mask], -1)
-            all_keys = jnp.concatenate([cache.keys.astype(keys.dtype), keys], axis=1)
-            all_values = jnp.concatenate([cache.values.astype(values.dtype), values], axis=1)
-        else:
+        scale = self.head_dim**-0.5
+        logits = self._logits(queries, keys, self._chunk_mask(segment_pos, segment_ids), scale)
+        if cache is None:
+            probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+            encoded = jnp.einsum("bnts,bsh->btnh", probs, values)
             cache = init_attention_cache(b, self.window_size, self.head_dim, self.dtype)
-
-        logits = jnp.einsum("btnh,bsh->bnts", queries, all_keys).astype(jnp.float32)
-        logits = logits * (self.head_dim**-0.5)
-        logits = jnp.where(mask[:, None], logits, _MASKED)
-        probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-        encoded = jnp.einsum("bnts,bsh->btnh", probs, all_values).reshape(b, t, self.width)
-        out = _dense(self.width, "proj_final", self.dtype)(encoded)
+        else:
+            # Scores against the ring buffer and the chunk side by side: the cached keys and
+            # values are read in place, never copied into a concatenation.
+            cache_mask = self._cache_mask(segment_pos, segment_ids, cache)
+            cached = self._logits(queries, cache.keys.astype(keys.dtype), cache_mask, scale)
+            w = cached.shape[-1]
+            probs = jax.nn.softmax(jnp.concatenate([cached, logits], -1), axis=-1)
+            probs = probs.astype(values.dtype)
+            encoded = jnp.einsum(
+                "bnts,bsh->btnh", probs[..., :w], cache.values.astype(values.dtype)
+            ) + jnp.einsum("bnts,bsh->btnh", probs[..., w:], values)
+        out = _dense(self.width, "proj_final", self.dtype)(encoded.reshape(b, t, self.width))
         return out, self._update_cache(cache, keys, values, segment_pos, segment_ids)
+
+    @staticmethod
+    def _logits(queries: Array, keys: Array, mask: Array, scale: float) -> Array:
+        """Masked attention scores, float32 [b, n, t, s]."""
+        logits = jnp.einsum("btnh,bsh->bnts", queries, keys).astype(jnp.float32) * scale
+        return jnp.where(mask[:, None], logits, _MASKED)
 
     def _chunk_mask(self, pos: Array, segment_ids: Array) -> Array:
         q, k = pos[:, :, None], pos[:, None, :]

@@ -102,6 +102,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from pipeline.report import rebuild
+
+    options = json.loads(args.storage_options) if args.storage_options else None
+    summary, path = rebuild(args.run_uri, options)
+    print(summary)
+    print(f"report: {path}")
+    return EXIT_OK
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
@@ -163,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--force", action="store_true", help="start a new run id even if this one finished"
             )
         cmd.set_defaults(func=func)
+
+    report = sub.add_parser("report", help="print a run's summary and rebuild its report.html")
+    report.add_argument("run_uri", help="<output uri>/<run id>, local or any fsspec URI")
+    report.add_argument(
+        "--storage-options", default=None, help="fsspec options as JSON (default: environment)"
+    )
+    report.set_defaults(func=_cmd_report)
 
     generate = sub.add_parser(
         "generate", help="continue a few prompts (greedy unless --temperature)"

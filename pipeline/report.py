@@ -37,7 +37,7 @@ from pipeline import schema as S
 from pipeline.writer import EXTENSIONS, MANIFEST, REJECTED, output_filesystem, part_files, read_part
 
 REPORT = "report.html"
-GENERATED_AT = "generated_at"  # float64: unix seconds when the model stage finished the row
+GENERATED_AT = S.GENERATED_AT
 
 TIME_RESOLUTION_S = 0.1  # generated_at is tallied in buckets this wide
 MAX_TIME_BINS = 60
@@ -519,12 +519,13 @@ def _throughput(tally: _Tally) -> tuple[str, str]:
         return _empty_svg(name, title, message, width, 200), caption
     first, last = min(tally.time_tokens), max(tally.time_tokens)
     span = (last - first + 1) * TIME_RESOLUTION_S
-    n_bins = max(1, min(MAX_TIME_BINS, last - first + 1))
+    buckets = last - first + 1
+    n_bins = min(MAX_TIME_BINS, buckets)
     bin_s = span / n_bins
     tokens = [0.0] * n_bins
     rows = [0] * n_bins
     for key, value in tally.time_tokens.items():
-        index = min(int((key - first) * TIME_RESOLUTION_S / bin_s), n_bins - 1)
+        index = (key - first) * n_bins // buckets  # integer arithmetic: no float edge errors
         tokens[index] += value
         rows[index] += tally.time_rows[key]
     rates = [t / bin_s for t in tokens]

@@ -27,6 +27,7 @@ from pipeline.model_stage import ModelStage
 from pipeline.progress import ProgressCounter, ProgressReporter, count_rows
 from pipeline.prompts import PromptBuilder
 from pipeline.readers import CorpusDatasource
+from pipeline.report import write_report
 from pipeline.toxicity import ToxicityStage
 from pipeline.writer import (
     CHECKPOINT_DIR,
@@ -94,6 +95,7 @@ def run_job(config: JobConfig) -> RunResult:
     finished = time.time()
     manifest = _manifest(config, files, stats, started, finished)
     write_manifest(fs, run_dir, manifest)
+    write_report(fs, run_dir, config.output.format, manifest)
     mark_success(fs, run_dir)
     _drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))

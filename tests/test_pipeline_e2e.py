@@ -107,11 +107,27 @@ def test_end_to_end_local(tmp_path, fixtures, ray_cluster, task, in_fmt, out_fmt
     check_output(table, [r["id"] for r in rows], manifest, task)
     assert set(table.column(S.RUN_ID).to_pylist()) == {f"run-{task}"}
     assert manifest["model"] == sorted(set(table.column(S.MODEL).to_pylist()))
+    assert 'data-chart="throughput"' in LOCAL.cat_file(f"{run_dir}/report.html").decode()
 
     # A finished run id is never written again.
     before = sorted(LOCAL.ls(run_dir))
     again = run_job(job_config(text, run_id=f"run-{task}"))
     assert again.status == "already_complete" and sorted(LOCAL.ls(run_dir)) == before
+
+
+def test_report_command_prints_the_summary(tmp_path, fixtures, ray_cluster, capsys) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(5), "jsonl", files=1)
+    text = job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(tmp_path / "in" / "*.jsonl"),
+        output_uri=str(tmp_path / "out"),
+    )
+    run_job(job_config(text, run_id="rep"))
+    (tmp_path / "out" / "rep" / "report.html").unlink()
+    assert cli_main(["report", str(tmp_path / "out" / "rep")]) == 0
+    out = capsys.readouterr().out
+    assert "rep" in out and "5" in out and (tmp_path / "out" / "rep" / "report.html").is_file()
 
 
 def test_bad_rows_become_error_rows(tmp_path, fixtures, ray_cluster) -> None:
