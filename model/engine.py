@@ -4,7 +4,8 @@ The engine keeps ``max_slots`` sequences on the device. A finished sequence free
 the next prompts are prefilled (in fixed-size chunks, carrying the state from chunk to chunk, so a
 32k-token document costs the memory of a short one) and inserted into the free slots. Decoding
 runs ``decode_steps`` tokens per jitted call. Every jitted function has one fixed shape, so
-nothing compiles after warm-up: prefill [prefill_batch, prefill_chunk], insert, decode [max_slots].
+nothing compiles after warm-up: prefill [rows, prefill_chunk] and insert for rows in 1, 2, 4, ...
+prefill_batch, and decode [max_slots].
 
 Idle slots and left pads are fed position -1, which leaves their state untouched; so a request's
 tokens do not depend on which slot or batch it landed in, and sampling is keyed by each request's
@@ -235,9 +236,22 @@ class Engine:
         )
 
     # Host side -----------------------------------------------------------------------------------
+    @property
+    def prefill_rows(self) -> tuple[int, ...]:
+        """Row counts a prefill call is compiled for: powers of two up to prefill_batch, so a
+        lone prompt does not pay for a full prefill batch of padding."""
+        top = min(self.engine_config.prefill_batch, self.engine_config.max_slots)
+        rows = [1 << i for i in range(top.bit_length()) if (1 << i) < top]
+        return (*rows, top)
+
+    def _rows_for(self, n: int) -> int:
+        return next(p for p in self.prefill_rows if p >= n)
+
     def warmup(self) -> None:
-        """Compiles every jitted function once (a generate() of one tiny request does the same)."""
-        list(self.stream([GenerationRequest([0], max_new_tokens=2, stop_ids=())]))
+        """Compiles every shape the engine uses (one prefill and insert per row count, one
+        decode), so nothing compiles while serving."""
+        for rows in self.prefill_rows:
+            self.generate([GenerationRequest([0], max_new_tokens=2, stop_ids=())] * rows)
 
     def compiled_shapes(self) -> int:
         """How many executables the engine's jitted functions hold (constant after warm-up)."""
@@ -317,7 +331,7 @@ class Engine:
     def _prefill_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[Array, Cache]:
         """Right-aligned prompts in chunks of prefill_chunk; state carried across chunks."""
         ec = self.engine_config
-        p, c = ec.prefill_batch, ec.prefill_chunk
+        p, c = self._rows_for(len(prompts)), ec.prefill_chunk
         chunks = math.ceil(max(len(ids) for ids in prompts) / c)
         tokens = np.zeros((p, chunks * c), np.int32)
         positions = np.full((p, chunks * c), -1, np.int32)
@@ -335,14 +349,15 @@ class Engine:
     def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [len(prompts), vocab]: the logits after each prompt, through chunked prefill."""
         out = []
-        for start in range(0, len(prompts), self.engine_config.prefill_batch):
-            group = prompts[start : start + self.engine_config.prefill_batch]
+        rows = self.prefill_rows[-1]
+        for start in range(0, len(prompts), rows):
+            group = prompts[start : start + rows]
             out.append(np.asarray(self._prefill_prompts(group)[0])[: len(group)])
         return np.concatenate(out)
 
     def _row_args(self, batch: list[tuple[Any, GenerationRequest]], targets: list[int]):
         ec = self.engine_config
-        p = ec.prefill_batch
+        p = self._rows_for(len(batch))
         slots = np.full((p,), ec.max_slots, np.int32)  # out of range: rows beyond the batch drop
         slots[: len(targets)] = targets
         prompt_len = np.zeros((p,), np.int32)

@@ -137,7 +137,8 @@ def test_no_recompilation_after_warmup(params) -> None:
     engine = Engine(CONFIG, params, max_slots=3, prefill_batch=2, prefill_chunk=8, decode_steps=2)
     engine.warmup()
     compiled = engine.compiled_shapes()
-    assert compiled == 3  # prefill, insert, decode: one shape each
+    assert engine.prefill_rows == (1, 2)
+    assert compiled == 2 * 2 + 1  # prefill and insert per row count, one decode
     for seed, n in ((7, 1), (8, 5), (9, 11)):
         engine.generate(random_requests(seed, n, temperature=0.5, top_k=3))
         engine.generate(random_requests(seed, n))
