@@ -102,6 +102,68 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _jobs_call(action) -> int:
+    from pipeline.jobs import JobsError, UnknownRunError
+
+    try:
+        return action()
+    except UnknownRunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except JobsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    date = resolve_date(args.date)
+    run_id = resolve_run_id(args.run_id, date)
+
+    def go() -> int:
+        result = jobs.submit(
+            args.config,
+            address=args.address,
+            overrides=args.set,
+            run_id=run_id,
+            date=date,
+            wait=args.wait,
+            timeout_s=args.timeout,
+        )
+        what = "submitted" if result.created else "already on the cluster, not resubmitted"
+        print(f"run {result.run_id}: {what}; status {result.status}")
+        return EXIT_OK if not args.wait or result.status == "SUCCEEDED" else EXIT_FAILED
+
+    return _jobs_call(go)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    return _jobs_call(lambda: print(jobs.status(args.run_id, address=args.address)) or EXIT_OK)
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    def go() -> int:
+        sys.stdout.write(jobs.logs(args.run_id, address=args.address))
+        return EXIT_OK
+
+    return _jobs_call(go)
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from pipeline import jobs
+
+    def go() -> int:
+        print(jobs.stop(args.run_id, address=args.address, wait=not args.no_wait))
+        return EXIT_OK
+
+    return _jobs_call(go)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
@@ -174,6 +236,35 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument(
                 "--force", action="store_true", help="start a new run id even if this one finished"
             )
+        cmd.set_defaults(func=func)
+
+    submit = sub.add_parser("submit", help="run a batch job on a Ray cluster (Ray Jobs API)")
+    submit.add_argument("config", help="job YAML inside the project (e.g. jobs/x.yaml)")
+    submit.add_argument(
+        "--address",
+        default=None,
+        help="dashboard URL, e.g. http://head:8265 (default $RAY_ADDRESS)",
+    )
+    submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument(
+        "--run-id", default=None, help="submission id = run id; an existing one is not resubmitted"
+    )
+    submit.add_argument("--date", default=None, help="YYYY-MM-DD, today or yesterday")
+    submit.add_argument(
+        "--wait", action="store_true", help="wait for the end; exit 1 unless SUCCEEDED"
+    )
+    submit.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    submit.set_defaults(func=_cmd_submit)
+    for name, func, text in (
+        ("status", _cmd_status, "a submitted run's status"),
+        ("logs", _cmd_logs, "a submitted run's driver logs"),
+        ("stop", _cmd_stop, "stop a submitted run"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("run_id")
+        cmd.add_argument("--address", default=None, help="dashboard URL (default $RAY_ADDRESS)")
+        if name == "stop":
+            cmd.add_argument("--no-wait", action="store_true", help="return without waiting")
         cmd.set_defaults(func=func)
 
     report = sub.add_parser("report", help="print a run's summary and rebuild its report.html")

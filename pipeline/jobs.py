@@ -36,7 +36,7 @@ Secrets
 
 Addresses
     ``address`` is the dashboard URL (``http://head:8265``) or any address Ray's job SDK accepts;
-    None means ``$RAY_ADDRESS``. An explicit address wins over ``$RAY_ADDRESS`` /
+    None means ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS``. An explicit address wins over ``$RAY_ADDRESS`` /
     ``$RAY_API_SERVER_ADDRESS`` (the SDK alone would let the environment win). The SDK is
     imported lazily; this module never calls ``ray.init``.
 """
@@ -221,7 +221,9 @@ def validate(
 ) -> JobConfig:
     """``load_job_config`` as the job will run it; ``${VAR}``s unset here are left to the cluster.
 
-    Only variables that are unset and have no default are filled in, with a placeholder, for the
+    No preflight here: inputs and checkpoints are checked by ``run`` on the cluster, which may
+    reach storage this machine cannot (a failed preflight there ends the job as FAILED, exit 2,
+    with the reason in its logs). Only variables that are unset and have no default are filled in, with a placeholder, for the
     local check; nothing resolved here is sent anywhere.
     """
     try:
@@ -253,8 +255,9 @@ def runtime_env(project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
 
 
 def resolve_address(address: str | None) -> str:
-    """``address``, else ``$RAY_ADDRESS``; a :class:`ConfigError` naming ``--address`` if neither."""
-    found = address or os.environ.get("RAY_ADDRESS")
+    """``address``, else ``$RAY_API_SERVER_ADDRESS``, else ``$RAY_ADDRESS`` (Ray's own order); a
+    :class:`ConfigError` naming ``--address`` if none is set."""
+    found = address or next((os.environ[n] for n in _ADDRESS_VARIABLES if os.environ.get(n)), None)
     if not found:
         raise ConfigError.at(
             "--address",

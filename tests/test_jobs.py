@@ -1,0 +1,537 @@
+"""Ray Jobs submission (pipeline.jobs): local checks without a cluster, then the real thing against
+a Ray head this module starts (``ray start --head --block``) and shuts down by its own pids.
+
+The cluster tests submit from a small copy of the project (pipeline/ + model/ + a jobs/ dir with the
+config) in a temp dir, so nothing is written into the repository; inputs, outputs and the tiny
+model live in absolute temp paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import fsspec
+import psutil
+import pytest
+import yaml
+from pipeline_helpers import build_fixtures, corpus_rows, job_yaml, read_output, write_corpus
+
+from pipeline import jobs
+from pipeline import schema as S
+from pipeline.config import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL = fsspec.filesystem("file")
+FAKE_FIXTURES = {"checkpoint": "/nowhere/tiny-it", "detoxify": "/nowhere/detox.ckpt"}
+DEAD_ADDRESS = "http://127.0.0.1:9"  # nothing listens there
+
+
+def make_project(root: Path) -> Path:
+    """A minimal project: the code the job imports, and a jobs/ dir for configs."""
+    project = root / "project"
+    for name in ("pipeline", "model"):
+        shutil.copytree(REPO / name, project / name, ignore=shutil.ignore_patterns("__pycache__"))
+    (project / "jobs").mkdir()
+    return project
+
+
+def write_config(project: Path, text: str, name: str = "job.yaml") -> Path:
+    path = project / "jobs" / name
+    path.write_text(text)
+    return path
+
+
+# Fakes for the checks that must not (or need not) reach a cluster ------------------------------
+
+
+class NoCluster(Exception):
+    """Raised by the patched SDK client: the code under test tried to contact a cluster."""
+
+
+@contextlib.contextmanager
+def reaches_cluster() -> Iterator[None]:
+    """Asserts that the block got past every local check to the (refused) cluster client."""
+    with pytest.raises(jobs.JobsError) as info:
+        yield
+    assert isinstance(info.value.__cause__, NoCluster), info.value
+
+
+@pytest.fixture
+def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.job_submission
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise NoCluster(args)
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", refuse)
+
+
+class FakeClient:
+    """Records submissions; get_job_info answers 404 until a job with that id was 'submitted'."""
+
+    def __init__(self, address: str, *, race: bool = False) -> None:
+        self.address = address
+        self.environ_seen = {name: os.environ.get(name) for name in jobs._ADDRESS_VARIABLES}
+        self.submitted: list[dict[str, Any]] = []
+        self.known: dict[str, str] = {}
+        self.race = race
+
+    def get_job_info(self, job_id: str) -> SimpleNamespace:
+        if job_id not in self.known:
+            raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
+        return SimpleNamespace(status=self.known[job_id])
+
+    def submit_job(self, **kwargs: Any) -> str:
+        if self.race:  # another submitter got the id between our lookup and our submit
+            self.known[kwargs["submission_id"]] = "RUNNING"
+            raise RuntimeError("Request failed with status code 400: ... already exists.")
+        self.submitted.append(kwargs)
+        self.known[kwargs["submission_id"]] = "PENDING"
+        return kwargs["submission_id"]
+
+
+@pytest.fixture
+def fake_client(monkeypatch: pytest.MonkeyPatch) -> list[FakeClient]:
+    import ray.job_submission
+
+    made: list[FakeClient] = []
+
+    def factory(address: str) -> FakeClient:
+        made.append(FakeClient(address))
+        return made[-1]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", factory)
+    return made
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    project = tmp_path / "project"
+    (project / "jobs").mkdir(parents=True)
+    return project
+
+
+def tiny_text(tmp_path: Path, **extra: Any) -> str:
+    return job_yaml(
+        FAKE_FIXTURES,
+        task="summarize",
+        input_uri=str(tmp_path / "in" / "*.jsonl"),
+        output_uri=str(tmp_path / "out"),
+        extra=extra or None,
+    )
+
+
+# Local checks (no cluster) ----------------------------------------------------------------------
+
+
+def test_bad_config_raises_before_contacting_a_cluster(project: Path, no_cluster: None) -> None:
+    bad = yaml.safe_load(tiny_text(project))
+    bad["generation"]["max_new_tokens"] = 0
+    bad["colour"] = "blue"
+    path = write_config(project, yaml.safe_dump(bad))
+    with pytest.raises(ConfigError) as info:
+        jobs.submit(path, address=DEAD_ADDRESS, project_dir=project, run_id="bad-1")
+    paths = [p for p, _ in info.value.errors]
+    assert "generation.max_new_tokens" in paths and "colour" in paths
+    with pytest.raises(ConfigError, match=r"--set generation\.nope"):
+        jobs.submit(
+            write_config(project, tiny_text(project), "ok.yaml"),
+            address=DEAD_ADDRESS,
+            project_dir=project,
+            overrides=["generation.nope"],
+        )
+
+
+def test_config_must_be_in_the_upload(project: Path, tmp_path: Path, no_cluster: None) -> None:
+    text = tiny_text(tmp_path)
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text(text)
+    with pytest.raises(ConfigError, match="outside the project directory") as info:
+        jobs.submit(outside, address=DEAD_ADDRESS, project_dir=project)
+    assert info.value.errors[0][0] == "config"
+
+    (project / ".gitignore").write_text("/scratch/\n")
+    for relative in ("out/a/job.yaml", ".fixtures/job.yaml", "data/big/job.yaml", "scratch/j.yaml"):
+        path = project / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        with pytest.raises(ConfigError, match="would not be uploaded"):
+            jobs.submit(path, address=DEAD_ADDRESS, project_dir=project)
+
+    for relative in ("jobs/job.yaml", "data/sample/job.yaml", "configs/x/job.yaml"):
+        path = project / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        with reaches_cluster():
+            jobs.submit(path, address=DEAD_ADDRESS, project_dir=project)
+
+
+def test_relative_outputs_and_literal_secrets_are_refused(
+    project: Path, tmp_path: Path, no_cluster: None
+) -> None:
+    relative = tiny_text(tmp_path).replace(str(tmp_path / "out"), "out/local")
+    with pytest.raises(ConfigError, match="relative local path") as info:
+        jobs.submit(write_config(project, relative), address=DEAD_ADDRESS, project_dir=project)
+    assert info.value.errors[0][0] == "output.uri"
+
+    path = write_config(project, tiny_text(tmp_path), "ok.yaml")
+    for item in (
+        "output.storage_options.secret=hunter2",
+        "input.storage_options={key: AKIA123, secret: '${S}'}",
+    ):
+        with pytest.raises(ConfigError, match="literal value under storage_options") as info:
+            jobs.submit(path, address=DEAD_ADDRESS, project_dir=project, overrides=[item])
+        assert "hunter2" not in str(info.value) and "AKIA123" not in str(info.value)
+    with reaches_cluster():
+        jobs.submit(
+            path,
+            address=DEAD_ADDRESS,
+            project_dir=project,
+            overrides=["output.storage_options.secret=${RGBATCH_TEST_SECRET}"],
+        )
+
+
+def test_no_address_is_a_usage_error(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_cluster: None
+) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match="--address"):
+        jobs.submit(write_config(project, tiny_text(tmp_path)), project_dir=project)
+    with pytest.raises(ConfigError, match="--address"):
+        jobs.status("some-run")
+
+
+def test_entrypoint_and_runtime_env() -> None:
+    config = jobs.validate(REPO / "configs" / "local.yaml", run_id="r-1", date="2026-11-27")
+    entrypoint = jobs.build_entrypoint("configs/local.yaml", config, ["a.b=c d", "x=${V}"])
+    assert shlex.split(entrypoint) == [
+        *("python", "-m", "pipeline.cli", "run", "configs/local.yaml"),
+        *("--run-id", "r-1", "--date", "2026-11-27"),
+        *("--set", "a.b=c d", "--set", "x=${V}", "--set", "run.ray_address=auto"),
+    ]
+    env = jobs.runtime_env()
+    assert env == {"working_dir": str(REPO), "excludes": list(jobs.UPLOAD_EXCLUDES)}
+    assert not jobs._left_out_of_upload(REPO, REPO / "configs" / "local.yaml")
+    assert not jobs._left_out_of_upload(REPO, REPO / "data" / "sample" / "part-000.jsonl")
+    assert jobs._left_out_of_upload(REPO, REPO / ".fixtures" / "tiny-it")
+
+
+def test_secrets_stay_on_the_cluster(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_client: list[FakeClient]
+) -> None:
+    """${VAR}s go to the cluster unresolved; resolved values appear nowhere in the submission;
+    variables unset here are left to the cluster."""
+    monkeypatch.setenv("RGBATCH_TEST_SECRET", "s3cr3t-value")
+    monkeypatch.delenv("RGBATCH_TEST_UNSET", raising=False)
+    monkeypatch.setenv("RAY_ADDRESS", "http://from-the-environment:8265")
+    text = tiny_text(
+        tmp_path,
+        output={
+            "uri": str(tmp_path / "out") + "/${RGBATCH_TEST_UNSET}",
+            "storage_options": {"secret": "${RGBATCH_TEST_SECRET}"},
+        },
+    )
+    path = write_config(project, text)
+    result = jobs.submit(
+        path,
+        address="http://explicit:8265",
+        project_dir=project,
+        overrides=["input.storage_options.token=${RGBATCH_TEST_SECRET}"],
+        run_id="run-secret",
+        date="2026-11-27",
+    )
+    assert result == jobs.SubmitResult("run-secret", "run-secret", True, "PENDING")
+    (client,) = fake_client
+    assert client.address == "http://explicit:8265"  # the argument wins over $RAY_ADDRESS
+    assert client.environ_seen == {"RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None}
+    assert os.environ["RAY_ADDRESS"] == "http://from-the-environment:8265"  # restored
+    (submitted,) = client.submitted
+    assert "s3cr3t-value" not in repr(submitted) and "cluster-env-" not in repr(submitted)
+    assert submitted["submission_id"] == "run-secret"
+    assert submitted["runtime_env"] == {
+        "working_dir": str(project.resolve()),
+        "excludes": list(jobs.UPLOAD_EXCLUDES),
+    }
+    assert submitted["metadata"] == {
+        "run_id": "run-secret",
+        "task": "summarize",
+        "date": "2026-11-27",
+        "config": "jobs/job.yaml",
+    }
+    assert "--set 'input.storage_options.token=${RGBATCH_TEST_SECRET}'" in submitted["entrypoint"]
+
+
+def test_literal_credentials_in_the_file_are_named_not_shown(
+    project: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    fake_client: list[FakeClient],
+) -> None:
+    monkeypatch.setenv("RGBATCH_TEST_SECRET", "from-env")
+    options = {
+        "key": "AKIA-LITERAL",
+        "secret": "${RGBATCH_TEST_SECRET}",
+        "endpoint_url": "http://x",
+    }
+    path = write_config(project, tiny_text(tmp_path, input={"storage_options": options}))
+    config = jobs.validate(path)
+    assert jobs.literal_credentials(config) == ["input.storage_options.key"]
+    with caplog.at_level(logging.WARNING, logger="pipeline.jobs"):
+        jobs.submit(path, address=DEAD_ADDRESS, project_dir=project)
+    assert "input.storage_options.key" in caplog.text
+    assert "AKIA-LITERAL" not in caplog.text and "from-env" not in caplog.text
+
+
+def test_submit_is_idempotent_and_survives_a_race(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import ray.job_submission
+
+    path = write_config(project, tiny_text(tmp_path))
+    clients: list[FakeClient] = []
+
+    def factory(address: str) -> FakeClient:
+        clients.append(FakeClient(address, race=True))
+        return clients[-1]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", factory)
+    result = jobs.submit(path, address=DEAD_ADDRESS, project_dir=project, run_id="raced")
+    assert result == jobs.SubmitResult("raced", "raced", False, "RUNNING")
+    assert clients[0].submitted == []
+
+
+def test_cluster_unreachable_is_a_jobs_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(jobs.JobsError, match=r"cannot reach the Ray Jobs API at http://127\.0"):
+        jobs.status("any", address=DEAD_ADDRESS)
+
+
+# Against a real Ray head ------------------------------------------------------------------------
+
+
+def free_ports(n: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def wait_for_dashboard(url: str, head: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if head.poll() is not None:
+            raise RuntimeError(f"ray start exited {head.returncode}:\n{log_path.read_text()}")
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{url}/api/version", timeout=5) as response,
+        ):
+            if response.status == 200:
+                return
+        time.sleep(1)
+    raise RuntimeError(f"the dashboard at {url} did not answer in {timeout_s} s")
+
+
+def shut_down(head: subprocess.Popen) -> None:
+    """Stops the head we started, by pid: SIGINT lets `ray start --block` stop its processes;
+    then every descendant recorded before (job drivers included) that is still alive is killed."""
+    try:
+        tree = psutil.Process(head.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
+    with contextlib.suppress(ProcessLookupError):
+        head.send_signal(signal.SIGINT)
+    try:
+        head.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        head.kill()
+        head.wait(timeout=10)
+    for process in tree:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(tree, timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    """A Ray head with the dashboard on free local ports and its own temp dir (so ray.init()
+    elsewhere never finds it); yields the dashboard URL."""
+    temp_dir = Path(tempfile.mkdtemp(prefix="rgj-", dir="/tmp"))  # short: socket paths
+    gcs, dashboard, client, agent = free_ports(4)
+    bin_dir = Path(sys.executable).parent
+    env = {k: v for k, v in os.environ.items() if k not in jobs._ADDRESS_VARIABLES}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # `python` in the entrypoint
+    # Ray 2.60 turns token auth on for new clusters, with the token in the shared ~/.ray: this
+    # loopback-only test head runs without it rather than touch that file or this process's env.
+    env["RAY_AUTH_MODE"] = "disabled"
+    log_path = temp_dir / "head.log"
+    command = [
+        str(bin_dir / "ray"),
+        *("start", "--head", "--block", "--disable-usage-stats"),
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent}",
+        "--num-cpus=8",
+        "--include-dashboard=true",
+        f"--object-store-memory={300 * 2**20}",
+        f"--temp-dir={temp_dir}",
+    ]
+    with log_path.open("wb") as log:
+        head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{dashboard}"
+    try:
+        wait_for_dashboard(url, head, log_path, timeout_s=180)
+        yield url
+    finally:
+        shut_down(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster_job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    root = tmp_path_factory.mktemp("jobs-cluster")
+    fixtures = build_fixtures(root / "fixtures")
+    project = make_project(root)
+    return {"root": root, "fixtures": fixtures, "project": project}
+
+
+def sdk(address: str) -> Any:
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(ray_head: str, cluster_job: dict[str, Any]) -> dict[str, Any]:
+    root, project = cluster_job["root"], cluster_job["project"]
+    rows = corpus_rows(12)
+    write_corpus(LOCAL, str(root / "in"), rows, "jsonl", files=2)
+    text = job_yaml(
+        cluster_job["fixtures"],
+        task="summarize",
+        input_uri=str(root / "in" / "*.jsonl"),
+        output_uri=str(root / "out"),
+    )
+    config = write_config(project, text, "tiny.yaml")
+    run_id = f"jobs-tiny-{uuid.uuid4().hex[:8]}"
+    result = jobs.submit(
+        config,
+        address=ray_head,
+        project_dir=project,
+        run_id=run_id,
+        wait=True,
+        timeout_s=300,
+        overrides=["generation.max_new_tokens=4"],
+    )
+    return {
+        "result": result,
+        "config": config,
+        "rows": rows,
+        "run_dir": root / "out" / run_id,
+    }
+
+
+@pytest.mark.slow
+def test_submit_and_wait(ray_head: str, tiny_run: dict[str, Any]) -> None:
+    result = tiny_run["result"]
+    if result.status != "SUCCEEDED":
+        pytest.fail(f"{result}\n{jobs.logs(result.run_id, address=ray_head)[-4000:]}")
+    assert result.created and result.submission_id == result.run_id
+    run_dir = tiny_run["run_dir"]
+    assert (run_dir / "_SUCCESS").exists()
+    table = read_output(LOCAL, str(run_dir), "parquet")
+    assert sorted(table.column(S.ID).to_pylist()) == sorted(r["id"] for r in tiny_run["rows"])
+    assert set(table.column(S.RUN_ID).to_pylist()) == {result.run_id}
+    info = sdk(ray_head).get_job_info(result.run_id)
+    assert info.metadata == {
+        "run_id": result.run_id,
+        "task": "summarize",
+        "date": info.metadata["date"],
+        "config": "jobs/tiny.yaml",
+    }
+    argv = shlex.split(info.entrypoint)
+    assert argv[:5] == ["python", "-m", "pipeline.cli", "run", "jobs/tiny.yaml"]
+    assert "env_vars" not in (info.runtime_env or {})
+    assert jobs.status(result.run_id, address=ray_head) == "SUCCEEDED"
+
+
+@pytest.mark.slow
+def test_resubmitting_a_run_starts_nothing(ray_head: str, tiny_run: dict[str, Any]) -> None:
+    run_id = tiny_run["result"].run_id
+    before = len(sdk(ray_head).list_jobs())
+    again = jobs.submit(
+        tiny_run["config"],
+        address=ray_head,
+        project_dir=tiny_run["config"].parent.parent,
+        run_id=run_id,
+        wait=True,
+        timeout_s=30,
+    )
+    assert again == jobs.SubmitResult(run_id, run_id, False, "SUCCEEDED")
+    assert len(sdk(ray_head).list_jobs()) == before
+
+
+@pytest.mark.slow
+def test_logs_show_the_cli_output(ray_head: str, tiny_run: dict[str, Any]) -> None:
+    text = jobs.logs(tiny_run["result"].run_id, address=ray_head)
+    assert tiny_run["result"].run_id in text
+    assert f"outputs: {tiny_run['run_dir']}" in text
+
+
+@pytest.mark.slow
+def test_unknown_run_id_is_named(ray_head: str) -> None:
+    for call in (jobs.status, jobs.logs, jobs.stop):
+        with pytest.raises(jobs.UnknownRunError, match="no-such-run"):
+            call("no-such-run", address=ray_head)
+
+
+@pytest.mark.slow
+def test_stop_a_running_job(ray_head: str, cluster_job: dict[str, Any]) -> None:
+    root, project = cluster_job["root"], cluster_job["project"]
+    write_corpus(LOCAL, str(root / "in-long"), corpus_rows(400), "jsonl", files=4)
+    text = job_yaml(
+        cluster_job["fixtures"],
+        task="summarize",
+        input_uri=str(root / "in-long" / "*.jsonl"),
+        output_uri=str(root / "out-long"),
+        extra={"generation": {"max_new_tokens": 256}},
+    )
+    config = write_config(project, text, "long.yaml")
+    run_id = f"jobs-long-{uuid.uuid4().hex[:8]}"
+    first = jobs.submit(config, address=ray_head, project_dir=project, run_id=run_id)
+    assert first.created and first.status in ("PENDING", "RUNNING")
+    second = jobs.submit(config, address=ray_head, project_dir=project, run_id=run_id)
+    assert not second.created and second.status in ("PENDING", "RUNNING")
+
+    # Stop once the pipeline itself is under way (the runner has listed its input files).
+    deadline = time.monotonic() + 180
+    while "input files" not in jobs.logs(run_id, address=ray_head):
+        state = jobs.status(run_id, address=ray_head)
+        if state not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
+            pytest.fail(f"{state}\n{jobs.logs(run_id, address=ray_head)[-4000:]}")
+        time.sleep(1)
+    assert jobs.status(run_id, address=ray_head) == "RUNNING"
+    assert jobs.stop(run_id, address=ray_head, timeout_s=60) == "STOPPED"
+    assert jobs.status(run_id, address=ray_head) == "STOPPED"
+    assert not (root / "out-long" / run_id / "_SUCCESS").exists()
