@@ -69,19 +69,24 @@ class BlockDiagonalLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.width)
 
 
-class Einsum(nn.Module):
-    """A parameterised einsum with bias: the gated MLP's fused up projection."""
+class GatedUp(nn.Module):
+    """The gated MLP's two up projections, stored fused as w [2, d, m] and b [2, 1, 1, m].
 
-    w_shape: tuple[int, ...]
-    b_shape: tuple[int, ...]
-    eqn: str
+    Two plain matmuls on w[0] and w[1]: XLA runs them faster than the equivalent einsum over
+    the stacked weight (which it transposes on every call).
+    """
+
+    width: int
+    expanded_width: int
     dtype: DType = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        w = self.param("w", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), self.w_shape)
-        b = self.param("b", nn.initializers.zeros_init(), self.b_shape)
-        return jnp.einsum(self.eqn, x, w.astype(self.dtype)) + b.astype(self.dtype)
+    def __call__(self, x: Array) -> tuple[Array, Array]:
+        shape = (2, self.width, self.expanded_width)
+        w = self.param("w", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), shape)
+        b = self.param("b", nn.initializers.zeros_init(), (2, 1, 1, self.expanded_width))
+        w, b = w.astype(self.dtype), b.astype(self.dtype)
+        return x @ w[0] + b[0, 0], x @ w[1] + b[1, 0]
 
 
 def move_pads_first(state: Array, x: Array, num_pads: Array) -> Array:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from model.layers import RGLRU, Conv1D, DType, Einsum, RMSNorm, apply_rope
+from model.layers import RGLRU, Conv1D, DType, GatedUp, RMSNorm, apply_rope
 
 Array = jax.Array
 _MASKED = -2.3819763e38
@@ -179,14 +179,8 @@ class MLPBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        up = Einsum(
-            w_shape=(2, self.width, self.expanded_width),
-            b_shape=(2, 1, 1, self.expanded_width),
-            eqn="...td,cdm->c...tm",
-            dtype=self.dtype,
-            name="ffw_up",
-        )(x)
-        return _dense(self.width, "ffw_down", self.dtype)(nn.gelu(up[0]) * up[1])
+        gate, up = GatedUp(self.width, self.expanded_width, self.dtype, name="ffw_up")(x)
+        return _dense(self.width, "ffw_down", self.dtype)(nn.gelu(gate) * up)
 
 
 class ResidualBlock(nn.Module):
