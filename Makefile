@@ -37,8 +37,11 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Benchmarks (CPU figures in the README); GPU: $(PY) benchmarks/gpu_engine.py on a GPU machine.
 bench: setup
-	$(PY) benchmarks/prefill.py
+	$(PY) benchmarks/prefill.py --json out/bench/prefill.json
+	$(PY) benchmarks/engine_vs_reference.py --json out/bench/engine.json
+	$(PY) benchmarks/pipeline_efficiency.py --json out/bench/pipeline.json
 
 FIXTURES ?= .fixtures
 

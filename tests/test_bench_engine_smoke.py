@@ -1,0 +1,76 @@
+"""The engine-vs-reference benchmark runs end to end on its tiny preset, and the three agree."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_vs_reference.py"
+
+
+def load_benchmark() -> ModuleType:
+    """Imports the script by path (benchmarks/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("rgbatch_bench_engine_vs_reference", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.slow
+def test_small_engine_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bench = load_benchmark()
+    out = tmp_path / "results.json"
+    results = bench.main(["--small", "--json", str(out)])
+
+    workload = results["workload"]
+    assert workload["requests"] == 12
+    rows = [*results["ours"], results["official"], results["hf"]]
+    defaults, tuned = results["ours"]
+    assert defaults["label"] == "ours defaults" and defaults["cold_s"] is None  # timed warm only
+    for row in rows:
+        assert "error" not in row, f"{row['label']}: {row.get('error')}"
+        assert row["useful_tokens"] == workload["useful_tokens"]
+        assert row["warm_tokens_per_s"] > 0, row["label"]
+        if row is not defaults:
+            assert row["cold_tokens_per_s"] > 0, row["label"]
+            assert row["warm_tokens_equal_cold"], row["label"]
+    for row in results["ours"]:
+        assert row["exact_lengths"]
+        # Fixed shapes: nothing compiles after the first run (or the warm-up).
+        assert row["compiled_shapes_after_cold"] == row["compiled_shapes_after_warm"] >= 3
+    assert results["best_ours"] in (defaults["label"], tuned["label"])
+
+    # Greedy tokens: ours equals the official sampler on every request (it skips left pads as we
+    # do) and HF on the rows that needed no left padding (HF's conv reads the pads).
+    checks = results["token_checks"]
+    official = checks["ours vs official (all requests)"]
+    assert official["compared"] == 12 and official["identical"] == 12
+    hf = checks["ours vs HF (unpadded rows)"]
+    assert hf["compared"] >= 3 and hf["identical"] == hf["compared"]
+
+    ratios = results["ratios"]
+    assert all(value > 0 for value in ratios.values())
+    assert {"ours best warm / official warm", "ours best warm / hf warm"} <= set(ratios)
+
+    memory = results["memory"]
+    assert "error" not in memory, memory.get("error")
+    assert memory["engine_state_bytes_per_slot"] >= memory["cache_bytes_per_sequence"] > 0
+    for key in ("short", "long"):
+        run = memory[key]
+        assert run["exact_lengths"] and run["tokens_per_s"] > 0
+        assert run["generated_tokens"] == run["requests"] * run["max_new"]
+        assert run["compiled_shapes"] == run["compiled_shapes_after_warmup"] >= 3
+    # A 4x longer generation must not need more than a few MiB beyond the short one.
+    assert memory["growth_diff"] < 32 * 2**20
+
+    assert json.loads(out.read_text()) == results
+    printed = capsys.readouterr().out
+    assert "official Sampler" in printed and "HF generate" in printed and "ratios" in printed
