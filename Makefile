@@ -39,6 +39,7 @@ format: setup
 
 # Benchmarks (CPU figures in the README); GPU: $(PY) benchmarks/gpu_engine.py on a GPU machine.
 bench: setup
+	@mkdir -p out/bench
 	$(PY) benchmarks/prefill.py --json out/bench/prefill.json
 	$(PY) benchmarks/engine_vs_reference.py --json out/bench/engine.json
 	$(PY) benchmarks/pipeline_efficiency.py --json out/bench/pipeline.json
