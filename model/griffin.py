@@ -66,7 +66,12 @@ class Embedder(nn.Module):
         return x.astype(self.dtype) * jnp.asarray(self.scale, self.dtype)
 
     def decode(self, x: Array) -> Array:
-        return jnp.einsum("btd,vd->btv", x, self.input_embedding.astype(self.dtype))
+        table = self.input_embedding.astype(self.dtype)
+        if jax.default_backend() == "cpu":
+            # XLA:CPU transposes the whole [v, d] table for x @ table.T on every call; the
+            # product with the table on the left reads it in place (2-3x faster at decode sizes).
+            return jax.lax.dot_general(table, x, (((1,), (2,)), ((), ()))).transpose(1, 2, 0)
+        return jnp.einsum("btd,vd->btv", x, table)
 
 
 class RecurrentGemma(nn.Module):
