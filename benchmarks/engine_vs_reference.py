@@ -90,7 +90,7 @@ import numpy as np
 
 from model import ModelConfig, cache_bytes_per_sequence
 from model.config import griffin_pattern
-from model.engine import Engine, GenerationRequest
+from model.engine import Engine, EngineStats, GenerationRequest
 from model.testing import random_params
 
 PARTS: tuple[str, ...] = ("ours", "official", "hf", "memory")
@@ -263,30 +263,24 @@ def left_pad(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
 
 # Ours ---------------------------------------------------------------------------------------------
 class _Timed:
-    """Wraps one of the engine's jitted functions: waits for its result and adds up the time.
+    """Wraps one of the engine's jitted functions: waits for its result and adds up the time."""
 
-    ``count_arg``: the index of an argument whose size is added up (the prefill's token array,
-    whose rows and chunk length are what the engine actually computed).
-    """
-
-    def __init__(self, fn: Callable[..., Any], count_arg: int | None = None) -> None:
-        self.fn, self.count_arg = fn, count_arg
-        self.calls, self.seconds, self.elements = 0, 0.0, 0
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.calls, self.seconds = 0, 0.0
 
     def __call__(self, *args: Any) -> Any:
         start = time.perf_counter()
         out = jax.block_until_ready(self.fn(*args))
         self.seconds += time.perf_counter() - start
         self.calls += 1
-        if self.count_arg is not None:
-            self.elements += int(np.size(args[self.count_arg]))
         return out
 
 
 def instrument(engine: Engine) -> dict[str, _Timed]:
     """Per-function device time of the next run (block_until_ready after each call)."""
     timers = {
-        "prefill": _Timed(engine._prefill, count_arg=1),
+        "prefill": _Timed(engine._prefill),
         "insert": _Timed(engine._insert),
         "decode": _Timed(engine._decode),
     }
@@ -327,6 +321,7 @@ def run_ours(
     first_s = time.perf_counter() - start
     shapes_cold = engine.compiled_shapes()
     timers = instrument(engine)
+    engine.stats = EngineStats()
     start = time.perf_counter()
     warm_results = engine.generate(requests)
     warm_s = time.perf_counter() - start
@@ -348,7 +343,7 @@ def run_ours(
         warmup_s=None if cold else first_s,
         warm_s=warm_s,
         warm_tokens_per_s=useful / warm_s,
-        prefill_rows=list(getattr(engine, "prefill_rows", [ec.prefill_batch])),
+        prefill_rows=engine.prefill_rows,
         compiled_shapes_after_cold=shapes_cold,
         compiled_shapes_after_warm=engine.compiled_shapes(),
         exact_lengths=exact,
@@ -360,8 +355,9 @@ def run_ours(
             decode_s=timers["decode"].seconds,
             decode_calls=decode_calls,
             host_s=warm_s - sum(t.seconds for t in timers.values()),
-            decode_slot_steps=decode_calls * ec.decode_steps * ec.max_slots,
-            prefill_token_slots=timers["prefill"].elements,
+            decode_slot_steps=engine.stats.decode_steps * ec.max_slots,
+            decode_steps=engine.stats.decode_steps,
+            prefill_token_slots=engine.stats.prefill_token_slots,
             prompt_tokens=sum(len(p) for p in prompts),
         ),
     )

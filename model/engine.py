@@ -1,11 +1,14 @@
 """Continuous-batching generation over RecurrentGemma's fixed-size per-sequence state.
 
-The engine keeps ``max_slots`` sequences on the device. A finished sequence frees its slot at once;
-the next prompts are prefilled (in fixed-size chunks, carrying the state from chunk to chunk, so a
-32k-token document costs the memory of a short one) and inserted into the free slots. Decoding
-runs ``decode_steps`` tokens per jitted call. Every jitted function has one fixed shape, so
-nothing compiles after warm-up: prefill [rows, prefill_chunk] and insert for rows in 1, 2, 4, ...
-prefill_batch, and decode [max_slots].
+The engine keeps ``max_slots`` sequences on the device. Prompts are prefilled ``prefill_batch`` at a
+time (in fixed-size chunks, carrying the state from chunk to chunk, so a 32k-token document costs
+the memory of a short one) and inserted into free slots. A decode call runs up to
+``decode_steps`` tokens on device and returns early once enough slots have finished to admit a
+full prefill batch, so finished slots do not idle and prefill batches are not padded with empty
+rows. Prompts of similar length are prefilled together (the oldest queued prompt always goes
+first), which keeps chunk padding small. Every jitted function has one fixed shape, so exactly
+three executables exist and nothing compiles after warm-up: prefill [prefill_batch,
+prefill_chunk], insert [prefill_batch] and decode [max_slots].
 
 Idle slots and left pads are fed position -1, which leaves their state untouched; so a request's
 tokens do not depend on which slot or batch it landed in, and sampling is keyed by each request's
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from model.config import ModelConfig
-from model.griffin import Cache, RecurrentGemma, init_cache
+from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
 from model.sampling import SamplingParams, sample
 
 Array = jax.Array
@@ -62,9 +65,12 @@ class EngineConfig:
 
     Attributes:
       max_slots: Sequences decoded together (the decode batch).
-      prefill_batch: Prompts prefilled together per call.
+      prefill_batch: Prompts prefilled together per call (the one row count compiled; also how
+        many slots must be free before a decode call hands back to admit new prompts).
       prefill_chunk: Tokens per prefill call; longer prompts take several calls.
-      decode_steps: Tokens generated per jitted decode call (per host round trip).
+      decode_steps: Most tokens generated per jitted decode call (per host round trip).
+      length_lookahead: How many queued prompts (from the oldest) are searched for ones of
+        similar length to prefill together. 1 keeps strict arrival order.
       max_prompt_tokens: Longer prompts come back as errors; None means no limit.
       max_stop_ids: Most stop ids one request may give.
       dtype: Compute dtype; params are cast to it once, on the device.
@@ -73,13 +79,22 @@ class EngineConfig:
     max_slots: int = 32
     prefill_batch: int = 8
     prefill_chunk: int = 128
-    decode_steps: int = 8
+    decode_steps: int = 16
+    length_lookahead: int = 64
     max_prompt_tokens: int | None = None
     max_stop_ids: int = 4
     dtype: Any = jnp.float32
 
     def __post_init__(self) -> None:
-        for name in ("max_slots", "prefill_batch", "prefill_chunk", "decode_steps", "max_stop_ids"):
+        names = (
+            "max_slots",
+            "prefill_batch",
+            "prefill_chunk",
+            "decode_steps",
+            "length_lookahead",
+            "max_stop_ids",
+        )
+        for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -103,6 +118,28 @@ class StepOutput(NamedTuple):
     tokens: Array
     emitted: Array
     stopped: Array
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """Work done since the engine was built (or since ``reset_stats``)."""
+
+    prefill_calls: int = 0
+    prefill_token_slots: int = 0  # rows x chunk, padding included
+    prompt_tokens: int = 0  # real prompt tokens prefilled
+    decode_calls: int = 0
+    decode_steps: int = 0  # steps run on device, over all calls
+    generated_tokens: int = 0
+
+    @property
+    def prefill_fill(self) -> float:
+        """Fraction of prefill token slots that held a real prompt token."""
+        return self.prompt_tokens / self.prefill_token_slots if self.prefill_token_slots else 0.0
+
+    def decode_fill(self, max_slots: int) -> float:
+        """Fraction of decode slot-steps that produced a token."""
+        slot_steps = self.decode_steps * max_slots
+        return self.generated_tokens / slot_steps if slot_steps else 0.0
 
 
 @dataclasses.dataclass
@@ -147,14 +184,17 @@ class Engine:
         self.config = config
         self.engine_config = engine_config or EngineConfig(max_slots=max_slots, **engine_options)
         ec = self.engine_config
-        self.model = RecurrentGemma(config, dtype=ec.dtype)
-        self.params = jax.tree.map(lambda x: jnp.asarray(x, ec.dtype), params)
+        self.model = RecurrentGemma(config, dtype=ec.dtype, fused=True)
+        # The serving layout: one matmul per shared input (a copy of those weights; the caller
+        # may drop its own tree once the engine is built).
+        self.params = fuse_params(jax.tree.map(lambda x: jnp.asarray(x, ec.dtype), params))
         self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
         self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
         self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
         self._state = self._empty_state()
         self._pending: deque[tuple[Any, GenerationRequest]] = deque()
         self._slots: list[_Running | None] = [None] * self.engine_config.max_slots
+        self.stats = EngineStats()
 
     # Device functions (one shape each) -----------------------------------------------------------
     def _prefill_fn(self, params: Any, tokens: Array, positions: Array, cache: Cache):
@@ -195,8 +235,15 @@ class Engine:
         )
         return new_state, StepOutput(first, emitted, stopped)
 
-    def _decode_fn(self, params: Any, state: SlotState) -> tuple[SlotState, StepOutput]:
-        def step(state: SlotState, _: None) -> tuple[SlotState, StepOutput]:
+    def _decode_fn(
+        self, params: Any, state: SlotState, refill_at: Array
+    ) -> tuple[SlotState, StepOutput]:
+        """Up to decode_steps steps; stops early once ``refill_at`` slots are free (so the host
+        can admit a full prefill batch) or none is active. Steps not run are not emitted."""
+        steps, slots = self.engine_config.decode_steps, self.engine_config.max_slots
+
+        def step(carry: tuple[SlotState, Array, StepOutput]) -> tuple[SlotState, Array, StepOutput]:
+            state, i, out = carry
             positions = jnp.where(state.active, state.position, -1)
             logits, cache = self.model.apply(
                 {"params": params}, state.next_token[:, None], positions[:, None], state.cache
@@ -213,10 +260,25 @@ class Engine:
                 active=active,
                 generated=generated,
             )
-            return new_state, StepOutput(token, emitted, stopped)
+            out = StepOutput(
+                out.tokens.at[:, i].set(token),
+                out.emitted.at[:, i].set(emitted),
+                out.stopped.at[:, i].set(stopped),
+            )
+            return new_state, i + 1, out
 
-        state, out = jax.lax.scan(step, state, None, length=self.engine_config.decode_steps)
-        return state, StepOutput(*(x.T for x in out))  # [slots, steps]
+        def more(carry: tuple[SlotState, Array, StepOutput]) -> Array:
+            state, i, _ = carry
+            free = slots - jnp.sum(state.active)
+            return (i < steps) & jnp.any(state.active) & (free < refill_at)
+
+        empty = StepOutput(
+            jnp.zeros((slots, steps), jnp.int32),
+            jnp.zeros((slots, steps), bool),
+            jnp.zeros((slots, steps), bool),
+        )
+        state, _, out = jax.lax.while_loop(more, step, (state, jnp.int32(0), empty))
+        return state, out
 
     def _empty_state(self) -> SlotState:
         ec, s = self.engine_config, self.engine_config.max_slots
@@ -237,21 +299,15 @@ class Engine:
 
     # Host side -----------------------------------------------------------------------------------
     @property
-    def prefill_rows(self) -> tuple[int, ...]:
-        """Row counts a prefill call is compiled for: powers of two up to prefill_batch, so a
-        lone prompt does not pay for a full prefill batch of padding."""
-        top = min(self.engine_config.prefill_batch, self.engine_config.max_slots)
-        rows = [1 << i for i in range(top.bit_length()) if (1 << i) < top]
-        return (*rows, top)
-
-    def _rows_for(self, n: int) -> int:
-        return next(p for p in self.prefill_rows if p >= n)
+    def prefill_rows(self) -> int:
+        """Rows of every prefill call (prefill_batch, at most max_slots)."""
+        return min(self.engine_config.prefill_batch, self.engine_config.max_slots)
 
     def warmup(self) -> None:
-        """Compiles every shape the engine uses (one prefill and insert per row count, one
-        decode), so nothing compiles while serving."""
-        for rows in self.prefill_rows:
-            self.generate([GenerationRequest([0], max_new_tokens=2, stop_ids=())] * rows)
+        """Compiles the three executables (prefill, insert, decode), so nothing compiles while
+        serving."""
+        self.generate([GenerationRequest([0], max_new_tokens=2, stop_ids=())])
+        self.stats = EngineStats()
 
     def compiled_shapes(self) -> int:
         """How many executables the engine's jitted functions hold (constant after warm-up)."""
@@ -298,17 +354,44 @@ class Engine:
 
     def step(self) -> list[tuple[Any, GenerationResult]]:
         """Fills free slots from the queue, runs one decode call; returns what finished."""
-        ec, slots, done = self.engine_config, self._slots, []
+        slots, done, rows = self._slots, [], self.prefill_rows
         free = [i for i, run in enumerate(slots) if run is None]
-        while self._pending and free:
-            take = min(len(free), ec.prefill_batch, len(self._pending))
-            batch = [self._pending.popleft() for _ in range(take)]
-            targets, free = free[:take], free[take:]
+        # Admit only full prefill batches (or all that is left): a partial batch would be padded
+        # with empty rows, and the decode call below hands back as soon as a full one fits.
+        while self._pending and len(free) >= min(rows, len(self._pending)):
+            batch = self._next_batch(min(rows, len(self._pending)))
+            targets, free = free[: len(batch)], free[len(batch) :]
             done.extend(self._admit(batch, targets, slots))
         if any(slots):
-            self._state, out = self._decode(self.params, self._state)
-            done.extend(self._collect(jax.device_get(out), slots))
+            refill_at = min(rows, len(self._pending)) if self._pending else len(slots) + 1
+            self._state, out = self._decode(self.params, self._state, np.int32(refill_at))
+            out = jax.device_get(out)
+            self.stats.decode_calls += 1
+            self.stats.decode_steps += (
+                int(np.max(np.nonzero(out.emitted | out.stopped)[1], initial=-1)) + 1
+            )
+            self.stats.generated_tokens += int(out.emitted.sum())
+            done.extend(self._collect(out, slots))
         return done
+
+    def _next_batch(self, size: int) -> list[tuple[Any, GenerationRequest]]:
+        """The oldest queued prompt and the size-1 others of the most similar lengths among the
+        next length_lookahead queued ones (the oldest always goes first: nothing starves)."""
+        pending = self._pending
+        anchor = pending.popleft()
+        if size == 1:
+            return [anchor]
+        reach = max(size, self.engine_config.length_lookahead) - 1
+        window = [pending.popleft() for _ in range(min(len(pending), reach))]
+        target = len(anchor[1].prompt_ids)
+        order = sorted(
+            range(len(window)), key=lambda j: (abs(len(window[j][1].prompt_ids) - target), j)
+        )
+        chosen = set(order[: size - 1])
+        for j in reversed(range(len(window))):  # the rest go back, in their order
+            if j not in chosen:
+                pending.appendleft(window[j])
+        return [anchor] + [window[j] for j in sorted(chosen)]
 
     def _admit(
         self,
@@ -331,8 +414,11 @@ class Engine:
     def _prefill_prompts(self, prompts: Sequence[Sequence[int]]) -> tuple[Array, Cache]:
         """Right-aligned prompts in chunks of prefill_chunk; state carried across chunks."""
         ec = self.engine_config
-        p, c = self._rows_for(len(prompts)), ec.prefill_chunk
+        p, c = self.prefill_rows, ec.prefill_chunk
         chunks = math.ceil(max(len(ids) for ids in prompts) / c)
+        self.stats.prefill_calls += chunks
+        self.stats.prefill_token_slots += chunks * c * p
+        self.stats.prompt_tokens += sum(len(ids) for ids in prompts)
         tokens = np.zeros((p, chunks * c), np.int32)
         positions = np.full((p, chunks * c), -1, np.int32)
         for row, ids in enumerate(prompts):
@@ -349,7 +435,7 @@ class Engine:
     def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [len(prompts), vocab]: the logits after each prompt, through chunked prefill."""
         out = []
-        rows = self.prefill_rows[-1]
+        rows = self.prefill_rows
         for start in range(0, len(prompts), rows):
             group = prompts[start : start + rows]
             out.append(np.asarray(self._prefill_prompts(group)[0])[: len(group)])
@@ -357,7 +443,7 @@ class Engine:
 
     def _row_args(self, batch: list[tuple[Any, GenerationRequest]], targets: list[int]):
         ec = self.engine_config
-        p = self._rows_for(len(batch))
+        p = self.prefill_rows
         slots = np.full((p,), ec.max_slots, np.int32)  # out of range: rows beyond the batch drop
         slots[: len(targets)] = targets
         prompt_len = np.zeros((p,), np.int32)

@@ -82,11 +82,14 @@ class RecurrentGemma(nn.Module):
       dtype: Compute dtype (float32 or bfloat16). Parameters are cast to it on use, so they may be
         stored in another dtype. RG-LRU gates and state and the logits are float32 always.
       scan_impl: "linear" or "associative" RG-LRU scan; None picks the faster for the backend.
+      fused: Read the serving parameter layout made by :func:`fuse_params` (projections that share
+        an input stored side by side, one matmul each) instead of the checkpoint layout.
     """
 
     config: ModelConfig
     dtype: DType = jnp.float32
     scan_impl: str | None = None
+    fused: bool = False
 
     def setup(self) -> None:
         cfg = self.config
@@ -105,6 +108,7 @@ class RecurrentGemma(nn.Module):
                 conv1d_temporal_width=cfg.conv1d_temporal_width,
                 scan_impl=scan_impl,
                 dtype=self.dtype,
+                fused=self.fused,
                 name=f"blocks.{i}",
             )
             for i, kind in enumerate(cfg.block_types)
@@ -143,6 +147,50 @@ class RecurrentGemma(nn.Module):
         if cap:
             logits = jnp.tanh(logits / cap) * cap
         return logits, (new_cache if return_cache else None)
+
+
+def fuse_params(params: dict) -> dict:
+    """The checkpoint parameter tree in the serving layout that ``RecurrentGemma(fused=True)``
+    reads: projections of one input concatenated along their outputs (recurrent y|x, both RG-LRU
+    gates, attention q|k|v, the MLP's gate|up), so a decode step runs one matmul where the
+    checkpoint layout needs two or three. Same values, same results; costs one copy of those
+    weights, made once.
+    """
+
+    def cat(*arrays: Array, axis: int = -1) -> Array:
+        return jnp.concatenate(arrays, axis=axis)
+
+    fused = dict(params)
+    for name, block in params.items():
+        if not name.startswith("blocks."):
+            continue
+        block = dict(block)
+        if "recurrent_block" in block:
+            rec = dict(block["recurrent_block"])
+            y, x = rec.pop("linear_y"), rec.pop("linear_x")
+            rec["linear_yx"] = {
+                "kernel": cat(y["kernel"], x["kernel"]),
+                "bias": cat(y["bias"], x["bias"]),
+            }
+            lru = dict(rec["rg_lru"])
+            gx, ga = lru.pop("input_gate"), lru.pop("a_gate")
+            lru["gates"] = {"w": cat(gx["w"], ga["w"]), "b": cat(gx["b"], ga["b"])}
+            rec["rg_lru"] = lru
+            block["recurrent_block"] = rec
+        else:
+            att = dict(block["attention_block"])
+            q, k, v = att.pop("proj_q"), att.pop("proj_k"), att.pop("proj_v")
+            att["proj_qkv"] = {"kernel": cat(q["kernel"], k["kernel"], v["kernel"])}
+            block["attention_block"] = att
+        mlp = dict(block["mlp_block"])
+        up = mlp["ffw_up"]
+        mlp["ffw_up"] = {
+            "w": cat(up["w"][0], up["w"][1]),
+            "b": cat(up["b"][0, 0, 0], up["b"][1, 0, 0]),
+        }
+        block["mlp_block"] = mlp
+        fused[name] = block
+    return fused
 
 
 def init_cache(config: ModelConfig, batch_size: int, dtype: DType = jnp.float32) -> Cache:

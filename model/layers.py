@@ -49,42 +49,62 @@ class RMSNorm(nn.Module):
 
 
 class BlockDiagonalLinear(nn.Module):
-    """A linear layer whose weight is block diagonal: n independent [r/n, r/n] blocks."""
+    """A linear layer whose weight is block diagonal: n independent [r/n, r/n] blocks.
+
+    With ``outputs`` > 1 it is that many such layers on the same input, stored side by side as
+    w [n, r/n, outputs * r/n] (the serving layout, see :func:`model.griffin.fuse_params`), and it
+    returns a tuple of ``outputs`` arrays, in one product.
+    """
 
     width: int
     num_blocks: int
     dtype: DType = jnp.float32
+    outputs: int = 1
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array) -> Array | tuple[Array, ...]:
         size = self.width // self.num_blocks
         w = self.param(
             "w",
             nn.initializers.variance_scaling(1.0, "fan_in", "normal", in_axis=1, out_axis=2),
-            (self.num_blocks, size, size),
+            (self.num_blocks, size, self.outputs * size),
             jnp.float32,
         )
-        b = self.param("b", nn.initializers.zeros_init(), (self.num_blocks, size), jnp.float32)
+        b = self.param(
+            "b", nn.initializers.zeros_init(), (self.num_blocks, self.outputs * size), jnp.float32
+        )
         xb = x.reshape(*x.shape[:-1], self.num_blocks, size)
         y = jnp.einsum("...ni,nij->...nj", xb, w.astype(x.dtype)) + b.astype(x.dtype)
-        return y.reshape(*x.shape[:-1], self.width)
+        if self.outputs == 1:
+            return y.reshape(*x.shape[:-1], self.width)
+        return tuple(
+            part.reshape(*x.shape[:-1], self.width) for part in jnp.split(y, self.outputs, -1)
+        )
 
 
 class GatedUp(nn.Module):
     """The gated MLP's two up projections, stored fused as w [2, d, m] and b [2, 1, 1, m].
 
     Two plain matmuls on w[0] and w[1]: XLA runs them faster than the equivalent einsum over
-    the stacked weight (which it transposes on every call).
+    the stacked weight (which it transposes on every call). The serving layout (``fused``)
+    stores them side by side as w [d, 2m], b [2m]: one matmul.
     """
 
     width: int
     expanded_width: int
     dtype: DType = jnp.float32
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> tuple[Array, Array]:
+        init = nn.initializers.variance_scaling(1.0, "fan_in", "normal")
+        if self.fused:
+            w = self.param("w", init, (self.width, 2 * self.expanded_width))
+            b = self.param("b", nn.initializers.zeros_init(), (2 * self.expanded_width,))
+            gate, up = jnp.split(x @ w.astype(self.dtype) + b.astype(self.dtype), 2, axis=-1)
+            return gate, up
         shape = (2, self.width, self.expanded_width)
-        w = self.param("w", nn.initializers.variance_scaling(1.0, "fan_in", "normal"), shape)
+        w = self.param("w", init, shape)
         b = self.param("b", nn.initializers.zeros_init(), (2, 1, 1, self.expanded_width))
         w, b = w.astype(self.dtype), b.astype(self.dtype)
         return x @ w[0] + b[0, 0], x @ w[1] + b[1, 0]
@@ -162,23 +182,33 @@ SCANS: dict[str, Callable[[Array, Array, Array], tuple[Array, Array]]] = {
 
 
 class RGLRU(nn.Module):
-    """Real-Gated Linear Recurrent Unit; gates and state in float32."""
+    """Real-Gated Linear Recurrent Unit; gates and state in float32.
+
+    ``fused`` reads the serving layout: both gates in one block-diagonal product ("gates").
+    """
 
     width: int
     num_heads: int
     scan_impl: str = "linear"
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array, segment_pos: Array, h0: Array) -> tuple[Array, Array]:
         """x [b, t, r], h0 [b, r] float32 -> (y [b, t, r], last state [b, r] float32)."""
         a_param = self.param("a_param", _a_param_init, (self.width,))
         x32 = x.astype(jnp.float32)
-        gate_x = jax.nn.sigmoid(
-            BlockDiagonalLinear(self.width, self.num_heads, jnp.float32, name="input_gate")(x32)
-        )
-        gate_a = jax.nn.sigmoid(
-            BlockDiagonalLinear(self.width, self.num_heads, jnp.float32, name="a_gate")(x32)
-        )
+        if self.fused:
+            gates = BlockDiagonalLinear(
+                self.width, self.num_heads, jnp.float32, outputs=2, name="gates"
+            )(x32)
+            gate_x, gate_a = (jax.nn.sigmoid(g) for g in gates)
+        else:
+            gate_x = jax.nn.sigmoid(
+                BlockDiagonalLinear(self.width, self.num_heads, jnp.float32, name="input_gate")(x32)
+            )
+            gate_a = jax.nn.sigmoid(
+                BlockDiagonalLinear(self.width, self.num_heads, jnp.float32, name="a_gate")(x32)
+            )
         log_a = -8.0 * gate_a * jax.nn.softplus(a_param.astype(jnp.float32))
         a = jnp.exp(log_a)
         reset = (segment_pos == 0)[..., None]

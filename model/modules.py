@@ -68,16 +68,21 @@ class RecurrentBlock(nn.Module):
     conv1d_temporal_width: int
     scan_impl: str
     dtype: DType
+    fused: bool = False
 
     @nn.compact
     def __call__(
         self, x: Array, segment_pos: Array, cache: RecurrentCache
     ) -> tuple[Array, RecurrentCache]:
-        y = nn.gelu(_dense(self.lru_width, "linear_y", self.dtype)(x))
-        x = _dense(self.lru_width, "linear_x", self.dtype)(x)
+        if self.fused:
+            y, x = jnp.split(_dense(2 * self.lru_width, "linear_yx", self.dtype)(x), 2, axis=-1)
+            y = nn.gelu(y)
+        else:
+            y = nn.gelu(_dense(self.lru_width, "linear_y", self.dtype)(x))
+            x = _dense(self.lru_width, "linear_x", self.dtype)(x)
         conv = Conv1D(self.lru_width, self.conv1d_temporal_width, self.dtype, name="conv_1d")
         x, conv_state = conv(x, segment_pos, cache.conv1d_state)
-        rg_lru = RGLRU(self.lru_width, self.num_heads, self.scan_impl, name="rg_lru")
+        rg_lru = RGLRU(self.lru_width, self.num_heads, self.scan_impl, self.fused, name="rg_lru")
         x, lru_state = rg_lru(x, segment_pos, cache.rg_lru_state)
         out = _dense(self.width, "linear_out", self.dtype)(x * y)
         return out, RecurrentCache(rg_lru_state=lru_state, conv1d_state=conv_state)
@@ -90,6 +95,7 @@ class LocalAttentionBlock(nn.Module):
     num_heads: int
     window_size: int
     dtype: DType
+    fused: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -100,19 +106,22 @@ class LocalAttentionBlock(nn.Module):
         self, x: Array, segment_pos: Array, cache: AttentionCache | None
     ) -> tuple[Array, AttentionCache]:
         b, t, _ = x.shape
-        queries = _dense(self.width, "proj_q", self.dtype, use_bias=False)(x)
+        if self.fused:
+            qkv = _dense(self.width + 2 * self.head_dim, "proj_qkv", self.dtype, False)(x)
+            queries, keys, values = jnp.split(qkv, [self.width, self.width + self.head_dim], -1)
+        else:
+            queries = _dense(self.width, "proj_q", self.dtype, use_bias=False)(x)
+            keys = _dense(self.head_dim, "proj_k", self.dtype, use_bias=False)(x)
+            values = _dense(self.head_dim, "proj_v", self.dtype, use_bias=False)(x)
         queries = apply_rope(queries.reshape(b, t, self.num_heads, self.head_dim), segment_pos)
-        keys = apply_rope(
-            _dense(self.head_dim, "proj_k", self.dtype, use_bias=False)(x), segment_pos
-        )
-        values = _dense(self.head_dim, "proj_v", self.dtype, use_bias=False)(x)
+        keys = apply_rope(keys, segment_pos)
 
         segment_ids = jnp.cumsum(segment_pos == 0, axis=1)  # 0 before the first reset in the chunk
         scale = self.head_dim**-0.5
         logits = self._logits(queries, keys, self._chunk_mask(segment_pos, segment_ids), scale)
         if cache is None:
             probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
-            encoded = jnp.einsum("bnts,bsh->btnh", probs, values)
+            encoded = jnp.einsum("btns,bsh->btnh", probs, values)
             cache = init_attention_cache(b, self.window_size, self.head_dim, self.dtype)
         else:
             # Scores against the ring buffer and the chunk side by side: the cached keys and
@@ -123,16 +132,20 @@ class LocalAttentionBlock(nn.Module):
             probs = jax.nn.softmax(jnp.concatenate([cached, logits], -1), axis=-1)
             probs = probs.astype(values.dtype)
             encoded = jnp.einsum(
-                "bnts,bsh->btnh", probs[..., :w], cache.values.astype(values.dtype)
-            ) + jnp.einsum("bnts,bsh->btnh", probs[..., w:], values)
+                "btns,bsh->btnh", probs[..., :w], cache.values.astype(values.dtype)
+            ) + jnp.einsum("btns,bsh->btnh", probs[..., w:], values)
         out = _dense(self.width, "proj_final", self.dtype)(encoded.reshape(b, t, self.width))
         return out, self._update_cache(cache, keys, values, segment_pos, segment_ids)
 
     @staticmethod
     def _logits(queries: Array, keys: Array, mask: Array, scale: float) -> Array:
-        """Masked attention scores, float32 [b, n, t, s]."""
-        logits = jnp.einsum("btnh,bsh->bnts", queries, keys).astype(jnp.float32) * scale
-        return jnp.where(mask[:, None], logits, _MASKED)
+        """Masked attention scores, float32 [b, t, n, s].
+
+        (t, n) stay together as the rows of one batched product per sequence, the layout XLA
+        runs without transposing the scores or the cache.
+        """
+        logits = jnp.einsum("btnh,bsh->btns", queries, keys).astype(jnp.float32) * scale
+        return jnp.where(mask[:, :, None], logits, _MASKED)
 
     def _chunk_mask(self, pos: Array, segment_ids: Array) -> Array:
         q, k = pos[:, :, None], pos[:, None, :]
@@ -176,10 +189,12 @@ class MLPBlock(nn.Module):
     width: int
     expanded_width: int
     dtype: DType
+    fused: bool = False
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        gate, up = GatedUp(self.width, self.expanded_width, self.dtype, name="ffw_up")(x)
+        up_proj = GatedUp(self.width, self.expanded_width, self.dtype, self.fused, name="ffw_up")
+        gate, up = up_proj(x)
         return _dense(self.width, "ffw_down", self.dtype)(nn.gelu(gate) * up)
 
 
@@ -195,6 +210,7 @@ class ResidualBlock(nn.Module):
     conv1d_temporal_width: int
     scan_impl: str
     dtype: DType
+    fused: bool = False
 
     @nn.compact
     def __call__(
@@ -213,6 +229,7 @@ class ResidualBlock(nn.Module):
                 self.conv1d_temporal_width,
                 self.scan_impl,
                 self.dtype,
+                self.fused,
                 name="recurrent_block",
             )
         else:
@@ -221,10 +238,13 @@ class ResidualBlock(nn.Module):
                 self.num_heads,
                 self.attention_window_size,
                 self.dtype,
+                self.fused,
                 name="attention_block",
             )
         mixed, new_cache = mixer(normed, segment_pos, cache)
         residual = mixed + x
         normed = RMSNorm(self.width, dtype=self.dtype, name="channel_pre_norm")(residual)
-        mlp = MLPBlock(self.width, self.mlp_expanded_width, self.dtype, name="mlp_block")
+        mlp = MLPBlock(
+            self.width, self.mlp_expanded_width, self.dtype, self.fused, name="mlp_block"
+        )
         return mlp(normed) + residual, new_cache

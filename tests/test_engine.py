@@ -137,8 +137,7 @@ def test_no_recompilation_after_warmup(params) -> None:
     engine = Engine(CONFIG, params, max_slots=3, prefill_batch=2, prefill_chunk=8, decode_steps=2)
     engine.warmup()
     compiled = engine.compiled_shapes()
-    assert engine.prefill_rows == (1, 2)
-    assert compiled == 2 * 2 + 1  # prefill and insert per row count, one decode
+    assert compiled == 3  # one prefill, one insert, one decode
     for seed, n in ((7, 1), (8, 5), (9, 11)):
         engine.generate(random_requests(seed, n, temperature=0.5, top_k=3))
         engine.generate(random_requests(seed, n))
@@ -199,3 +198,64 @@ def test_long_document_prefills_in_chunks_like_one_shot(params) -> None:
         position = np.array([[len(prompt) + step]], np.int32)
         logits, cache = apply({"params": params}, np.array([[token]], np.int32), position, cache)
     assert result.token_ids == expected and result.finish_reason == "length"
+
+
+def test_decode_hands_back_as_soon_as_a_prefill_batch_fits(params) -> None:
+    """Slots that finish are refilled at once, not after decode_steps: 4 slots, budgets of 5,
+    32 steps allowed per call. Each wave of 4 needs 4 decode steps (the first token comes from
+    the prefill), so two waves take exactly 8 steps and no slot-step is wasted."""
+    engine = Engine(CONFIG, params, max_slots=4, prefill_batch=2, prefill_chunk=8, decode_steps=32)
+    requests = [GenerationRequest([2, 3 + i], max_new_tokens=5, stop_ids=()) for i in range(8)]
+    results = engine.generate(requests)
+    assert [r.output_tokens for r in results] == [5] * 8
+    assert engine.stats.decode_steps == 8
+    assert engine.stats.generated_tokens == 8 * 4
+    assert engine.stats.decode_fill(4) == 1.0
+
+
+@pytest.mark.parametrize(("lookahead", "token_slots"), [(1, 48), (64, 32)])
+def test_prompts_of_similar_length_are_prefilled_together(
+    params, full_forward, lookahead: int, token_slots: int
+) -> None:
+    """Arrival order long, short, long, short in 4-token chunks, 2 rows per prefill: pairing by
+    length costs 3 + 1 chunks of 2 x 4 token slots; arrival order costs 3 + 3. Outputs are the
+    same either way."""
+    engine = Engine(
+        CONFIG,
+        params,
+        max_slots=4,
+        prefill_batch=2,
+        prefill_chunk=4,
+        decode_steps=4,
+        length_lookahead=lookahead,
+    )
+    rng = np.random.default_rng(5)
+    lengths = (12, 1, 11, 2)
+    requests = [
+        GenerationRequest(rng.integers(3, CONFIG.vocab_size, n).tolist(), 3, stop_ids=())
+        for n in lengths
+    ]
+    results = engine.generate(requests)
+    assert engine.stats.prefill_token_slots == token_slots
+    assert engine.stats.prompt_tokens == sum(lengths)
+    assert results == [reference_greedy(full_forward, r) for r in requests]
+
+
+def test_the_oldest_queued_prompt_is_never_passed_over(params) -> None:
+    """Similar lengths go together, but every admission includes the oldest queued prompt,
+    however its length compares to the rest: nothing waits forever."""
+    engine = Engine(CONFIG, params, max_slots=2, prefill_batch=2, prefill_chunk=8, decode_steps=2)
+    lengths = [20, 1, 1, 1, 1, 19, 1, 1, 21]
+    for key, n in enumerate(lengths):
+        engine.submit(key, GenerationRequest([5] * n, max_new_tokens=2, stop_ids=()))
+    admissions = []
+    while engine.busy:
+        queued = [key for key, _ in engine._pending]
+        engine.step()
+        still = {key for key, _ in engine._pending}
+        admitted = [key for key in queued if key not in still]
+        if admitted:
+            assert min(queued) in admitted
+            admissions.append(sorted(admitted))
+    assert sorted(k for group in admissions for k in group) == list(range(len(lengths)))
+    assert [0, 5] in admissions  # the two long ones paired up, ahead of shorts that came first

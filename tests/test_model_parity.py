@@ -12,7 +12,8 @@ import pytest
 import recurrentgemma.jax as official
 from recurrentgemma import common
 
-from model import ModelConfig, RecurrentGemma
+from model import ModelConfig, RecurrentGemma, count_params
+from model.griffin import fuse_params
 from model.testing import left_padded_batch, random_params, tiny_config
 
 CONFIGS = {
@@ -79,6 +80,24 @@ def test_logits_match_official_on_left_padded_batch(name: str, scan_impl: str) -
     )
 
     assert ours.dtype == jnp.float32 and ours.shape == (5, 23, config.vocab_size)
+    real = segment_pos >= 0
+    assert np.max(np.abs(np.asarray(ours)[real] - expected[real])) <= 1e-4
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_serving_layout_matches_official(name: str) -> None:
+    """fuse_params + RecurrentGemma(fused=True), what the engine runs, against the official
+    model on the checkpoint layout; the fused tree keeps every value of the original."""
+    config = CONFIGS[name]
+    params = random_params(config, seed=len(name) + 1)
+    fused = fuse_params(params)
+    assert count_params(fused) == count_params(params)
+    rng = np.random.default_rng(2)
+    tokens, segment_pos = left_padded_batch(random_sequences(rng, [19, 12, 1], config.vocab_size))
+    expected = official_logits(config, params, tokens, segment_pos)
+    ours, _ = jax.jit(RecurrentGemma(config, fused=True).apply)(
+        {"params": fused}, tokens, segment_pos
+    )
     real = segment_pos >= 0
     assert np.max(np.abs(np.asarray(ours)[real] - expected[real])) <= 1e-4
 
