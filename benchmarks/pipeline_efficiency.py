@@ -36,6 +36,7 @@ from model.testing import random_params, tiny_config, write_kaggle_checkpoint
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import load_job_config
+from pipeline.model_stage import stop_ids_for
 from pipeline.prompts import PromptBuilder
 from pipeline.readers import read_file_rows
 from pipeline.runner import run_job
@@ -64,8 +65,8 @@ def job(args: argparse.Namespace, root: Path, checkpoint: Path, detox: Path | No
             "max_prompt_tokens": 256,
             "max_slots": args.slots,
             "prefill_batch": 8,
-            "prefill_chunk": 256,
-            "decode_steps": 8,
+            "prefill_chunk": 64,
+            "decode_steps": 32,
             "batch_size": args.batch_size,
         },
         "toxicity": {"enabled": detox is not None, "checkpoint": str(detox) if detox else None},
@@ -101,7 +102,9 @@ def engine_only(config_dict: dict, checkpoint: Path, root: Path) -> tuple[float,
         decode_steps=gen.decode_steps,
         dtype=jnp.float32,
     )
-    requests = [GenerationRequest(p, gen.max_new_tokens, stop_ids=()) for p in prompts]
+    # The stop ids the model stage uses, so both sides generate the same tokens.
+    stop_ids = stop_ids_for(tokenizer, cfg.model.use_chat_template)
+    requests = [GenerationRequest(p, gen.max_new_tokens, stop_ids=stop_ids) for p in prompts]
     start = time.perf_counter()
     engine.warmup()
     compiled = time.perf_counter()

@@ -305,7 +305,12 @@ class GenerationSection(_Section):
         ge=1,
         description="Prompt tokens per prefill step (longer prompts are chunked).",
     )
-    decode_steps: int = Field(default=8, ge=1, description="Decode steps per host round-trip.")
+    decode_steps: int = Field(
+        default=16,
+        ge=1,
+        description="Most decode steps per host round-trip (a call returns early once "
+        "prefill_batch slots are free and prompts are waiting).",
+    )
     batch_size: int = Field(default=256, ge=1, description="Rows per model-stage batch.")
 
 

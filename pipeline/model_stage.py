@@ -78,6 +78,14 @@ class EngineWorker:
                 engine.reset()
 
 
+def stop_ids_for(tokenizer: Tokenizer, chat: bool) -> tuple[int, ...]:
+    """What ends a generation: EOS, and the end-of-turn marker for chat (-it) checkpoints."""
+    stop_ids = [tokenizer.eos_id]
+    if chat and tokenizer.end_of_turn_id is not None:
+        stop_ids.append(tokenizer.end_of_turn_id)
+    return tuple(stop_ids)
+
+
 def row_seed(base_seed: int, row_id: str) -> int:
     """A per-row sampling seed: the same row gets the same draw in any batch, on any replica."""
     digest = hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()
@@ -108,10 +116,7 @@ class ModelStage:
             raise FileNotFoundError(f"no tokenizer.model found beside {checkpoint}")
         self.tokenizer = Tokenizer.load(ckpt.tokenizer_path)
         chat = ckpt.variant.endswith("-it") if chat is None else chat
-        stop_ids = [self.tokenizer.eos_id]
-        if chat and self.tokenizer.end_of_turn_id is not None:
-            stop_ids.append(self.tokenizer.end_of_turn_id)
-        self.stop_ids = tuple(stop_ids)
+        self.stop_ids = stop_ids_for(self.tokenizer, chat)
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self.max_new_tokens = max_new_tokens
         self.seed = seed

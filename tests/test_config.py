@@ -73,7 +73,7 @@ def test_minimal_config_and_defaults() -> None:
         64,
         8,
         512,
-        8,
+        16,
         256,
     )
     assert cfg.prompts.summarize == "Summarize the following text.\n\n{text}\n\nSummary:"
