@@ -12,13 +12,11 @@ Throughput is *useful* generated tokens per second: the sum of max_new_tokens ov
   ours      model.engine.Engine(config, params, max_slots=32, ...) and ``engine.generate(requests)``
             with ``GenerationRequest(prompt, max_new_tokens, stop_ids=())``: all 256 requests at
             once; finished sequences free their slot for the next prompt at once. Besides the
-            engine's own defaults (prefill_batch 8, prefill_chunk 128, decode_steps 8), the
+            engine's own defaults (prefill_batch 8, prefill_chunk 128, decode_steps 16), the
             settings of ``--engine-configs`` (prefill_batch:prefill_chunk:decode_steps, default
-            4:128:16) are run; the best warm one is "ours best". On the 2-core machine this was
-            written on, 8:128:16, 4:128:16 and 2:128:16 were within 5% of each other and ahead of
-            decode_steps 8 (twice the host round trips, half as many slots freed per admission)
-            and of chunks of 64 or 32 (a prefill batch is right-aligned to its longest prompt, so a
-            smaller chunk saves little and costs more calls).
+            8:32:32,4:64:32) are run; the best warm one is "ours best". Small chunks pay off
+            because the engine prefills queued prompts of similar length together; a decode call
+            hands back as soon as prefill_batch slots are free, so decode_steps is only a cap.
             cold: a fresh Engine (device put of the params, every compilation) + generate.
             warm: a second generate on the same engine (every shape compiled already). The
             defaults are timed warm only (after ``engine.warmup()``), to save a minute.
@@ -42,6 +40,11 @@ Throughput is *useful* generated tokens per second: the sum of max_new_tokens ov
             do_sample=False)`` with ``generation_config.eos_token_id = None`` (so no eos stop and
             no eos masking). cold = first pass, warm = second pass (torch compiles nothing; the
             difference is allocator and first-touch effects).
+
+Ceiling: the matmul FLOPs of the workload (every prompt token through the network, every
+generated token through the network and the logits product) at the float32 rates XLA reaches on
+this machine with the model's own weights, 32-row products for decode and 256-row products for
+prefill; everything else counted free. No implementation on this machine can beat it.
 
 Greedy tokens are compared as a correctness guard: ours vs official on every request (the
 official model ignores left pads exactly as ours does), ours vs HF on the rows that needed no
@@ -86,14 +89,16 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from model import ModelConfig, cache_bytes_per_sequence
 from model.config import griffin_pattern
 from model.engine import Engine, EngineStats, GenerationRequest
+from model.griffin import fuse_params
 from model.testing import random_params
 
-PARTS: tuple[str, ...] = ("ours", "official", "hf", "memory")
+PARTS: tuple[str, ...] = ("ours", "official", "hf", "ceiling", "memory")
 
 DEFAULTS: dict[str, int] = dict(
     requests=256,
@@ -136,7 +141,7 @@ SMALL: dict[str, int] = dict(
     mem_long=64,
 )
 # prefill_batch:prefill_chunk:decode_steps settings tried besides the engine's own defaults.
-DEFAULT_ENGINE_CONFIGS = "4:128:16"
+DEFAULT_ENGINE_CONFIGS = "8:32:32,4:64:32"
 SMALL_ENGINE_CONFIGS = "1:16:4"  # one prefill shape: fewer compiles in the smoke run
 
 PAD_ID, EOS_ID, BOS_ID = 0, 1, 2
@@ -426,7 +431,6 @@ def official_pass(
     sampler: Any, prompts: list[list[int]], max_new: list[int], batch: int
 ) -> tuple[float, list[list[int]], int]:
     """One pass over the batches: (seconds, tokens per request, token slots computed)."""
-    import jax.numpy as jnp
 
     out: list[list[int]] = []
     computed = 0
@@ -560,6 +564,70 @@ def run_hf(
 
 
 # Memory (fresh subprocesses) ----------------------------------------------------------------------
+# Ceiling ------------------------------------------------------------------------------------------
+def _matmul_gflops(weights: list[np.ndarray], rows: int, repeats: int) -> float:
+    """float32 GFLOP/s of x @ w over every weight in turn (as a decode step or a prefill call
+    runs them, all distinct, so they stream from memory), x with ``rows`` rows; median run."""
+    device_weights = [jnp.asarray(w) for w in weights]
+
+    def products(ws: list[jax.Array], x: jax.Array) -> jax.Array:
+        total = jnp.float32(0)
+        for w in ws:
+            if w.ndim == 2:
+                total += jnp.sum(x[:, : w.shape[0]] @ w)
+            else:  # block diagonal [n, i, o]
+                xb = x[:, : w.shape[0] * w.shape[1]].reshape(rows, w.shape[0], w.shape[1])
+                total += jnp.sum(jnp.einsum("bni,nio->bno", xb, w))
+        return total
+
+    fn = jax.jit(products)
+    width = max(w.shape[0] * w.shape[1] if w.ndim == 3 else w.shape[0] for w in weights)
+    x = jnp.ones((rows, width), jnp.float32)
+    jax.block_until_ready(fn(device_weights, x))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(device_weights, x))
+        times.append(time.perf_counter() - start)
+    flops = 2 * rows * sum(w.size for w in weights)
+    return flops / float(np.median(times)) / 1e9
+
+
+def run_ceiling(
+    params: Any, prompt_tokens: int, useful_tokens: int, slots: int, prefill_rows: int, small: bool
+) -> dict[str, Any]:
+    """The fastest this workload could run here: its matmul FLOPs at the float32 rates XLA
+    reaches on this machine with the model's own (serving-layout) weights; decode products have
+    ``slots`` rows, prefill products ``prefill_rows``. Everything else (attention scores,
+    norms, the scan, sampling, padding, host work) is taken as free, so no engine can beat it."""
+    serving = fuse_params(params)
+    table = np.asarray(serving["embedder"]["input_embedding"])
+    body = [
+        np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(serving)
+        if np.ndim(leaf) >= 2 and "embedder" not in jax.tree_util.keystr(path)
+    ]
+    repeats = 3 if small else 15
+    decode_rate = _matmul_gflops([*body, table.T.copy()], slots, repeats)
+    prefill_rate = _matmul_gflops(body, prefill_rows, repeats)
+    body_flops = 2 * sum(w.size for w in body)
+    table_flops = 2 * table.size
+    # Every prompt token runs the body; every generated token the body and the logits product.
+    decode_s = useful_tokens * (body_flops + table_flops) / (decode_rate * 1e9)
+    prefill_s = prompt_tokens * body_flops / (prefill_rate * 1e9)
+    return dict(
+        decode_rows=slots,
+        prefill_rows=prefill_rows,
+        decode_gflops=decode_rate,
+        prefill_gflops=prefill_rate,
+        flops_per_prompt_token=body_flops,
+        flops_per_generated_token=body_flops + table_flops,
+        min_decode_s=decode_s,
+        min_prefill_s=prefill_s,
+        ceiling_tokens_per_s=useful_tokens / (decode_s + prefill_s),
+    )
+
+
 def _rss_bytes() -> int:
     import psutil
 
@@ -821,6 +889,16 @@ def format_report(results: dict[str, Any]) -> str:
     if "called" in results.get("official", {}):
         lines.append(f"official calls: {results['official']['called']}")
     lines.append("")
+    roof = results.get("ceiling")
+    if roof:
+        lines.append(
+            f"ceiling (matmul FLOPs only, at the float32 rates XLA reaches here): decode rows "
+            f"{roof['decode_rows']} {roof['decode_gflops']:.0f} GFLOP/s, prefill rows "
+            f"{roof['prefill_rows']} {roof['prefill_gflops']:.0f} GFLOP/s -> at least "
+            f"{roof['min_decode_s']:.1f}s decode + {roof['min_prefill_s']:.1f}s prefill = "
+            f"{roof['ceiling_tokens_per_s']:,.0f} useful tok/s at most"
+        )
+        lines.append("")
     ratios = results.get("ratios", {})
     if ratios:
         lines.append("ratios (useful tokens/s):")
@@ -970,6 +1048,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             traceback.print_exc()
             results["hf"] = dict(label="HF generate", error=f"{type(exc).__name__}: {exc}")
 
+    if "ceiling" in args.parts:
+        _log(t0, "ceiling: float32 matmul rates ...")
+        rows = 256 if not args.small else 16
+        results["ceiling"] = run_ceiling(
+            params, sum(len(p) for p in prompts), sum(max_new), args.slots, rows, args.small
+        )
+
     ratios: dict[str, float] = {}
     checks: dict[str, Any] = {}
     if best is not None:
@@ -988,6 +1073,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     best["cold_tokens_per_s"] / ref["cold_tokens_per_s"]
                 )
         results["best_ours"] = best["label"]
+        if "ceiling" in results:
+            roof = results["ceiling"]["ceiling_tokens_per_s"]
+            ratios["ours best warm / ceiling"] = best["warm_tokens_per_s"] / roof
+            if "official" in results and "error" not in results["official"]:
+                official_warm = results["official"]["warm_tokens_per_s"]
+                ratios["ceiling / official warm"] = roof / official_warm
         if "official" in tokens:
             checks["ours vs official (all requests)"] = compare(
                 tokens["ours"], tokens["official"], range(len(prompts))

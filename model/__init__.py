@@ -1,30 +1,41 @@
-"""RecurrentGemma in JAX/Flax: config, network, checkpoints, tokenizer."""
+"""RecurrentGemma in JAX/Flax: config, network, checkpoints, tokenizer.
 
-from model.config import ModelConfig
-from model.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
-from model.griffin import (
-    Cache,
-    RecurrentGemma,
-    TokenRangeError,
-    cache_bytes_per_sequence,
-    check_token_ids,
-    count_params,
-    init_cache,
-    param_shapes,
-)
+The names below load on first use, so that ``import model.tokenizer`` (what the prompt and
+toxicity stages need) does not pull JAX into every Ray worker.
+"""
 
-__all__ = [
-    "Cache",
-    "Engine",
-    "EngineConfig",
-    "GenerationRequest",
-    "GenerationResult",
-    "ModelConfig",
-    "RecurrentGemma",
-    "TokenRangeError",
-    "cache_bytes_per_sequence",
-    "check_token_ids",
-    "count_params",
-    "init_cache",
-    "param_shapes",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "ModelConfig": "model.config",
+    "Engine": "model.engine",
+    "EngineConfig": "model.engine",
+    "GenerationRequest": "model.engine",
+    "GenerationResult": "model.engine",
+    "Cache": "model.griffin",
+    "RecurrentGemma": "model.griffin",
+    "TokenRangeError": "model.griffin",
+    "cache_bytes_per_sequence": "model.griffin",
+    "check_token_ids": "model.griffin",
+    "count_params": "model.griffin",
+    "init_cache": "model.griffin",
+    "param_shapes": "model.griffin",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

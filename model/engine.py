@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -30,6 +32,7 @@ import numpy as np
 from model.config import ModelConfig
 from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
 from model.sampling import SamplingParams, sample
+from model.storage import cache_dir
 
 Array = jax.Array
 DEFAULT_EOS_ID = 1
@@ -147,6 +150,17 @@ class _Running:
     index: Any
     request: GenerationRequest
     tokens: list[int]
+
+
+def enable_compilation_cache(directory: str | os.PathLike[str] | None = None) -> Path:
+    """Keeps compiled executables on local disk (JAX's persistent compilation cache), so a
+    restarted actor or the next night's run with the same model and engine shapes loads them
+    instead of compiling again. Default directory: ``<rg-batch cache dir>/xla``."""
+    path = Path(directory) if directory is not None else cache_dir() / "xla"
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return path
 
 
 def _validate(request: GenerationRequest, config: ModelConfig, engine: EngineConfig) -> str | None:

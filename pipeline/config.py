@@ -252,6 +252,12 @@ class ModelSection(_Section):
         description="Wrap prompts in the Gemma chat turn format; None means on when the "
         "checkpoint's name ends in -it (instruction-tuned).",
     )
+    compilation_cache: bool = Field(
+        default=True,
+        description="Keep compiled executables on each node's local disk (JAX's persistent "
+        "compilation cache, under $RGBATCH_CACHE_DIR/xla): restarted actors and later runs "
+        "with the same model and engine shapes skip compilation.",
+    )
 
     @field_validator("resources_per_replica")
     @classmethod

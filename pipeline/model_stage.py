@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import pyarrow as pa
 
 from model.checkpoint import fingerprint, load_checkpoint
-from model.engine import Engine, GenerationRequest, GenerationResult
+from model.engine import Engine, GenerationRequest, GenerationResult, enable_compilation_cache
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 
@@ -33,6 +33,9 @@ class EngineWorker:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._inbox: queue.Queue = queue.Queue()
+        self.started = time.perf_counter()
+        self.busy_s = 0.0  # time spent in engine.step (device work and its host side)
+        self.idle_s = 0.0  # time with nothing queued or running, waiting for a batch
         self._thread = threading.Thread(target=self._loop, name="rgbatch-engine", daemon=True)
         self._thread.start()
 
@@ -40,6 +43,14 @@ class EngineWorker:
         futures: list[Future] = [Future() for _ in requests]
         self._inbox.put((list(requests), futures))
         return [future.result() for future in futures]
+
+    @property
+    def engine_stats(self) -> Any:
+        return self._engine.stats
+
+    @property
+    def max_slots(self) -> int:
+        return self._engine.engine_config.max_slots
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -50,7 +61,12 @@ class EngineWorker:
         while True:
             items = []
             try:
-                items.append(self._inbox.get(block=not engine.busy))
+                if engine.busy:
+                    items.append(self._inbox.get_nowait())
+                else:
+                    waited = time.perf_counter()
+                    items.append(self._inbox.get())
+                    self.idle_s += time.perf_counter() - waited
                 while True:
                     items.append(self._inbox.get_nowait())
             except queue.Empty:
@@ -67,7 +83,10 @@ class EngineWorker:
             if not engine.busy:
                 continue
             try:
-                for future, result in engine.step():
+                stepped = time.perf_counter()
+                finished = engine.step()
+                self.busy_s += time.perf_counter() - stepped
+                for future, result in finished:
                     outstanding.discard(future)
                     future.set_result(result)
             except Exception as exc:  # a broken engine fails every waiting batch; Ray retries them
@@ -109,8 +128,11 @@ class ModelStage:
         seed: int = 0,
         engine_options: dict[str, Any] | None = None,
         progress: Any = None,
+        compilation_cache: bool = True,
     ) -> None:
         self.progress = progress  # a ProgressCounter actor handle, or None
+        if compilation_cache:
+            enable_compilation_cache()
         ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
         if ckpt.tokenizer_path is None:
             raise FileNotFoundError(f"no tokenizer.model found beside {checkpoint}")
@@ -167,4 +189,15 @@ class ModelStage:
             table = table.append_column(name, values)
         if self.progress is not None:
             self.progress.add.remote(n, sum(n_out))
+        w, stats = self.worker, self.worker.engine_stats
+        log.debug(
+            "model stage: %d rows; engine busy %.1f s, idle %.1f s of %.1f s; prefill fill "
+            "%.0f%%, decode fill %.0f%%",
+            n,
+            w.busy_s,
+            w.idle_s,
+            time.perf_counter() - w.started,
+            100 * stats.prefill_fill,
+            100 * stats.decode_fill(w.max_slots),
+        )
         return table

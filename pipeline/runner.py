@@ -152,6 +152,7 @@ def build_dataset(config: JobConfig, files: list[str], progress: Any = None) -> 
                 max_prompt_tokens=gen.max_prompt_tokens,
             ),
             progress=progress,
+            compilation_cache=config.model.compilation_cache,
         ),
         # Two calls in flight per actor: the next batch queues into the engine while the
         # current one drains, so the accelerator does not wait between batches.
