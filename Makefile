@@ -43,6 +43,7 @@ bench: setup
 	$(PY) benchmarks/prefill.py --json out/bench/prefill.json
 	$(PY) benchmarks/engine_vs_reference.py --json out/bench/engine.json
 	$(PY) benchmarks/pipeline_efficiency.py --json out/bench/pipeline.json
+	$(PY) benchmarks/pipeline_efficiency.py --compile-cache cold --json out/bench/pipeline_cold.json
 
 FIXTURES ?= .fixtures
 

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ray
 import yaml
@@ -122,6 +123,32 @@ def engine_only(config_dict: dict, checkpoint: Path, root: Path) -> tuple[float,
     return done - compiled, done - start, sum(r.output_tokens for r in results)
 
 
+def measure(
+    args: argparse.Namespace, config: Any, root: Path
+) -> tuple[float, float, int, float, int]:
+    """(engine s, engine s with compilation, engine tokens, end-to-end s, end-to-end tokens)."""
+    write_corpus(root / "corpus.jsonl", args.rows)
+    checkpoint = write_kaggle_checkpoint(root / "ckpt", random_params(config, 0), config)
+    detox = None
+    if args.toxicity:
+        from pipeline.detox_fixture import build_tiny_detoxify
+
+        detox = build_tiny_detoxify(root / "detoxify")
+    config_dict = job(args, root, checkpoint, detox)
+
+    engine_s, engine_cold_s, engine_tokens = engine_only(config_dict, checkpoint, root)
+    os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
+    ray.init(num_cpus=8, include_dashboard=False)
+    try:
+        cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="bench")
+        start = time.perf_counter()
+        result = run_job(cfg)
+        e2e_s = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return engine_s, engine_cold_s, engine_tokens, e2e_s, result.manifest["counts"]["output_tokens"]
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=2000)
@@ -152,32 +179,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             block_types=("recurrent", "recurrent", "attention") * 2,
             attention_window_size=256,
         )
+    saved_env = os.environ.get("RGBATCH_CACHE_DIR")
+    saved_cache = jax.config.jax_compilation_cache_dir
     with tempfile.TemporaryDirectory(prefix="rgbatch-bench-") as tmp:
         root = Path(tmp)
         # A fresh cache directory for this run only (the Ray workers inherit it).
         os.environ["RGBATCH_CACHE_DIR"] = str(root / "cache")
-        if args.compile_cache == "warm":
-            enable_compilation_cache()
-        write_corpus(root / "corpus.jsonl", args.rows)
-        checkpoint = write_kaggle_checkpoint(root / "ckpt", random_params(config, 0), config)
-        detox = None
-        if args.toxicity:
-            from pipeline.detox_fixture import build_tiny_detoxify
-
-            detox = build_tiny_detoxify(root / "detoxify")
-        config_dict = job(args, root, checkpoint, detox)
-
-        engine_s, engine_cold_s, engine_tokens = engine_only(config_dict, checkpoint, root)
-        os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
-        ray.init(num_cpus=8, include_dashboard=False)
         try:
-            cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="bench")
-            start = time.perf_counter()
-            result = run_job(cfg)
-            e2e_s = time.perf_counter() - start
+            if args.compile_cache == "warm":
+                enable_compilation_cache()
+            engine_s, engine_cold_s, engine_tokens, e2e_s, e2e_tokens = measure(args, config, root)
         finally:
-            ray.shutdown()
-        e2e_tokens = result.manifest["counts"]["output_tokens"]
+            jax.config.update("jax_compilation_cache_dir", saved_cache)
+            if saved_env is None:
+                os.environ.pop("RGBATCH_CACHE_DIR", None)
+            else:
+                os.environ["RGBATCH_CACHE_DIR"] = saved_env
 
     engine_tps, e2e_tps = engine_tokens / engine_s, e2e_tokens / e2e_s
     out = {

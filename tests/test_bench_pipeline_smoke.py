@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
+import jax
 import pytest
 
 
@@ -14,6 +16,15 @@ def test_pipeline_efficiency_benchmark_small(tmp_path) -> None:
     spec = importlib.util.spec_from_file_location("pipeline_efficiency", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    before_env, before_cache = (
+        os.environ.get("RGBATCH_CACHE_DIR"),
+        jax.config.jax_compilation_cache_dir,
+    )
     result = module.main(["--small", "--json", str(tmp_path / "out.json")])
-    assert result["engine_tokens"] == result["end_to_end_tokens"] == 64 * 8
+    # Same prompts, greedy, same stop ids: both sides generate the same number of tokens.
+    assert 0 < result["engine_tokens"] == result["end_to_end_tokens"] <= 64 * 8
     assert result["efficiency"] > 0 and (tmp_path / "out.json").is_file()
+    assert result["compile_cache"] == "warm"
+    # The run's cache directory and JAX setting do not leak into the caller.
+    assert os.environ.get("RGBATCH_CACHE_DIR") == before_env
+    assert jax.config.jax_compilation_cache_dir == before_cache
