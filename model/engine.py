@@ -125,7 +125,7 @@ class StepOutput(NamedTuple):
 
 @dataclasses.dataclass
 class EngineStats:
-    """Work done since the engine was built (or since ``reset_stats``)."""
+    """Work done since the engine was built or warmed up (assign a new EngineStats to restart)."""
 
     prefill_calls: int = 0
     prefill_token_slots: int = 0  # rows x chunk, padding included

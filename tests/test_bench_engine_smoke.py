@@ -34,7 +34,9 @@ def test_small_engine_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert workload["requests"] == 12
     rows = [*results["ours"], results["official"], results["hf"]]
     defaults, tuned = results["ours"]
-    assert defaults["label"] == "ours defaults" and defaults["cold_s"] is None  # timed warm only
+    assert defaults["label"] == "ours defaults"
+    # The defaults are timed warm only, unless they are the best setting (which gets a cold run).
+    assert (defaults["cold_s"] is None) == (results["best_ours"] != defaults["label"])
     for row in rows:
         assert "error" not in row, f"{row['label']}: {row.get('error')}"
         assert row["useful_tokens"] == workload["useful_tokens"]
@@ -59,12 +61,18 @@ def test_small_engine_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[st
     ratios = results["ratios"]
     assert all(value > 0 for value in ratios.values())
     assert {"ours best warm / official warm", "ours best warm / hf warm"} <= set(ratios)
-    # The ceiling counts only matmul FLOPs at measured rates: nothing measured may beat it.
+    # The ceiling: the workload's matmul FLOPs at the measured rates (at this tiny size the
+    # rates are dominated by call overhead, so it bounds nothing here; the arithmetic is checked).
     ceiling = results["ceiling"]
     assert ceiling["decode_gflops"] > 0 and ceiling["prefill_gflops"] > 0
     assert ceiling["flops_per_generated_token"] > ceiling["flops_per_prompt_token"] > 0
-    assert 0 < ratios["ours best warm / ceiling"] < 1
-    assert ratios["ceiling / official warm"] > 1
+    useful, prompt = workload["useful_tokens"], workload["prompt_tokens"]
+    decode_s = useful * ceiling["flops_per_generated_token"] / (ceiling["decode_gflops"] * 1e9)
+    prefill_s = prompt * ceiling["flops_per_prompt_token"] / (ceiling["prefill_gflops"] * 1e9)
+    assert ceiling["min_decode_s"] == pytest.approx(decode_s)
+    assert ceiling["min_prefill_s"] == pytest.approx(prefill_s)
+    assert ceiling["ceiling_tokens_per_s"] == pytest.approx(useful / (decode_s + prefill_s))
+    assert {"ours best warm / ceiling", "ceiling / official warm"} <= set(ratios)
 
     memory = results["memory"]
     assert "error" not in memory, memory.get("error")
