@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -45,6 +46,17 @@ def test_concurrent_batches_get_their_own_results(engine) -> None:
         thread.join(timeout=300)
     worker.close()
     assert got == expected
+
+
+def test_worker_accounts_for_busy_and_idle_time(engine) -> None:
+    worker = EngineWorker(engine)
+    time.sleep(0.2)  # nothing to do yet: idle
+    results = worker.run(batch(11, n=8))
+    worker.close()
+    assert worker.idle_s >= 0.15
+    assert worker.busy_s > 0
+    assert worker.busy_s + worker.idle_s <= time.perf_counter() - worker.started
+    assert worker.engine_stats.generated_tokens >= sum(r.output_tokens for r in results) - 8
 
 
 def test_a_failing_engine_fails_the_waiting_batch_and_recovers(engine, monkeypatch) -> None:
