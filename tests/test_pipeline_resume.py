@@ -25,9 +25,16 @@ ROWS = 160
 
 
 def committed_ids(checkpoint_dir: Path) -> set[str]:
-    """Ids Ray Data's checkpoint recorded as written (parquet files with the id column)."""
+    """Ids Ray Data's checkpoint recorded as written (parquet files with the id column).
+
+    Its writes are two-phase: a ``*.pending.parquet`` checkpoint is written before the data file
+    and renamed once the data file is complete. A rerun rolls pending ones back (their rows are
+    generated again), so only renamed (committed) files count.
+    """
     ids: set[str] = set()
     for path in checkpoint_dir.rglob("*.parquet"):
+        if path.name.endswith(".pending.parquet"):
+            continue
         try:
             ids.update(pq.read_table(io.BytesIO(path.read_bytes())).column(S.ID).to_pylist())
         except Exception:  # a file cut off by the kill was never committed
