@@ -3,7 +3,8 @@
 Workload (defaults): 2,000 rows of the kind `make run-local` reads (short documents, summarize
 task), one model replica on CPU, a model of the engine benchmark's size (width 512, 6 layers
 R,R,A, 4 heads, MLP 1536, window 256, float32) with random weights written in the Kaggle layout
-and the tiny tokenizer (vocab 512), 32 new tokens per row (no early stop), 32 slots.
+and the tiny tokenizer (vocab 512), up to 32 new tokens per row, 32 slots; engine settings
+prefill_batch 8, prefill_chunk 64, decode_steps 32.
 
 1. engine only: the exact prompt ids the pipeline builds, through `Engine.generate` in one process
    (warm: compiled beforehand);
