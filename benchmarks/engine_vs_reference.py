@@ -96,7 +96,7 @@ from model import ModelConfig, cache_bytes_per_sequence
 from model.config import griffin_pattern
 from model.engine import Engine, EngineStats, GenerationRequest
 from model.griffin import fuse_params
-from model.testing import random_params
+from model.testing import official_griffin_config, random_params
 
 PARTS: tuple[str, ...] = ("ours", "official", "hf", "ceiling", "memory")
 
@@ -405,24 +405,8 @@ class _StubVocab:
 
 def official_sampler(config: ModelConfig, params: Any) -> Any:
     import recurrentgemma.jax as official
-    from recurrentgemma import common
 
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    griffin_config = official.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_expanded_width,
-        num_heads=config.num_heads,
-        block_types=tuple(kinds[k] for k in config.block_types),
-        embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
-        attention_window_size=config.attention_window_size,
-        logits_soft_cap=config.logits_soft_cap,
-        lru_width=config.lru_width,
-        scan_type=common.ScanType.LINEAR_NATIVE,  # what AUTO picks off TPU
-    )
+    griffin_config = official_griffin_config(config)
     model = official.Griffin(griffin_config, gradient_checkpointing=False)
     return official.Sampler(model=model, vocab=_StubVocab(), params=jax.device_put(params))
 
@@ -457,24 +441,47 @@ def run_official(
     cold_s, tokens, computed = official_pass(sampler, prompts, max_new, batch)
     shapes_cold = _official_shapes(sampler)
     warm_s, warm_tokens, _ = official_pass(sampler, prompts, max_new, batch)
-    useful = sum(max_new)
-    row = dict(
-        label="official Sampler",
+    row = reference_row(
+        "official Sampler",
+        batch,
+        len(prompts),
+        sum(max_new),
+        computed,
+        (cold_s, warm_s),
+        warm_tokens == tokens,
+        compiled_shapes_after_cold=shapes_cold,
+        compiled_shapes_after_warm=_official_shapes(sampler),
+        called="Sampler.prompt_processing_fn(params, ids, None, lengths, steps, False, False); "
+        "Sampler.sample_fn(params, state, False); tokens_buffer[:, :max_new]",
+    )
+    return row, tokens
+
+
+def reference_row(
+    label: str,
+    batch: int,
+    requests: int,
+    useful: int,
+    computed: int,
+    seconds: tuple[float, float],
+    warm_equal_cold: bool,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The result row of a reference implementation run cold then warm over fixed batches."""
+    cold_s, warm_s = seconds
+    return dict(
+        label=label,
         batch=batch,
-        batches=len(batches(len(prompts), batch)),
+        batches=len(batches(requests, batch)),
         useful_tokens=useful,
         computed_token_slots=computed,
         cold_s=cold_s,
         warm_s=warm_s,
         cold_tokens_per_s=useful / cold_s,
         warm_tokens_per_s=useful / warm_s,
-        compiled_shapes_after_cold=shapes_cold,
-        compiled_shapes_after_warm=_official_shapes(sampler),
-        warm_tokens_equal_cold=warm_tokens == tokens,
-        called="Sampler.prompt_processing_fn(params, ids, None, lengths, steps, False, False); "
-        "Sampler.sample_fn(params, state, False); tokens_buffer[:, :max_new]",
+        warm_tokens_equal_cold=warm_equal_cold,
+        **extra,
     )
-    return row, tokens
 
 
 def _official_shapes(sampler: Any) -> int:
@@ -544,18 +551,14 @@ def run_hf(
     model = hf_model(config, params, threads)
     cold_s, tokens, computed = hf_pass(model, prompts, max_new, batch)
     warm_s, warm_tokens, _ = hf_pass(model, prompts, max_new, batch)
-    useful = sum(max_new)
-    row = dict(
-        label="HF generate",
-        batch=batch,
-        batches=len(batches(len(prompts), batch)),
-        useful_tokens=useful,
-        computed_token_slots=computed,
-        cold_s=cold_s,
-        warm_s=warm_s,
-        cold_tokens_per_s=useful / cold_s,
-        warm_tokens_per_s=useful / warm_s,
-        warm_tokens_equal_cold=warm_tokens == tokens,
+    row = reference_row(
+        "HF generate",
+        batch,
+        len(prompts),
+        sum(max_new),
+        computed,
+        (cold_s, warm_s),
+        warm_tokens == tokens,
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
@@ -563,7 +566,6 @@ def run_hf(
     return row, tokens
 
 
-# Memory (fresh subprocesses) ----------------------------------------------------------------------
 # Ceiling ------------------------------------------------------------------------------------------
 def _matmul_gflops(weights: list[np.ndarray], rows: int, repeats: int) -> float:
     """float32 GFLOP/s of x @ w over every weight in turn (as a decode step or a prefill call
@@ -628,6 +630,7 @@ def run_ceiling(
     )
 
 
+# Memory (fresh subprocesses) ----------------------------------------------------------------------
 def _rss_bytes() -> int:
     import psutil
 

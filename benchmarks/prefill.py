@@ -45,7 +45,7 @@ import numpy as np
 
 from model import ModelConfig, RecurrentGemma
 from model.config import griffin_pattern
-from model.testing import random_params
+from model.testing import official_griffin_config, random_params
 
 IMPLS: tuple[str, ...] = (
     "ours-linear",
@@ -131,28 +131,8 @@ def build_config(args: argparse.Namespace) -> ModelConfig:
 def official_model(config: ModelConfig, scan: str) -> Any:
     """recurrentgemma.jax.Griffin with ``config``'s hyper-parameters and the given native scan."""
     import recurrentgemma.jax as official
-    from recurrentgemma import common
 
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    scan_type = {
-        "linear": common.ScanType.LINEAR_NATIVE,
-        "associative": common.ScanType.ASSOCIATIVE_NATIVE,
-    }[scan]
-    griffin_config = official.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_expanded_width,
-        num_heads=config.num_heads,
-        block_types=tuple(kinds[k] for k in config.block_types),
-        embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
-        attention_window_size=config.attention_window_size,
-        logits_soft_cap=config.logits_soft_cap,
-        lru_width=config.lru_width,
-        scan_type=scan_type,
-    )
+    griffin_config = official_griffin_config(config, scan)
     return official.Griffin(griffin_config, gradient_checkpointing=False)
 
 

@@ -380,12 +380,13 @@ class Engine:
             refill_at = min(rows, len(self._pending)) if self._pending else len(slots) + 1
             self._state, out = self._decode(self.params, self._state, np.int32(refill_at))
             out = jax.device_get(out)
+            # Every step run has an active slot, which either emits or stops: the steps run are
+            # the columns up to the last one with anything in it.
+            ran = int(np.max(np.nonzero(out.emitted | out.stopped)[1], initial=-1)) + 1
             self.stats.decode_calls += 1
-            self.stats.decode_steps += (
-                int(np.max(np.nonzero(out.emitted | out.stopped)[1], initial=-1)) + 1
-            )
+            self.stats.decode_steps += ran
             self.stats.generated_tokens += int(out.emitted.sum())
-            done.extend(self._collect(out, slots))
+            done.extend(self._collect(StepOutput(*(x[:, :ran] for x in out)), slots))
         return done
 
     def _next_batch(self, size: int) -> list[tuple[Any, GenerationRequest]]:

@@ -20,6 +20,7 @@ from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
 from model import RecurrentGemma, hf
 from model.config import ModelConfig
+from model.testing import official_griffin_config
 
 BLOCK_TYPES = ("recurrent", "attention", "recurrent", "recurrent", "attention")
 WINDOW = 6  # ours / the official code's; HF's is WINDOW + 1
@@ -80,32 +81,10 @@ def tokens() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 300, size=(3, SEQ_LEN), dtype=np.int32)
 
 
-def _griffin_config(cfg: ModelConfig) -> Any:
-    from recurrentgemma import common
-
-    assert cfg.conv1d_temporal_width == 4, "the official Griffin hard-codes conv width 4"
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    return common.GriffinConfig(
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        mlp_expanded_width=cfg.mlp_expanded_width,
-        num_heads=cfg.num_heads,
-        block_types=tuple(kinds[k] for k in cfg.block_types),
-        embeddings_scale_by_sqrt_dim=cfg.embeddings_scale_by_sqrt_dim,
-        attention_window_size=cfg.attention_window_size,
-        logits_soft_cap=cfg.logits_soft_cap,
-        lru_width=cfg.lru_width,
-        scan_type=common.ScanType.LINEAR_NATIVE,
-    )
-
-
 def _griffin(cfg: ModelConfig) -> Any:
     from recurrentgemma import jax as rg
 
-    return rg.Griffin(_griffin_config(cfg), gradient_checkpointing=False)
+    return rg.Griffin(official_griffin_config(cfg), gradient_checkpointing=False)
 
 
 def _our_logits(cfg: ModelConfig, params: dict[str, Any], tokens: np.ndarray) -> np.ndarray:

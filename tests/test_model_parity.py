@@ -10,11 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import recurrentgemma.jax as official
-from recurrentgemma import common
 
 from model import ModelConfig, RecurrentGemma, count_params
 from model.griffin import fuse_params
-from model.testing import left_padded_batch, random_params, tiny_config
+from model.testing import left_padded_batch, official_griffin_config, random_params, tiny_config
 
 CONFIGS = {
     "mixed-5": tiny_config(),
@@ -39,22 +38,7 @@ CONFIGS = {
 
 
 def official_logits(config: ModelConfig, params, tokens, segment_pos) -> np.ndarray:
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    griffin_config = official.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_expanded_width,
-        num_heads=config.num_heads,
-        block_types=tuple(kinds[k] for k in config.block_types),
-        embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
-        attention_window_size=config.attention_window_size,
-        logits_soft_cap=config.logits_soft_cap,
-        lru_width=config.lru_width,
-        scan_type=common.ScanType.LINEAR_NATIVE,
-    )
+    griffin_config = official_griffin_config(config)
     model = official.Griffin(griffin_config, gradient_checkpointing=False)
     logits, _ = jax.jit(model.apply)({"params": params}, tokens, segment_pos)
     return np.asarray(logits)
