@@ -1,4 +1,8 @@
-"""Local paths and fsspec URIs for checkpoints and tokenizers.
+"""Storage: local paths and fsspec URIs, for model/ and pipeline/ alike.
+
+One place for opening a URI as a filesystem (:func:`filesystem`), its Arrow view for Ray Data's
+readers, writers and checkpoints (:func:`arrow_filesystem`), and copying remote files to local disk
+(:func:`localize`).
 
 Remote checkpoints are copied once into a local cache directory (``$RGBATCH_CACHE_DIR``, default
 ``~/.cache/rg-batch``) and read from there: Orbax and safetensors want local files, and an actor
@@ -25,6 +29,24 @@ _COMPLETE_MARKER = ".rgbatch-complete"
 def is_local(uri: str | os.PathLike[str]) -> bool:
     uri = os.fspath(uri)
     return "://" not in uri or uri.startswith("file://")
+
+
+def filesystem(
+    uri: str, storage_options: dict[str, Any] | None = None
+) -> tuple[fsspec.AbstractFileSystem, str]:
+    """(fsspec filesystem, path without protocol and trailing slash) for ``uri``."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
+    """A pyarrow filesystem over an fsspec one (what Ray Data's writers and checkpoints take)."""
+    import pyarrow.fs as pafs
+    from fsspec.implementations.local import LocalFileSystem
+
+    if isinstance(fs, LocalFileSystem):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def cache_dir() -> Path:

@@ -14,15 +14,20 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax.numpy as jnp
 import pyarrow as pa
+import ray
 
 from model.checkpoint import fingerprint, load_checkpoint
 from model.engine import Engine, GenerationRequest, GenerationResult, enable_compilation_cache
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
+from pipeline.stage import PlanContext, Stage
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +117,26 @@ def row_seed(base_seed: int, row_id: str) -> int:
 
 
 class ModelStage:
-    """Ray Data actor class: prompted rows in, generated rows out (one-to-one)."""
+    """Ray Data actor class: prompted rows in, generated rows out (one-to-one).
+
+    Every setting comes from the job config (:func:`model_stage`): no defaults here.
+    """
 
     def __init__(
         self,
         *,
         checkpoint: str,
-        storage_options: dict[str, Any] | None = None,
-        dtype: str = "bfloat16",
-        chat: bool | None = None,
-        max_new_tokens: int = 256,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int = 0,
-        engine_options: dict[str, Any] | None = None,
+        storage_options: dict[str, Any],
+        dtype: str,
+        chat: bool | None,
+        max_new_tokens: int,
+        temperature: float,
+        top_k: int,
+        top_p: float,
+        seed: int,
+        engine_options: dict[str, Any],
+        compilation_cache: bool,
         progress: Any = None,
-        compilation_cache: bool = True,
     ) -> None:
         self.progress = progress  # a ProgressCounter actor handle, or None
         if compilation_cache:
@@ -143,7 +151,7 @@ class ModelStage:
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.model_name = f"{ckpt.variant}@{fingerprint(ckpt.params)}"
-        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **(engine_options or {}))
+        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **engine_options)
         engine.warmup()
         self.worker = EngineWorker(engine)
         log.info("model stage ready: %s", self.model_name)
@@ -201,3 +209,61 @@ class ModelStage:
             100 * stats.decode_fill(w.max_slots),
         )
         return table
+
+
+MODEL_ADDS = (
+    S.OUTPUT_TEXT,
+    S.OUTPUT_TOKENS,
+    S.FINISH_REASON,
+    S.ERROR,
+    S.ERROR_KIND,
+    S.MODEL,
+    S.GENERATED_AT,
+)
+
+
+def model_stage(config: JobConfig, context: PlanContext) -> Stage:
+    """The model replicas: a fixed pool, one engine per actor on its accelerators.
+
+    Two calls in flight per actor: the next batch queues into the engine while the current one
+    drains, so the accelerator does not wait between batches.
+    """
+    model, gen = config.model, config.generation
+    return Stage(
+        name="model",
+        fn=ModelStage,
+        requires=(S.ID, S.PROMPT_IDS, S.ERROR, S.ERROR_KIND),
+        adds=MODEL_ADDS,
+        drops=(S.PROMPT_IDS,),
+        constructor_kwargs=dict(
+            checkpoint=model.checkpoint,
+            storage_options=model.storage_options,
+            dtype=model.dtype,
+            chat=model.use_chat_template,
+            max_new_tokens=gen.max_new_tokens,
+            temperature=gen.temperature,
+            top_k=gen.top_k,
+            top_p=gen.top_p,
+            seed=gen.seed,
+            engine_options=dict(
+                max_slots=gen.max_slots,
+                prefill_batch=gen.prefill_batch,
+                prefill_chunk=gen.prefill_chunk,
+                decode_steps=gen.decode_steps,
+                max_prompt_tokens=gen.max_prompt_tokens,
+            ),
+            compilation_cache=model.compilation_cache,
+            progress=context.progress,
+        ),
+        ray_args=dict(
+            compute=ray.data.ActorPoolStrategy(
+                size=model.replicas,
+                max_concurrent_calls_per_actor=2,
+                enable_true_multi_threading=True,
+            ),
+            num_gpus=model.gpus_per_replica or None,
+            num_cpus=model.cpus_per_replica,
+            resources=model.resources_per_replica or None,
+            batch_size=gen.batch_size,
+        ),
+    )

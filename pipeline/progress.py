@@ -1,71 +1,108 @@
-"""Run progress: rows done / total, generated tokens/s and ETA.
+"""Run progress: rows done / total, generated tokens/s and ETA, and the run's throughput samples.
 
 The model stage reports each finished batch to a small counter actor; the driver polls it. On a
 terminal the line is redrawn in place (a live bar); otherwise a log line is written every
-``run.progress_interval_s`` seconds.
+``run.progress_interval_s`` seconds. The total comes from metadata, never from a scan of the
+corpus: Parquet footers hold row counts; a JSONL corpus' rows are estimated from its bytes, at the
+rows per byte of the files read so far (read tasks report each file they finish).
+
+Every poll also records a sample (seconds since start, rows, output tokens); the report's
+"throughput over time" chart is drawn from them, so it covers the whole run. Samples are thinned
+(every other one dropped, the period doubled) past :data:`MAX_SAMPLES`: memory stays bounded on a
+run of any length.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from typing import IO, Any
 
-import fsspec
 import pyarrow.parquet as pq
 import ray
 
+from model.storage import filesystem
+
 log = logging.getLogger("rgbatch.progress")
 
-# Counting JSONL rows means reading the files once on the driver: skipped above this size.
-COUNT_JSONL_MAX_BYTES = 2 << 30
+MAX_SAMPLES = 512
+SAMPLE_PERIOD_S = 1.0
 
 
 @ray.remote(num_cpus=0)
 class ProgressCounter:
-    """Rows and generated tokens finished so far in this attempt."""
+    """Rows and generated tokens finished so far in this attempt; rows and bytes of files read."""
 
     def __init__(self) -> None:
         self.rows = 0
         self.tokens = 0
+        self.file_rows = 0
+        self.file_bytes = 0
 
     def add(self, rows: int, tokens: int) -> None:
         self.rows += rows
         self.tokens += tokens
 
+    def file_read(self, rows: int, size: int | None) -> None:
+        if size:
+            self.file_rows += rows
+            self.file_bytes += size
+
     def snapshot(self) -> tuple[int, int]:
         return self.rows, self.tokens
 
+    def read_rate(self) -> tuple[int, int]:
+        return self.file_rows, self.file_bytes
 
-def count_rows(files: list[str], fmt: str, storage_options: dict[str, Any]) -> int | None:
-    """Total input rows: Parquet from footers; JSONL by counting non-blank lines, when the
-    corpus is small enough to read twice (None otherwise, and the ETA is left out)."""
-    total = 0
-    for uri in files:
-        fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+
+class InputTotal:
+    """The corpus' rows: exact for Parquet (footers), estimated from bytes for JSONL."""
+
+    def __init__(self, rows: int | None = None, bytes_total: int | None = None) -> None:
+        self.rows = rows
+        self.bytes_total = bytes_total
+
+    @classmethod
+    def of_files(
+        cls,
+        files: Sequence[str],
+        fmt: str,
+        sizes: Sequence[int] | None,
+        storage_options: dict[str, Any],
+    ) -> InputTotal:
         if fmt == "parquet":
-            with fs.open(path, "rb") as handle:
-                total += pq.ParquetFile(handle).metadata.num_rows
-            continue
-        if fs.size(path) > COUNT_JSONL_MAX_BYTES:
-            return None
-        with fsspec.open(uri, "rb", compression="infer", **storage_options) as handle:
-            total += sum(1 for line in io.BufferedReader(handle) if line.strip())
-    return total
+            total = 0
+            for uri in files:
+                fs, path = filesystem(uri, storage_options)
+                with fs.open(path, "rb") as handle:
+                    total += pq.ParquetFile(handle).metadata.num_rows
+            return cls(rows=total)
+        return cls(bytes_total=sum(sizes) if sizes is not None else None)
+
+    def estimate(self, file_rows: int, file_bytes: int) -> tuple[int | None, bool]:
+        """(total rows, whether it is an estimate)."""
+        if self.rows is not None:
+            return self.rows, False
+        if self.bytes_total and file_bytes:
+            return round(self.bytes_total * file_rows / file_bytes), True
+        return None, True
 
 
-def format_progress(rows: int, total: int | None, tokens: int, elapsed: float) -> str:
+def format_progress(
+    rows: int, total: int | None, tokens: int, elapsed: float, estimated: bool = False
+) -> str:
     rate = tokens / elapsed if elapsed > 0 else 0.0
     if total:
         fraction = min(rows / total, 1.0)
         bar = "#" * int(24 * fraction) + "-" * (24 - int(24 * fraction))
-        remaining = (total - rows) * elapsed / rows if rows else None
+        remaining = max(total - rows, 0) * elapsed / rows if rows else None
         eta = _duration(remaining) if remaining is not None else "?"
+        shown = f"~{total}" if estimated else f"{total}"
         return (
-            f"[{bar}] {rows}/{total} rows ({100 * fraction:.0f}%) | {rate:,.0f} tok/s | ETA {eta}"
+            f"[{bar}] {rows}/{shown} rows ({100 * fraction:.0f}%) | {rate:,.0f} tok/s | ETA {eta}"
         )
     return f"{rows} rows | {rate:,.0f} tok/s | {_duration(elapsed)} elapsed"
 
@@ -76,24 +113,31 @@ def _duration(seconds: float) -> str:
 
 
 class ProgressReporter:
-    """Polls a ProgressCounter in a thread and renders it until stopped."""
+    """Polls a ProgressCounter in a thread, renders it and records samples until stopped."""
 
     def __init__(
         self,
         counter: Any,
-        total_rows: int | None,
+        total: InputTotal | int | None,
         *,
         interval_s: float = 10.0,
         stream: IO[str] | None = None,
     ) -> None:
         self.counter = counter
-        self.total = total_rows
+        self.total = total if isinstance(total, InputTotal) else InputTotal(rows=total)
         self.interval_s = interval_s
         self.stream = stream or sys.stderr
         self.live = self.stream.isatty()
+        self.samples: list[tuple[float, int, int]] = [(0.0, 0, 0)]
+        self._period = min(SAMPLE_PERIOD_S, interval_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rgbatch-progress", daemon=True)
         self._start = time.monotonic()
+        self._last_render = self._start
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._start
 
     def __enter__(self) -> ProgressReporter:
         self._thread.start()
@@ -102,21 +146,36 @@ class ProgressReporter:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        self._render(final=True)
+        self._poll(final=True)
 
     def _loop(self) -> None:
-        period = 0.5 if self.live else self.interval_s
-        while not self._stop.wait(period):
-            self._render()
+        while not self._stop.wait(0.5 if self.live else self._period):
+            self._poll()
 
-    def _render(self, final: bool = False) -> None:
+    def _poll(self, final: bool = False) -> None:
         try:
             rows, tokens = ray.get(self.counter.snapshot.remote(), timeout=5)
+            read_rows, read_bytes = ray.get(self.counter.read_rate.remote(), timeout=5)
         except Exception:  # progress is best effort; the run does not depend on it
             return
-        line = format_progress(rows, self.total, tokens, time.monotonic() - self._start)
+        now = time.monotonic()
+        self._sample(now - self._start, rows, tokens, final)
+        if not (final or self.live or now - self._last_render >= self.interval_s):
+            return
+        self._last_render = now
+        total, estimated = self.total.estimate(read_rows, read_bytes)
+        line = format_progress(rows, total, tokens, now - self._start, estimated)
         if self.live:
             self.stream.write("\r" + line + ("\n" if final else ""))
             self.stream.flush()
         else:
             log.info("progress: %s", line)
+
+    def _sample(self, t: float, rows: int, tokens: int, final: bool = False) -> None:
+        if not final and t - self.samples[-1][0] < self._period:
+            return
+        self.samples.append((t, rows, tokens))
+        if len(self.samples) > MAX_SAMPLES:
+            last = self.samples[-1]
+            self.samples = [*self.samples[:-1:2], last]
+            self._period *= 2

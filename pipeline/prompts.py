@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import string
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import ray
 
 from model.tokenizer import Tokenizer
 from pipeline.schema import (
@@ -45,6 +46,10 @@ from pipeline.schema import (
     TASK,
     TEXT,
 )
+from pipeline.stage import PlanContext, Stage
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
 
 TASKS = ("summarize", "qa", "generate")
 TRUNCATIONS = ("head", "tail", "error")
@@ -171,7 +176,8 @@ class PromptBuilder:
     ``template`` is a ``str.format`` string (see :data:`DEFAULT_TEMPLATES`); ``chat=True`` wraps
     the formatted prompt in Gemma's chat template (for "-it" checkpoints). ``truncation`` is
     ``"head"`` / ``"tail"`` (keep the first / last document tokens that fit in
-    ``max_prompt_tokens``, BOS included) or ``"error"``.
+    ``max_prompt_tokens``, BOS included) or ``"error"``. ``drop`` names input columns to drop
+    once the prompts are built (the input text, when nothing later needs it).
     """
 
     def __init__(
@@ -183,6 +189,7 @@ class PromptBuilder:
         chat: bool,
         max_prompt_tokens: int,
         truncation: str,
+        drop: Sequence[str] = (),
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}: expected one of {TASKS}")
@@ -200,6 +207,7 @@ class PromptBuilder:
         self.chat = chat
         self.max_prompt_tokens = max_prompt_tokens
         self.truncation = truncation
+        self.drop = tuple(drop)
         self._document = DOCUMENT_FIELD[task]
         self._prefix, self._suffix, fields = split_template(template, self._document)
         missing = [name for name in TASK_FIELDS[task] if name not in fields]
@@ -305,7 +313,8 @@ class PromptBuilder:
             else:
                 out.fail(i, *problem)
         self._encode(rows, values, out)
-        return out.apply(table, self.task)
+        table = out.apply(table, self.task)
+        return table.drop_columns([c for c in self.drop if c in table.column_names])
 
     def __repr__(self) -> str:
         return (
@@ -346,3 +355,39 @@ class _Outputs:
         for name, array in columns.items():
             table = _set_column(table, name, array)
         return table
+
+
+# -------------------------------------------------------------------------------- stage
+
+_PROMPT_ADDS = (ERROR, ERROR_KIND, TASK, PROMPT_IDS, PROMPT_TOKENS, PROMPT_TRUNCATED)
+
+
+def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
+    """Prompt building: an autoscaling pool of CPU actors, each with its own tokenizer copy.
+
+    The input text leaves the plan here, unless the toxicity stage scores it.
+    """
+    gen, tox = config.generation, config.toxicity
+    keep = (TEXT, PROMPT) if tox.enabled and tox.score_inputs else ()
+    drop = tuple(c for c in TEMPLATE_FIELDS if c not in keep)
+    return Stage(
+        name="prompt",
+        fn=PromptBuilder,
+        requires=(ERROR, ERROR_KIND, *TASK_FIELDS[config.task]),
+        adds=_PROMPT_ADDS,
+        drops=drop,
+        constructor_kwargs=dict(
+            tokenizer=context.tokenizer,
+            task=config.task,
+            template=config.prompt_template(),
+            chat=config.model.use_chat_template,
+            max_prompt_tokens=gen.max_prompt_tokens,
+            truncation=gen.truncation,
+            drop=drop,
+        ),
+        ray_args=dict(
+            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=gen.prompt_workers),
+            num_cpus=1,
+            batch_size=gen.batch_size,
+        ),
+    )

@@ -39,7 +39,7 @@ import functools
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -476,10 +476,24 @@ def read_file_rows(
 # -------------------------------------------------------------------------------- Ray Data
 
 
-def _read_files(uris: tuple[str, ...], spec: _Spec) -> Iterator[pa.Table]:
+FileDone = Callable[[str, int, "int | None"], None]
+"""Told (source, rows, size in bytes or None) when a read task has read a whole file."""
+
+
+def _read_files(
+    uris: tuple[str, ...],
+    spec: _Spec,
+    sizes: tuple[int | None, ...],
+    on_file_done: FileDone | None,
+) -> Iterator[pa.Table]:
     """The body of one Ray read task: the files one after the other, in batches."""
-    for uri in uris:
-        yield from _iter_batches(uri, spec)
+    for uri, size in zip(uris, sizes, strict=True):
+        rows = 0
+        for table in _iter_batches(uri, spec):
+            rows += table.num_rows
+            yield table
+        if on_file_done is not None:
+            on_file_done(uri, rows, size)
 
 
 def _group(count: int, groups: int, sizes: Sequence[int] | None) -> list[range]:
@@ -512,7 +526,8 @@ class CorpusDatasource(Datasource):
     tables as :func:`iter_file_batches`. ``file_sizes`` (bytes, in the order of ``files``; a
     ``fs.find(..., detail=True)`` gives them for free) also feed Ray's size estimate; without
     them the estimate is unknown. ``storage_options`` must be picklable: each task opens its
-    files through fsspec with them.
+    files through fsspec with them. ``on_file_done`` (picklable) is called in the read task once
+    a file has been read in full, with its URI, its row count and its size.
     """
 
     def __init__(
@@ -528,8 +543,10 @@ class CorpusDatasource(Datasource):
         storage_options: dict[str, Any] | None = None,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         file_sizes: Sequence[int] | None = None,
+        on_file_done: FileDone | None = None,
     ) -> None:
         super().__init__()
+        self._on_file_done = on_file_done
         if isinstance(files, str):
             raise TypeError("files must be a sequence of URIs, not a string")
         self._files = tuple(files)
@@ -584,6 +601,7 @@ class CorpusDatasource(Datasource):
             metadata = BlockMetadata(
                 num_rows=None, size_bytes=size, input_files=list(uris), exec_stats=None
             )
-            read_fn = functools.partial(_read_files, uris, self._spec)
+            sizes = tuple(self._sizes[i] if self._sizes else None for i in run)
+            read_fn = functools.partial(_read_files, uris, self._spec, sizes, self._on_file_done)
             tasks.append(ReadTask(read_fn, metadata, per_task_row_limit=per_task_row_limit))
         return tasks

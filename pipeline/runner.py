@@ -1,4 +1,4 @@
-"""One job, end to end, on Ray Data: read -> prompts -> model -> toxicity -> write -> finalise.
+"""One job, end to end, on Ray Data: the plan (read -> stages -> write), then finalisation.
 
 Ray Data does the sharding, streaming, backpressure, retries and resume: its checkpointing is keyed
 on the row id, so rerunning an interrupted run id generates only the rows that were not committed.
@@ -16,35 +16,35 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow as pa
 import ray
 from ray.data.checkpoint import CheckpointConfig
 
+from model.storage import arrow_filesystem, filesystem
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import JobConfig, redacted_dict
-from pipeline.model_stage import ModelStage
-from pipeline.progress import ProgressCounter, ProgressReporter, count_rows
-from pipeline.prompts import PromptBuilder
-from pipeline.readers import CorpusDatasource
+from pipeline.plan import build_dataset
+from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
-from pipeline.toxicity import ToxicityStage
+from pipeline.stage import PlanContext
+from pipeline.summary import RunSummary
 from pipeline.writer import (
     CHECKPOINT_DIR,
+    INPUTS_DIR,
     MANIFEST,
-    PartFilenames,
-    arrow_filesystem,
-    finalize,
+    REJECTED,
+    STATS_DIR,
+    SUMMARY,
+    InputLedger,
+    RunDatasink,
+    check_rows,
+    collect,
     is_complete,
     mark_success,
-    output_filesystem,
-    write_manifest,
+    write_json,
 )
 
 log = logging.getLogger(__name__)
-
-# Columns the output never carries: the inputs are large and already in the input files.
-_DROPPED = (S.TEXT, S.QUESTION, S.PROMPT)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,8 @@ def run_job(config: JobConfig) -> RunResult:
     if not config.is_rendered:
         raise ValueError("run_job needs a rendered config (load_job_config renders it)")
     run_uri = run_dir_uri(config)
-    fs, run_dir = output_filesystem(run_uri, config.output.storage_options)
+    out = config.output
+    fs, run_dir = filesystem(run_uri, out.storage_options)
     if is_complete(fs, run_dir):
         log.info("run %s already complete at %s: nothing to do", config.run_id, run_uri)
         manifest = json.loads(fs.cat_file(posixpath.join(run_dir, MANIFEST)))
@@ -76,125 +77,75 @@ def run_job(config: JobConfig) -> RunResult:
 
     started = time.time()
     files = config.input_files()
+    sizes = file_sizes(files, config.input.storage_options)
     log.info("run %s: %d input files -> %s", config.run_id, len(files), run_uri)
-    fs.makedirs(run_dir, exist_ok=True)
+    for sub in ("", STATS_DIR, INPUTS_DIR, REJECTED if _drops(config) else ""):
+        fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
     pa_fs = arrow_filesystem(fs)
-    _set_checkpoint(config, fs, run_dir, pa_fs)
+    _set_checkpoint(config, run_dir, pa_fs)
     counter = ProgressCounter.remote()
-    dataset = build_dataset(config, files, progress=counter)
-    names = PartFilenames(config.output.format)
-    total = count_rows(files, config.input.format, config.input.storage_options)
-    with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s):
-        if config.output.format == "parquet":
-            dataset.write_parquet(run_dir, filesystem=pa_fs, filename_provider=names)
-        else:
-            dataset.write_json(
-                run_dir, filesystem=pa_fs, filename_provider=names, force_ascii=False
-            )
-    stats = finalize(fs, run_dir, config.output.format)
+    context = PlanContext(tokenizer=_driver_tokenizer(config), progress=counter)
+    ledger = InputLedger(run_uri, out.storage_options, progress=counter)
+    dataset = build_dataset(config, files, context, sizes=sizes, on_file_done=ledger)
+    total = InputTotal.of_files(files, config.input.format, sizes, config.input.storage_options)
+    threshold = config.toxicity.threshold if config.toxicity.enabled else None
+    sink = RunDatasink(
+        run_dir,
+        fmt=out.format,
+        filesystem=pa_fs,
+        rows_per_file=out.rows_per_file,
+        threshold=threshold,
+    )
+    with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s) as progress:
+        dataset.write_datasink(sink)
+    summary, rows_in = collect(run_uri, out.storage_options, threshold)
+    per_file = check_rows(files, rows_in, summary)
     finished = time.time()
-    manifest = _manifest(config, files, stats, started, finished)
-    write_manifest(fs, run_dir, manifest)
-    write_report(fs, run_dir, config.output.format, manifest)
+    manifest = _manifest(config, per_file, summary, started, finished)
+    write_json(
+        fs,
+        posixpath.join(run_dir, SUMMARY),
+        {"summary": summary.to_json(), "progress": progress.samples},
+    )
+    manifest["report"] = _report(fs, run_dir, manifest, summary, progress.samples)
+    write_json(fs, posixpath.join(run_dir, MANIFEST), manifest)
     mark_success(fs, run_dir)
     _drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
 
 
-def build_dataset(config: JobConfig, files: list[str], progress: Any = None) -> ray.data.Dataset:
-    """The lazy Ray Data plan for a job: one row out for every row in."""
-    inp, gen, tox = config.input, config.generation, config.toxicity
-    source = CorpusDatasource(
-        files,
-        fmt=inp.format,
-        id_column=inp.id_column,
-        text_column=inp.text_column,
-        question_column=inp.question_column,
-        prompt_column=inp.prompt_column,
-        passthrough=inp.passthrough,
-        storage_options=inp.storage_options,
-    )
-    ds = ray.data.read_datasource(source)
-    if inp.num_blocks:
-        ds = ds.repartition(inp.num_blocks)
-    ds = ds.map_batches(
-        PromptBuilder,
-        fn_constructor_kwargs=dict(
-            tokenizer=_driver_tokenizer(config),
-            task=config.task,
-            template=config.prompt_template(),
-            chat=config.model.use_chat_template,
-            max_prompt_tokens=gen.max_prompt_tokens,
-            truncation=gen.truncation,
-        ),
-        compute=ray.data.ActorPoolStrategy(size=1),
-        batch_format="pyarrow",
-        batch_size=gen.batch_size,
-    )
-    ds = ds.map_batches(
-        ModelStage,
-        fn_constructor_kwargs=dict(
-            checkpoint=config.model.checkpoint,
-            storage_options=config.model.storage_options,
-            dtype=config.model.dtype,
-            chat=config.model.use_chat_template,
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            seed=gen.seed,
-            engine_options=dict(
-                max_slots=gen.max_slots,
-                prefill_batch=gen.prefill_batch,
-                prefill_chunk=gen.prefill_chunk,
-                decode_steps=gen.decode_steps,
-                max_prompt_tokens=gen.max_prompt_tokens,
-            ),
-            progress=progress,
-            compilation_cache=config.model.compilation_cache,
-        ),
-        # Two calls in flight per actor: the next batch queues into the engine while the
-        # current one drains, so the accelerator does not wait between batches.
-        compute=ray.data.ActorPoolStrategy(
-            size=config.model.replicas,
-            max_concurrent_calls_per_actor=2,
-            enable_true_multi_threading=True,
-        ),
-        num_gpus=config.model.gpus_per_replica or None,
-        num_cpus=config.model.cpus_per_replica,
-        resources=config.model.resources_per_replica or None,
-        batch_size=gen.batch_size,
-        batch_format="pyarrow",
-    )
-    if tox.enabled:
-        ds = ds.map_batches(
-            ToxicityStage,
-            fn_constructor_kwargs=dict(
-                model=tox.model,
-                checkpoint=tox.checkpoint,
-                storage_options=tox.storage_options,
-                threshold=tox.threshold,
-                action=tox.action,
-                score_inputs=tox.score_inputs,
-                redaction_text=tox.redaction_text,
-                device="cuda" if tox.gpus_per_replica else "cpu",
-            ),
-            compute=ray.data.ActorPoolStrategy(size=tox.replicas),
-            num_gpus=tox.gpus_per_replica or None,
-            num_cpus=tox.cpus_per_replica,
-            batch_size=tox.batch_size,
-            batch_format="pyarrow",
-        )
-    return ds.map_batches(
-        output_columns, fn_kwargs={"run_id": config.run_id}, batch_format="pyarrow"
-    )
+def _report(
+    fs: Any, run_dir: str, manifest: dict[str, Any], summary: RunSummary, samples: list
+) -> dict[str, Any]:
+    """Writes report.html; a report that fails to build leaves the run successful, and says why."""
+    try:
+        path = write_report(fs, run_dir, manifest, summary, samples)
+    except Exception as exc:
+        log.exception("report.html could not be built; the run's data and manifest stand")
+        return {"status": "missing", "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "written", "path": posixpath.basename(path)}
 
 
-def output_columns(table: pa.Table, run_id: str) -> pa.Table:
-    """Drops the input text columns and stamps the run id: the documented output row."""
-    table = table.drop_columns([c for c in _DROPPED if c in table.column_names])
-    return table.append_column(S.RUN_ID, pa.array([run_id] * table.num_rows, pa.string()))
+def _drops(config: JobConfig) -> bool:
+    return config.toxicity.enabled and config.toxicity.action == "drop"
+
+
+def file_sizes(files: list[str], storage_options: dict[str, Any]) -> list[int] | None:
+    """Sizes of ``files`` from one listing per directory (None when a size is unknown)."""
+    by_dir: dict[str, dict[str, int]] = {}
+    sizes = []
+    for uri in files:
+        fs, path = filesystem(uri, storage_options)
+        parent = posixpath.dirname(path)
+        if parent not in by_dir:
+            entries = fs.ls(parent, detail=True)
+            by_dir[parent] = {e["name"].rstrip("/"): int(e.get("size") or 0) for e in entries}
+        size = by_dir[parent].get(path)
+        if size is None:
+            return None
+        sizes.append(size)
+    return sizes
 
 
 def _driver_tokenizer(config: JobConfig) -> Tokenizer:
@@ -208,7 +159,7 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def _set_checkpoint(config: JobConfig, fs: Any, run_dir: str, pa_fs: Any) -> None:
+def _set_checkpoint(config: JobConfig, run_dir: str, pa_fs: Any) -> None:
     ctx = ray.data.DataContext.get_current()
     if config.run.checkpoint_uri:
         ctx.checkpoint_config = CheckpointConfig(
@@ -234,10 +185,14 @@ def _drop_checkpoint(fs: Any, config: JobConfig, run_dir: str) -> None:
 
 
 def _manifest(
-    config: JobConfig, files: list[str], stats: Any, started: float, finished: float
+    config: JobConfig,
+    per_file: dict[str, Any],
+    summary: RunSummary,
+    started: float,
+    finished: float,
 ) -> dict[str, Any]:
     elapsed = max(finished - started, 1e-9)
-    counts = stats.to_dict()
+    counts = summary.counts()
     return {
         "run_id": config.run_id,
         "date": config.date,
@@ -246,8 +201,9 @@ def _manifest(
         "started_at": _iso(started),
         "finished_at": _iso(finished),
         "elapsed_s": round(elapsed, 3),
-        "model": sorted(stats.models),
-        "input_files": files,
+        "model": sorted(summary.models),
+        "input_files": list(per_file),
+        "inputs": per_file,
         "counts": counts,
         "throughput": {
             "rows_per_s": round(counts["rows"] / elapsed, 3),

@@ -25,13 +25,18 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from pipeline import schema
+from pipeline.stage import PlanContext, Stage
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
 
 log = logging.getLogger(__name__)
 
@@ -329,3 +334,42 @@ def _set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) 
     if index < 0:
         return table.append_column(name, values)
     return table.set_column(index, name, values)
+
+
+# Stage ----------------------------------------------------------------------------------------------
+
+
+def toxicity_stage(config: JobConfig, context: PlanContext) -> Stage | None:
+    """Scoring and the policy in a pool of detoxify actors; None when scoring is off."""
+    tox = config.toxicity
+    if not tox.enabled:
+        return None
+    return Stage(
+        name="toxicity",
+        fn=ToxicityStage,
+        requires=(schema.OUTPUT_TEXT, *((schema.TEXT, schema.PROMPT) if tox.score_inputs else ())),
+        adds=(
+            schema.TOXICITY_PREFIX + "*",
+            *((schema.INPUT_TOXICITY_PREFIX + "*",) if tox.score_inputs else ()),
+            schema.TOXIC,
+            schema.TOXICITY_DECISION,
+            schema.ERROR,
+            schema.ERROR_KIND,
+        ),
+        constructor_kwargs=dict(
+            model=tox.model,
+            checkpoint=tox.checkpoint,
+            storage_options=tox.storage_options,
+            threshold=tox.threshold,
+            action=tox.action,
+            score_inputs=tox.score_inputs,
+            redaction_text=tox.redaction_text,
+            device="cuda" if tox.gpus_per_replica else "cpu",
+        ),
+        ray_args=dict(
+            compute=ray.data.ActorPoolStrategy(size=tox.replicas),
+            num_gpus=tox.gpus_per_replica or None,
+            num_cpus=tox.cpus_per_replica,
+            batch_size=tox.batch_size,
+        ),
+    )

@@ -1,47 +1,68 @@
-"""Output layout, finalisation and the run manifest.
+"""The writer: one pass from the plan to the run directory, and the run's small ledgers.
 
-Ray Data writes the part files (two-phase, checkpointed by row id, so a rerun only adds the rows
-that were not committed). Finalisation then runs on the driver and is idempotent: rows the
-toxicity policy dropped move from each part file to ``rejected/`` (same file name), every id is
-checked to appear exactly once, ``_manifest.json`` is written, and ``_SUCCESS`` last.
+:class:`RunDatasink` is the plan's last step (``Dataset.write_datasink``). Each write task gets a
+bundle of at least ``output.rows_per_file`` rows and writes, all under the same name prefix::
 
-    <output uri>/<run id>/part-*.parquet | part-*.jsonl
-    <output uri>/<run id>/rejected/part-*
-    <output uri>/<run id>/_manifest.json
-    <output uri>/<run id>/_SUCCESS
+    <run dir>/part-<write uuid>-<task>.<ext>           rows the toxicity policy keeps
+    <run dir>/rejected/part-<write uuid>-<task>.<ext>  rows it drops (with their scores)
+    <run dir>/_stats/part-<write uuid>-<task>.json     the RunSummary of both
+
+Ray Data's resume writes a pending checkpoint of the bundle's ids before the task writes and
+commits it after; a pending checkpoint found by the next attempt deletes every file under the run
+directory whose name starts with its prefix, so a part, its rejected rows and its summary are
+committed or rolled back together. Rows are written once, to their final place: nothing reads a
+part back.
+
+The reader records each input file's row count under ``_inputs/`` once it has read the whole file
+(idempotent: every attempt rereads the files and writes the same count). At the end,
+:func:`collect` merges the summaries and input counts in Ray tasks and hands the driver one
+summary: its size does not grow with the number of rows.
+
+    <run dir>/_manifest.json   counts, rows in / out per input file, timings, redacted config
+    <run dir>/_summary.json    the merged summary and progress samples (what report.html plots)
+    <run dir>/report.html
+    <run dir>/_SUCCESS         written last
 """
 
 from __future__ import annotations
 
-import collections
+import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
 import pyarrow.parquet as pq
-from ray.data.datasource import FilenameProvider
+import ray
+from ray._common.retry import call_with_retry
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
+from model.storage import filesystem
 from pipeline import schema as S
+from pipeline.summary import DROP, RunSummary
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "_manifest.json"
+SUMMARY = "_summary.json"
 REJECTED = "rejected"
+STATS_DIR = "_stats"
+INPUTS_DIR = "_inputs"
 CHECKPOINT_DIR = "_checkpoint"
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl"}
+MERGE_GROUP = 256  # summaries merged per task
 
 
-class DuplicateRowsError(RuntimeError):
-    """The output holds an id more than once: the exactly-once guarantee was broken."""
+class RunIntegrityError(RuntimeError):
+    """The outputs do not hold every input row exactly once."""
 
 
 class PartFilenames(FilenameProvider):
-    """part-<write uuid>-<task>-<block>.<ext>: unique per write attempt, sortable."""
+    """part-<write uuid>-<task>.<ext>: unique per write attempt, sortable."""
 
     def __init__(self, fmt: str) -> None:
         self.ext = EXTENSIONS[fmt]
@@ -55,145 +76,213 @@ class PartFilenames(FilenameProvider):
         return f"part-{write_uuid}-{task_index:06d}.{self.ext}"
 
 
-def output_filesystem(uri: str, storage_options: dict[str, Any] | None = None):
-    """(fsspec filesystem, path without protocol) for an output URI."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    return fs, path.rstrip("/")
+def encode_part(table: pa.Table, fmt: str) -> bytes:
+    """A part file's bytes: Parquet, or JSONL with one object per row (UTF-8, not ASCII-escaped)."""
+    buffer = io.BytesIO()
+    if fmt == "parquet":
+        pq.write_table(table, buffer)
+        return buffer.getvalue()
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            buffer.write(json.dumps(row, ensure_ascii=False, default=_json_value).encode())
+            buffer.write(b"\n")
+    return buffer.getvalue()
 
 
-def arrow_filesystem(fs: fsspec.AbstractFileSystem):
-    """A pyarrow filesystem over an fsspec one (what Ray Data's writers and checkpoints take)."""
-    import pyarrow.fs as pafs
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value).hex()
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
 
-    if isinstance(fs, fsspec.implementations.local.LocalFileSystem):
-        return pafs.LocalFileSystem()
-    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+class RunDatasink(BlockBasedFileDatasink):
+    """Writes kept rows, rejected rows and the bundle's summary (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        fmt: str,
+        filesystem: Any,
+        rows_per_file: int,
+        threshold: float | None,
+    ) -> None:
+        super().__init__(
+            path,
+            filesystem=filesystem,
+            filename_provider=PartFilenames(fmt),
+            min_rows_per_file=rows_per_file,
+        )
+        self.fmt = fmt
+        self.threshold = threshold
+
+    def write_block(self, block: BlockAccessor, block_index: int, ctx: Any) -> dict[str, int]:
+        from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+
+        name = self.filename_provider.get_filename_for_task(
+            ctx.kwargs[WRITE_UUID_KWARG_NAME], ctx.task_idx
+        )
+        table = block.to_arrow()
+        summary = RunSummary.of_table(table, self.threshold)
+        dropped = _dropped(table)
+        kept, rejected = table.filter(pc.invert(dropped)), table.filter(dropped)
+        if kept.num_rows:
+            self._put(posixpath.join(self.path, name), encode_part(kept, self.fmt))
+        if rejected.num_rows:
+            self._put(posixpath.join(self.path, REJECTED, name), encode_part(rejected, self.fmt))
+        stats_name = name.rsplit(".", 1)[0] + ".json"
+        self._put(posixpath.join(self.path, STATS_DIR, stats_name), summary.dumps())
+        return {"rows": table.num_rows, "rejected": rejected.num_rows}
+
+    def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
+        from ray.data._internal.delegating_block_builder import DelegatingBlockBuilder
+
+        builder = DelegatingBlockBuilder()
+        for block in blocks:
+            builder.add_block(block)
+        accessor = BlockAccessor.for_block(builder.build())
+        if accessor.num_rows() == 0:
+            return {"rows": 0, "rejected": 0}
+        return self.write_block(accessor, 0, ctx)
+
+    def on_write_complete(self, write_result: Any) -> None:
+        """Nothing to do: the run directory is the runner's, and so is finalisation."""
+
+    def _put(self, path: str, data: bytes) -> None:
+        def put() -> None:
+            with self.open_output_stream(path) as stream:
+                stream.write(data)
+
+        call_with_retry(
+            put, description=f"write {path!r}", match=self._data_context.retried_io_errors
+        )
+
+
+def _dropped(table: pa.Table) -> pa.Array:
+    if S.TOXICITY_DECISION not in table.column_names or table.num_rows == 0:
+        return pa.array([False] * table.num_rows, pa.bool_())
+    return pc.fill_null(pc.equal(table.column(S.TOXICITY_DECISION), DROP), False)
+
+
+# Input counts --------------------------------------------------------------------------------------
+
+
+class InputLedger:
+    """Called by read tasks once a file is read in full: records its rows under ``_inputs/``.
+
+    Picklable (a URI and storage options); an optional progress counter also hears of the file,
+    which lets the progress line estimate a JSONL corpus' rows from its bytes.
+    """
+
+    def __init__(
+        self, run_uri: str, storage_options: dict[str, Any] | None, progress: Any = None
+    ) -> None:
+        self.run_uri = run_uri.rstrip("/")
+        self.storage_options = dict(storage_options or {})
+        self.progress = progress
+
+    def __call__(self, source: str, rows: int, size: int | None) -> None:
+        fs, run_dir = filesystem(self.run_uri, self.storage_options)
+        record = json.dumps({"source": source, "rows": rows}, ensure_ascii=False).encode()
+        fs.pipe_file(posixpath.join(run_dir, INPUTS_DIR, _digest(source) + ".json"), record)
+        if self.progress is not None:
+            self.progress.file_read.remote(rows, size)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+# Finalisation -------------------------------------------------------------------------------------
+
+
+def collect(
+    run_uri: str, storage_options: dict[str, Any] | None, threshold: float | None
+) -> tuple[RunSummary, dict[str, int]]:
+    """(merged summary of every committed part, rows read per input file), merged in Ray tasks."""
+    summary, inputs = ray.get(_collect.remote(run_uri, dict(storage_options or {}), threshold))
+    return RunSummary.from_json(summary), inputs
+
+
+@ray.remote(num_cpus=0)
+def _collect(
+    run_uri: str, storage_options: dict[str, Any], threshold: float | None
+) -> tuple[dict[str, Any], dict[str, int]]:
+    fs, run_dir = filesystem(run_uri, storage_options)
+    fs.invalidate_cache()
+    stats = _listing(fs, posixpath.join(run_dir, STATS_DIR))
+    inputs = _listing(fs, posixpath.join(run_dir, INPUTS_DIR))
+    groups = [stats[i : i + MERGE_GROUP] for i in range(0, len(stats), MERGE_GROUP)]
+    pending = [_merge_group.remote(run_uri, storage_options, g, threshold) for g in groups]
+    counts_ref = _read_inputs.remote(run_uri, storage_options, inputs)
+    total = RunSummary(threshold=threshold)
+    for part in ray.get(pending):
+        total.merge(RunSummary.from_json(part))
+    return total.to_json(), ray.get(counts_ref)
+
+
+def _listing(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+    if not fs.exists(directory):
+        return []
+    return sorted(p for p in fs.find(directory) if p.endswith(".json"))
+
+
+@ray.remote
+def _merge_group(
+    run_uri: str, storage_options: dict[str, Any], paths: list[str], threshold: float | None
+) -> dict[str, Any]:
+    fs, _ = filesystem(run_uri, storage_options)
+    total = RunSummary(threshold=threshold)
+    for _, raw in sorted(fs.cat(paths).items()):
+        if isinstance(raw, Exception):
+            raise raw
+        total.merge(RunSummary.loads(raw))
+    return total.to_json()
+
+
+@ray.remote
+def _read_inputs(run_uri: str, storage_options: dict[str, Any], paths: list[str]) -> dict[str, int]:
+    fs, _ = filesystem(run_uri, storage_options)
+    counts: dict[str, int] = {}
+    for i in range(0, len(paths), MERGE_GROUP):
+        for raw in fs.cat(paths[i : i + MERGE_GROUP]).values():
+            if isinstance(raw, Exception):
+                raise raw
+            record = json.loads(raw)
+            counts[record["source"]] = int(record["rows"])
+    return counts
+
+
+def check_rows(files: list[str], rows_in: dict[str, int], summary: RunSummary) -> dict[str, Any]:
+    """Rows in and out per input file; raises RunIntegrityError naming the files that differ."""
+    per_file = {
+        uri: {"rows_in": rows_in.get(uri), "rows_out": int(summary.rows_per_source.get(uri, 0))}
+        for uri in files
+    }
+    unread = [uri for uri, c in per_file.items() if c["rows_in"] is None]
+    differ = [uri for uri, c in per_file.items() if c["rows_in"] not in (None, c["rows_out"])]
+    strays = sorted(set(summary.rows_per_source) - set(files))
+    if unread or differ or strays:
+        lines = [f"{uri}: no row count recorded by the reader" for uri in unread[:10]]
+        lines += [
+            f"{uri}: {per_file[uri]['rows_in']} rows in, {per_file[uri]['rows_out']} rows out"
+            for uri in differ[:10]
+        ]
+        lines += [f"{uri}: rows out from a file that is not an input" for uri in strays[:10]]
+        raise RunIntegrityError(
+            "the outputs do not hold every input row exactly once:\n  " + "\n  ".join(lines)
+        )
+    return per_file
 
 
 def is_complete(fs: fsspec.AbstractFileSystem, run_dir: str) -> bool:
     return fs.exists(posixpath.join(run_dir, SUCCESS))
 
 
-def part_files(fs: fsspec.AbstractFileSystem, directory: str, fmt: str) -> list[str]:
-    if not fs.exists(directory):
-        return []
-    pattern = posixpath.join(directory, f"part-*.{EXTENSIONS[fmt]}")
-    return sorted(fs.glob(pattern))
-
-
-def read_part(fs: fsspec.AbstractFileSystem, path: str, fmt: str) -> pa.Table:
-    with fs.open(path, "rb") as handle:
-        data = handle.read()
-    if fmt == "parquet":
-        return pq.read_table(io.BytesIO(data))
-    if not data.strip():
-        return pa.table({})
-    return pajson.read_json(io.BytesIO(data))
-
-
-def write_part(fs: fsspec.AbstractFileSystem, path: str, table: pa.Table, fmt: str) -> None:
-    """Writes a whole file in one put (atomic on object stores; rename-free on local disk)."""
-    buffer = io.BytesIO()
-    if fmt == "parquet":
-        pq.write_table(table, buffer)
-    else:
-        for row in table.to_pylist():
-            buffer.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
-    fs.pipe_file(path, buffer.getvalue())
-
-
-@dataclass
-class RunStats:
-    """What the manifest counts."""
-
-    rows: int = 0
-    rejected: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    truncated: int = 0
-    finish_reasons: collections.Counter = field(default_factory=collections.Counter)
-    error_kinds: collections.Counter = field(default_factory=collections.Counter)
-    toxicity_decisions: collections.Counter = field(default_factory=collections.Counter)
-    toxic: int = 0
-    models: set[str] = field(default_factory=set)
-
-    def add(self, table: pa.Table) -> None:
-        if table.num_rows == 0:
-            return
-        self.rows += table.num_rows
-        self.prompt_tokens += _sum(table, S.PROMPT_TOKENS)
-        self.output_tokens += _sum(table, S.OUTPUT_TOKENS)
-        self.truncated += _sum(table, S.PROMPT_TRUNCATED)
-        self.toxic += _sum(table, S.TOXIC)
-        for name, counter in (
-            (S.FINISH_REASON, self.finish_reasons),
-            (S.ERROR_KIND, self.error_kinds),
-            (S.TOXICITY_DECISION, self.toxicity_decisions),
-        ):
-            if name in table.column_names:
-                counter.update(v for v in table.column(name).to_pylist() if v is not None)
-        if S.MODEL in table.column_names:
-            self.models.update(v for v in table.column(S.MODEL).to_pylist() if v)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "rows_written": self.rows - self.rejected,
-            "rows_rejected": self.rejected,
-            "prompt_tokens": self.prompt_tokens,
-            "output_tokens": self.output_tokens,
-            "prompts_truncated": self.truncated,
-            "finish_reasons": dict(sorted(self.finish_reasons.items())),
-            "error_kinds": dict(sorted(self.error_kinds.items())),
-            "toxicity_decisions": dict(sorted(self.toxicity_decisions.items())),
-            "toxic": self.toxic,
-        }
-
-
-def _sum(table: pa.Table, name: str) -> int:
-    if name not in table.column_names:
-        return 0
-    value = pc.sum(pc.cast(table.column(name), pa.int64())).as_py()
-    return int(value or 0)
-
-
-def finalize(fs: fsspec.AbstractFileSystem, run_dir: str, fmt: str) -> RunStats:
-    """Moves dropped rows to rejected/, checks ids are unique, and counts everything."""
-    stats, seen = RunStats(), set()
-    rejected_dir = posixpath.join(run_dir, REJECTED)
-    for path in part_files(fs, run_dir, fmt):
-        table = read_part(fs, path, fmt)
-        if S.TOXICITY_DECISION in table.column_names and table.num_rows:
-            dropped = pc.fill_null(pc.equal(table.column(S.TOXICITY_DECISION), "drop"), False)
-            if pc.any(dropped).as_py():
-                fs.makedirs(rejected_dir, exist_ok=True)
-                target = posixpath.join(rejected_dir, posixpath.basename(path))
-                write_part(fs, target, table.filter(dropped), fmt)
-                table = table.filter(pc.invert(dropped))
-                write_part(fs, path, table, fmt)
-        _check_ids(table, seen, path)
-        stats.add(table)
-    for path in part_files(fs, rejected_dir, fmt):
-        table = read_part(fs, path, fmt)
-        _check_ids(table, seen, path)
-        stats.add(table)
-        stats.rejected += table.num_rows
-    return stats
-
-
-def _check_ids(table: pa.Table, seen: set[str], path: str) -> None:
-    if table.num_rows == 0:
-        return
-    for row_id in table.column(S.ID).to_pylist():
-        if row_id in seen:
-            raise DuplicateRowsError(f"row id {row_id!r} appears more than once (again in {path})")
-        seen.add(row_id)
-
-
-def write_manifest(fs: fsspec.AbstractFileSystem, run_dir: str, manifest: dict[str, Any]) -> None:
-    fs.pipe_file(
-        posixpath.join(run_dir, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode()
-    )
+def write_json(fs: fsspec.AbstractFileSystem, path: str, data: Any) -> None:
+    fs.pipe_file(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False).encode())
 
 
 def mark_success(fs: fsspec.AbstractFileSystem, run_dir: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import pickle
 import socket
 import time
@@ -13,7 +14,14 @@ from typing import Any
 import pytest
 import yaml
 
+import pipeline.config
 from pipeline.config import (
+    INPUT_FORMATS,
+    OUTPUT_FORMATS,
+    TASKS,
+    TOXICITY_ACTIONS,
+    TOXICITY_MODELS,
+    TRUNCATIONS,
     ConfigError,
     JobConfig,
     infer_format,
@@ -22,6 +30,11 @@ from pipeline.config import (
     preflight,
     redacted_dict,
 )
+from pipeline.config import loading as config_loading
+from pipeline.config import schema as config_schema
+
+# The function pipeline.config.preflight shadows the submodule of that name on the package.
+config_preflight = importlib.import_module("pipeline.config.preflight")
 
 MINIMAL = """
 task: summarize
@@ -136,6 +149,52 @@ def test_load_from_file(tmp_path: Path) -> None:
 def test_chat_template_default(checkpoint: str, setting: bool | None, expected: bool) -> None:
     cfg = load(with_(model={"checkpoint": checkpoint, "chat_template": setting}))
     assert cfg.model.use_chat_template is expected
+
+
+def test_rows_per_file() -> None:
+    assert load().output.rows_per_file == 1024
+    assert load(overrides=["output.rows_per_file=10"]).output.rows_per_file == 10
+    message = error_of(with_(output={"uri": "out/", "rows_per_file": 0}))
+    assert message.startswith("output.rows_per_file: Input should be greater than or equal to 1")
+
+
+@pytest.mark.parametrize(
+    ("path", "allowed", "expected"),
+    [
+        ("task", TASKS, ("summarize", "qa", "generate")),
+        ("input.format", INPUT_FORMATS, ("jsonl", "parquet")),
+        ("output.format", OUTPUT_FORMATS, ("parquet", "jsonl")),
+        ("generation.truncation", TRUNCATIONS, ("head", "tail", "error")),
+        ("toxicity.action", TOXICITY_ACTIONS, ("annotate", "drop", "redact")),
+        (
+            "toxicity.model",
+            TOXICITY_MODELS,
+            ("original", "unbiased", "multilingual", "original-small", "unbiased-small"),
+        ),
+    ],
+)
+def test_allowed_value_tuples_are_what_the_fields_accept(
+    path: str, allowed: tuple[str, ...], expected: tuple[str, ...]
+) -> None:
+    assert allowed == expected
+    for value in allowed:
+        cfg = load(overrides=[f"{path}={value}"])
+        node: Any = cfg
+        for part in path.split("."):
+            node = getattr(node, part)
+        assert node == value
+    assert error_of(MINIMAL, overrides=[f"{path}=nonsense"]).startswith(f"{path}: ")
+
+
+def test_package_reexports_the_public_names_of_its_modules() -> None:
+    for module in (config_schema, config_loading, config_preflight):
+        for name, value in vars(module).items():
+            defined_here = getattr(value, "__module__", None) == module.__name__
+            if name.startswith("_") or not (defined_here or name.isupper()):
+                continue
+            assert name in pipeline.config.__all__, f"{module.__name__}.{name}"
+            assert getattr(pipeline.config, name) is value, name
+    assert all(hasattr(pipeline.config, name) for name in pipeline.config.__all__)
 
 
 # Errors name the field path ---------------------------------------------------------------------

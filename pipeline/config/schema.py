@@ -1,63 +1,54 @@
-"""The job configuration: pydantic models, loading (YAML + ``--set`` + ``${VAR}``), preflight.
+"""The job config schema: the sections, :class:`JobConfig`, allowed values, :class:`ConfigError`.
 
-A job config is validated completely before any work starts, and every problem is reported as a
-:class:`ConfigError` whose message has one ``<field.path>: <what is wrong>`` line per problem.
+Each set of allowed values is defined once, as a ``Literal`` (:data:`Task`, :data:`InputFormat`,
+...), and the tuples other modules check against (:data:`TASKS`, :data:`INPUT_FORMATS`, ...) are
+derived from it with :func:`typing.get_args`.
 
-Loading (:func:`load_job_config`) goes: YAML -> ``--set`` overrides -> ``${VAR}`` interpolation
--> pydantic validation -> rendering of ``{date}`` / ``{run_id}`` in the URIs.
-
-Raw and rendered URIs
-    ``input.uri``, ``output.uri`` and ``run.checkpoint_uri`` may hold ``{date}`` and ``{run_id}``
-    placeholders. ``JobConfig.model_validate(data)`` gives an *unrendered* config: those fields
-    hold the templates. :meth:`JobConfig.rendered` returns a copy whose fields hold the rendered
-    URIs (what every stage reads) and which remembers the templates (:attr:`JobConfig.templates`),
-    the :attr:`JobConfig.run_id` and the :attr:`JobConfig.date` it was rendered with. Rendering a
-    rendered config again starts from the remembered templates, so it never renders twice.
-    :func:`load_job_config` returns a rendered config.
-
-Interpolated values
-    :func:`load_job_config` records the dotted path of every string that contained ``${...}``
-    (:attr:`JobConfig.interpolated_paths`, e.g. ``output.storage_options.secret`` or
-    ``input.passthrough.0``); copies made by :meth:`JobConfig.rendered` keep that record, and
-    :func:`redacted_dict` masks those paths.
+The raw vs rendered URIs of :class:`JobConfig` and its record of interpolated values are
+described in the :mod:`pipeline.config` docstring.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import glob as _glob
-import os
 import re
-import secrets
 import string
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, get_args
 
-import fsspec
-import yaml
-from fsspec.implementations.local import LocalFileSystem
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     field_validator,
 )
 
-from pipeline import schema
+from pipeline import schema as columns
+
+# Allowed values: one Literal per set, the tuples derived from it ---------------------------------
 
 Task = Literal["summarize", "qa", "generate"]
 InputFormat = Literal["jsonl", "parquet"]
+OutputFormat = Literal["parquet", "jsonl"]
+Dtype = Literal["bfloat16", "float32"]
+Truncation = Literal["head", "tail", "error"]
+ToxicityAction = Literal["annotate", "drop", "redact"]
+ToxicityModel = Literal["original", "unbiased", "multilingual", "original-small", "unbiased-small"]
+
+TASKS: tuple[Task, ...] = get_args(Task)
+INPUT_FORMATS: tuple[InputFormat, ...] = get_args(InputFormat)
+OUTPUT_FORMATS: tuple[OutputFormat, ...] = get_args(OutputFormat)
+DTYPES: tuple[Dtype, ...] = get_args(Dtype)
+TRUNCATIONS: tuple[Truncation, ...] = get_args(Truncation)
+TOXICITY_ACTIONS: tuple[ToxicityAction, ...] = get_args(ToxicityAction)
+TOXICITY_MODELS: tuple[ToxicityModel, ...] = get_args(ToxicityModel)
 
 ROOT = "<root>"  # the path named by errors about the document as a whole
-MASK = "***"
 URI_FIELDS = ("input.uri", "output.uri", "run.checkpoint_uri")
 URI_PLACEHOLDERS = ("date", "run_id")
+
 
 _FORMAT_BY_SUFFIX: tuple[tuple[str, InputFormat], ...] = (
     (".jsonl.gz", "jsonl"),
@@ -76,25 +67,24 @@ PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
 # Columns the pipeline itself writes: a passthrough column of the same name would clash.
 _RESERVED_COLUMNS = frozenset(
     {
-        schema.ID,
-        schema.SOURCE,
-        schema.ERROR,
-        schema.ERROR_KIND,
-        schema.TASK,
-        schema.PROMPT_IDS,
-        schema.PROMPT_TOKENS,
-        schema.PROMPT_TRUNCATED,
-        schema.OUTPUT_TEXT,
-        schema.OUTPUT_TOKENS,
-        schema.FINISH_REASON,
-        schema.TOXIC,
-        schema.TOXICITY_DECISION,
-        schema.MODEL,
-        schema.RUN_ID,
+        columns.ID,
+        columns.SOURCE,
+        columns.ERROR,
+        columns.ERROR_KIND,
+        columns.TASK,
+        columns.PROMPT_IDS,
+        columns.PROMPT_TOKENS,
+        columns.PROMPT_TRUNCATED,
+        columns.OUTPUT_TEXT,
+        columns.OUTPUT_TOKENS,
+        columns.FINISH_REASON,
+        columns.TOXIC,
+        columns.TOXICITY_DECISION,
+        columns.MODEL,
+        columns.RUN_ID,
     }
 )
-_RESERVED_PREFIXES = (schema.TOXICITY_PREFIX, schema.INPUT_TOXICITY_PREFIX)
-_ENV_PATTERN = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_RESERVED_PREFIXES = (columns.TOXICITY_PREFIX, columns.INPUT_TOXICITY_PREFIX)
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -230,9 +220,7 @@ class ModelSection(_Section):
         description="RecurrentGemma checkpoint: a Kaggle variant directory (tokenizer.model in "
         "its parent) or a Hugging Face directory; local path or fsspec URI.",
     )
-    dtype: Literal["bfloat16", "float32"] = Field(
-        default="bfloat16", description="Dtype of parameters and activations."
-    )
+    dtype: Dtype = Field(default="bfloat16", description="Dtype of parameters and activations.")
     replicas: int = Field(default=1, ge=1, description="Number of model actors (replicas).")
     gpus_per_replica: float = Field(
         default=0, ge=0, description="GPUs per replica; 0 runs the model on CPU."
@@ -287,7 +275,7 @@ class GenerationSection(_Section):
         description="Most prompt tokens (template, BOS and chat markers included); longer "
         "prompts are handled by `truncation`.",
     )
-    truncation: Literal["head", "tail", "error"] = Field(
+    truncation: Truncation = Field(
         default="head",
         description="What to do with a prompt over max_prompt_tokens. Only the document text "
         "(the {text} / {prompt} value) is cut, never the template or the question: 'head' "
@@ -318,6 +306,12 @@ class GenerationSection(_Section):
         "prefill_batch slots are free and prompts are waiting).",
     )
     batch_size: int = Field(default=256, ge=1, description="Rows per model-stage batch.")
+    prompt_workers: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most prompt-building actors (one CPU each; the pool grows from one as "
+        "rows queue up); None lets the pool grow with the cluster.",
+    )
 
 
 def _template_fields(template: str) -> list[tuple[str | None, str, str | None]]:
@@ -372,9 +366,7 @@ class PromptsSection(_Section):
 
 class ToxicitySection(_Section):
     enabled: bool = Field(default=True, description="Score outputs with detoxify.")
-    model: Literal["original", "unbiased", "multilingual", "original-small", "unbiased-small"] = (
-        Field(default="original", description="detoxify model type.")
-    )
+    model: ToxicityModel = Field(default="original", description="detoxify model type.")
     checkpoint: str | None = Field(
         default=None,
         description="Local path or URI of a detoxify checkpoint (for clusters without internet); "
@@ -387,7 +379,7 @@ class ToxicitySection(_Section):
     threshold: float = Field(
         default=0.5, ge=0, le=1, description="A row is toxic when any label scores >= threshold."
     )
-    action: Literal["annotate", "drop", "redact"] = Field(
+    action: ToxicityAction = Field(
         default="annotate",
         description="Policy for toxic rows: annotate (keep, flagged), drop (to rejected/ with "
         "scores) or redact (output_text replaced by redaction_text).",
@@ -412,8 +404,13 @@ class OutputSection(_Section):
         description="Output directory (local path or fsspec URI); the run writes under "
         "<uri>/<run id>/. May contain {date} and {run_id}.",
     )
-    format: Literal["parquet", "jsonl"] = Field(
-        default="parquet", description="Format of the part files."
+    format: OutputFormat = Field(default="parquet", description="Format of the part files.")
+    rows_per_file: int = Field(
+        default=1024,
+        ge=1,
+        description="Rows gathered into one part file (and one resume checkpoint commit): larger "
+        "means fewer files and fewer storage requests, smaller means less work redone after a "
+        "crash.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -457,7 +454,7 @@ class RunSection(_Section):
 
 
 class JobConfig(_Section):
-    """A whole job. See the module docstring for raw vs rendered URIs."""
+    """A whole job. See the :mod:`pipeline.config` docstring for raw vs rendered URIs."""
 
     task: Task = Field(description="summarize | qa | generate.")
     input: InputSection = Field(description="Where the rows come from.")
@@ -537,157 +534,14 @@ class JobConfig(_Section):
         A glob lists its matching files; a directory lists every file below it with an extension
         of ``input.format`` (names starting with ``_`` or ``.`` skipped); a file is itself.
         """
+        from pipeline.config.preflight import list_files  # preflight imports this module
+
         uri = self.input.uri
         if not self.is_rendered and _has_placeholders(uri):
             raise ConfigError.at(
                 "input.uri", "has {date}/{run_id} placeholders: render the config first"
             )
         return list_files(uri, self.input.format, self.input.storage_options)
-
-
-# Loading ----------------------------------------------------------------------------------------
-
-
-def new_run_id(now: dt.datetime | None = None) -> str:
-    """A fresh, sortable run id: ``YYYYMMDDTHHMMSSZ-<6 hex>`` (UTC)."""
-    now = now or dt.datetime.now(dt.UTC)
-    return f"{now.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
-
-
-def load_job_config(
-    path: str | Path | None = None,
-    *,
-    text: str | None = None,
-    overrides: Sequence[str] = (),
-    run_id: str | None = None,
-    date: str | dt.date | None = None,
-    environ: Mapping[str, str] | None = None,
-) -> JobConfig:
-    """Loads, validates and renders a job config from a YAML file (``path``) or string (``text``).
-
-    ``overrides`` are ``--set`` items (``generation.max_new_tokens=32``; the value is read as
-    YAML, so ``input.passthrough=[title,url]`` is a list). ``${VAR}`` and ``${VAR:-default}``
-    in string values come from ``environ`` (default ``os.environ``; the default applies when
-    VAR is unset or empty; ``$${VAR}`` is a literal ``${VAR}``). ``run_id`` defaults to
-    :func:`new_run_id`, ``date`` to today (UTC). Raises :class:`ConfigError` for every problem.
-    """
-    if (path is None) == (text is None):
-        raise TypeError("pass exactly one of path or text")
-    if path is not None:
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError.at(ROOT, f"cannot read {path}: {exc}") from exc
-    assert text is not None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError.at(ROOT, f"invalid YAML: {exc}") from exc
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError.at(ROOT, f"the top level must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides)
-    data, interpolated = interpolate_env(data, os.environ if environ is None else environ)
-    try:
-        config = JobConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_pydantic_errors(exc, interpolated)) from None
-    config._interpolated = frozenset(interpolated)
-    now = dt.datetime.now(dt.UTC)
-    return config.rendered(run_id or new_run_id(now), date or now.date())
-
-
-def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with ``a.b.c=value`` overrides applied (values read as YAML)."""
-    data = _deep_copy(data)
-    errors: list[tuple[str, str]] = []
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        parts = key.strip().split(".")
-        if not sep or not all(parts):
-            errors.append((f"--set {item}", "malformed override, expected a.b.c=value"))
-            continue
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            if not isinstance(child, dict):
-                where = ".".join(parts[: i + 1])
-                errors.append((key, f"cannot set: {where} is not a mapping"))
-                break
-            node = child
-        else:
-            node[parts[-1]] = _parse_override_value(raw)
-    if errors:
-        raise ConfigError(errors)
-    return data
-
-
-def _parse_override_value(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:  # e.g. `*.jsonl` or `{date}/x`: plainly meant as a string
-        return raw
-
-
-def interpolate_env(data: Any, environ: Mapping[str, str]) -> tuple[Any, set[str]]:
-    """``data`` with ``${VAR}`` / ``${VAR:-default}`` substituted, and the paths that had any."""
-    interpolated: set[str] = set()
-    errors: list[tuple[str, str]] = []
-
-    def substitute(value: str, path: str) -> str:
-        def one(match: re.Match[str]) -> str:
-            escaped, name, default = match.groups()
-            if escaped:
-                return match.group(0)[1:]
-            interpolated.add(path)
-            found = environ.get(name)
-            if found:
-                return found
-            if default is not None:
-                return default
-            if found is None:
-                errors.append((path, f"environment variable {name} is not set"))
-            return ""
-
-        return _ENV_PATTERN.sub(one, value)
-
-    def walk(node: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            return {k: walk(v, (*path, str(k))) for k, v in node.items()}
-        if isinstance(node, list):
-            return [walk(v, (*path, str(i))) for i, v in enumerate(node)]
-        if isinstance(node, str) and "$" in node:
-            return substitute(node, ".".join(path) or ROOT)
-        return node
-
-    result = walk(data, ())
-    if errors:
-        raise ConfigError(errors)
-    return result, interpolated
-
-
-def _pydantic_errors(exc: ValidationError, hidden: set[str]) -> list[tuple[str, str]]:
-    out = []
-    for err in exc.errors():
-        path = ".".join(str(p) for p in err["loc"]) or ROOT
-        kind = err["type"]
-        if kind == "missing":
-            message = "field required"
-        elif kind == "extra_forbidden":
-            message = "unknown key (extra inputs are not permitted)"
-        elif kind == "value_error":  # ours: the message names the value where it helps
-            message = err["msg"].removeprefix("Value error, ")
-        else:
-            message = err["msg"]
-            value = err.get("input")
-            secret = path in hidden or "storage_options" in err["loc"]
-            if not secret and isinstance(value, str | int | float | bool) and len(repr(value)) < 80:
-                message += f" (got {value!r})"
-        out.append((path, message))
-    return out
 
 
 def _check_date(date: str | dt.date | None) -> str:
@@ -722,146 +576,3 @@ def _get_path(config: BaseModel, path: str) -> Any:
     for part in path.split("."):
         node = getattr(node, part)
     return node
-
-
-def _deep_copy(node: Any) -> Any:
-    if isinstance(node, dict):
-        return {k: _deep_copy(v) for k, v in node.items()}
-    if isinstance(node, list):
-        return [_deep_copy(v) for v in node]
-    return node
-
-
-# Manifest ---------------------------------------------------------------------------------------
-
-
-def redacted_dict(config: JobConfig) -> dict[str, Any]:
-    """The config as JSON-ready data with secrets masked as ``"***"``.
-
-    Masked: every leaf under any ``storage_options`` (keys kept, nested mappings walked) and
-    every value that came from ``${...}`` interpolation.
-    """
-    hidden = config.interpolated_paths
-
-    def walk(node: Any, path: tuple[str, ...], under_options: bool) -> Any:
-        if ".".join(path) in hidden:
-            return MASK
-        if isinstance(node, dict):
-            return {
-                k: walk(v, (*path, k), under_options or k == "storage_options")
-                for k, v in node.items()
-            }
-        if under_options:
-            return MASK
-        if isinstance(node, list):
-            return [walk(v, (*path, str(i)), under_options) for i, v in enumerate(node)]
-        return node
-
-    return walk(config.model_dump(mode="json"), (), False)
-
-
-# Files and preflight ----------------------------------------------------------------------------
-
-
-def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
-    """Sorted, fully qualified files matched by ``uri`` (a glob, a directory or a file)."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    fs.invalidate_cache()
-    if _glob.has_magic(path):
-        found = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
-    elif fs.isdir(path):
-        suffixes = tuple(s for s, f in _FORMAT_BY_SUFFIX if fmt is None or f == fmt)
-        found = [
-            p
-            for p in fs.find(path)
-            if p.lower().endswith(suffixes)
-            and not any(part.startswith(("_", ".")) for part in _relative_parts(p, path))
-        ]
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        found = []
-    return sorted(_qualify(fs, p) for p in found)
-
-
-def _relative_parts(path: str, root: str) -> list[str]:
-    return path[len(root.rstrip("/")) :].strip("/").split("/")
-
-
-def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if isinstance(fs, LocalFileSystem):
-        return path
-    return fs.unstrip_protocol(path)
-
-
-def _exists(uri: str, storage_options: Mapping[str, Any]) -> bool:
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    fs.invalidate_cache()
-    return bool(fs.exists(path))
-
-
-def preflight(config: JobConfig) -> None:
-    """Cheap I/O checks before a job starts; raises :class:`ConfigError` naming each bad field.
-
-    Checks that ``input.uri`` matches at least one file and that ``model.checkpoint`` (and
-    ``toxicity.checkpoint`` when scoring is on and it is set) exist. The checks run in parallel in
-    daemon threads and the whole preflight waits at most ``run.preflight_timeout_s`` seconds: a
-    check still running then (an unreachable or silent endpoint; s3fs/botocore would otherwise
-    retry and wait up to its 60 s read timeout per attempt) is reported as failed and left to
-    finish in the background. No per-filesystem timeouts are changed.
-    """
-    checks: dict[str, Callable[[], str | None]] = {}
-    inp = config.input
-
-    def input_check() -> str | None:
-        if not config.input_files():
-            return f"no files match {inp.uri}"
-        return None
-
-    checks["input.uri"] = input_check
-    checks["model.checkpoint"] = _exists_check(
-        config.model.checkpoint, config.model.storage_options
-    )
-    tox = config.toxicity
-    if tox.enabled and tox.checkpoint is not None:
-        checks["toxicity.checkpoint"] = _exists_check(tox.checkpoint, tox.storage_options)
-    errors = list(_run_with_deadline(checks, config.run.preflight_timeout_s))
-    if errors:
-        raise ConfigError(errors)
-
-
-def _exists_check(uri: str, storage_options: Mapping[str, Any]) -> Callable[[], str | None]:
-    def check() -> str | None:
-        return None if _exists(uri, storage_options) else f"not found: {uri}"
-
-    return check
-
-
-def _run_with_deadline(
-    checks: Mapping[str, Callable[[], str | None]], timeout_s: float
-) -> Iterator[tuple[str, str]]:
-    results: dict[str, str | None] = {}
-
-    def runner(path: str, check: Callable[[], str | None]) -> None:
-        try:
-            results[path] = check()
-        except ConfigError as exc:
-            results[path] = "; ".join(m for _, m in exc.errors)
-        except Exception as exc:
-            results[path] = f"cannot check ({type(exc).__name__}: {exc})"
-
-    threads = {
-        path: threading.Thread(
-            target=runner, args=(path, check), name=f"preflight:{path}", daemon=True
-        )
-        for path, check in checks.items()
-    }
-    for thread in threads.values():
-        thread.start()
-    deadline = time.monotonic() + timeout_s
-    for path, thread in threads.items():
-        thread.join(max(0.0, deadline - time.monotonic()))
-        if thread.is_alive():
-            yield path, f"no answer from storage within {timeout_s:g} s (run.preflight_timeout_s)"
-        elif results.get(path) is not None:
-            yield path, str(results[path])

@@ -1,0 +1,112 @@
+"""The plan of a job: the reader, the task's stages in order, the writer.
+
+Each stage's module builds it from the job config (:data:`BUILDERS` maps a stage name to its
+builder); :data:`TASK_STAGES` says which stages a task runs. :func:`build_stages` checks, before
+any work, that every stage finds the columns it needs (:class:`pipeline.stage.PlanError` names
+the stage and the column), and :func:`build_dataset` applies them to the reader's dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import ray
+
+from pipeline import schema as S
+from pipeline.model_stage import model_stage
+from pipeline.prompts import prompt_stage
+from pipeline.readers import CorpusDatasource, FileDone
+from pipeline.stage import PlanContext, Stage, check_columns
+from pipeline.toxicity import toxicity_stage
+
+if TYPE_CHECKING:
+    from pipeline.config import JobConfig
+
+StageBuilder = Callable[["JobConfig", PlanContext], "Stage | None"]
+
+INPUT_TEXT = (S.TEXT, S.QUESTION, S.PROMPT)
+
+
+def output_stage(config: JobConfig, context: PlanContext) -> Stage:
+    """The documented output row: stamps the run id; drops input text still in the plan."""
+    return Stage(
+        name="output",
+        fn=stamp_run_id,
+        requires=(S.ID, S.SOURCE),
+        adds=(S.RUN_ID,),
+        drops=INPUT_TEXT,
+        fn_kwargs={"run_id": config.run_id},
+    )
+
+
+def stamp_run_id(table: pa.Table, run_id: str) -> pa.Table:
+    table = table.drop_columns([c for c in INPUT_TEXT if c in table.column_names])
+    return table.append_column(S.RUN_ID, pa.array([run_id] * table.num_rows, pa.string()))
+
+
+BUILDERS: dict[str, StageBuilder] = {
+    "prompt": prompt_stage,
+    "model": model_stage,
+    "toxicity": toxicity_stage,
+    "output": output_stage,
+}
+_GENERATION = ("prompt", "model", "toxicity", "output")
+TASK_STAGES: dict[str, tuple[str, ...]] = {
+    "summarize": _GENERATION,
+    "qa": _GENERATION,
+    "generate": _GENERATION,
+}
+
+
+def source_columns(config: JobConfig) -> list[str]:
+    """What the reader provides: the read schema and the passthrough columns."""
+    return [*S.READ_SCHEMA.names, *config.input.passthrough]
+
+
+def sink_columns(config: JobConfig) -> tuple[str, ...]:
+    """What the writer needs: ids and sources (counts per file), and the decision to route on."""
+    needs = (S.ID, S.SOURCE)
+    if config.toxicity.enabled and config.toxicity.action == "drop":
+        needs += (S.TOXICITY_DECISION,)
+    return needs
+
+
+def build_stages(config: JobConfig, context: PlanContext) -> list[Stage]:
+    """The task's stages, checked against each other (PlanError before any work)."""
+    stages = [BUILDERS[name](config, context) for name in TASK_STAGES[config.task]]
+    built = [s for s in stages if s is not None]
+    check_columns(source_columns(config), built, sink_columns(config))
+    return built
+
+
+def build_dataset(
+    config: JobConfig,
+    files: Sequence[str],
+    context: PlanContext,
+    *,
+    sizes: Sequence[int] | None = None,
+    on_file_done: FileDone | None = None,
+) -> ray.data.Dataset:
+    """The lazy Ray Data plan for a job: one row out for every row in."""
+    stages = build_stages(config, context)
+    inp = config.input
+    source = CorpusDatasource(
+        files,
+        fmt=inp.format,
+        id_column=inp.id_column,
+        text_column=inp.text_column,
+        question_column=inp.question_column,
+        prompt_column=inp.prompt_column,
+        passthrough=inp.passthrough,
+        storage_options=inp.storage_options,
+        file_sizes=sizes,
+        on_file_done=on_file_done,
+    )
+    dataset = ray.data.read_datasource(source)
+    if inp.num_blocks:
+        dataset = dataset.repartition(inp.num_blocks)
+    for stage in stages:
+        dataset = stage.apply(dataset)
+    return dataset
