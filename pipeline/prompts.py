@@ -35,6 +35,7 @@ import pyarrow as pa
 import ray
 
 from model.tokenizer import Tokenizer
+from pipeline.config.schema import TASKS, TRUNCATIONS, PromptsSection
 from pipeline.schema import (
     ERROR,
     ERROR_KIND,
@@ -45,27 +46,20 @@ from pipeline.schema import (
     QUESTION,
     TASK,
     TEXT,
+    set_column,
 )
 from pipeline.stage import PlanContext, Stage
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
-TASKS = ("summarize", "qa", "generate")
-TRUNCATIONS = ("head", "tail", "error")
 TEMPLATE_FIELDS = (TEXT, QUESTION, PROMPT)
 DOCUMENT_FIELD = {"summarize": TEXT, "qa": TEXT, "generate": PROMPT}
 """The field that truncation cuts, per task."""
 TASK_FIELDS = {"summarize": (TEXT,), "qa": (TEXT, QUESTION), "generate": (PROMPT,)}
 """The fields each task needs (its template must use them)."""
-DEFAULT_TEMPLATES = {
-    "summarize": "Summarize the following text in a few sentences.\n\n{text}\n\nSummary:",
-    "qa": (
-        "Answer the question using only the text below.\n\nText:\n{text}\n\n"
-        "Question: {question}\nAnswer:"
-    ),
-    "generate": "{prompt}",
-}
+DEFAULT_TEMPLATES = {task: PromptsSection.model_fields[task].default for task in TASKS}
+"""The job config's default templates (``prompts.<task>``): defined there, once."""
 
 _SENTINEL = "\x00"
 
@@ -158,13 +152,6 @@ def _column(table: pa.Table, name: str) -> list[Any]:
     if name in table.schema.names:
         return table.column(name).to_pylist()
     return [None] * table.num_rows
-
-
-def _set_column(table: pa.Table, name: str, array: pa.Array) -> pa.Table:
-    index = table.schema.get_field_index(name)
-    if index < 0:
-        return table.append_column(name, array)
-    return table.set_column(index, name, array)
 
 
 # -------------------------------------------------------------------------------- builder
@@ -353,7 +340,7 @@ class _Outputs:
             PROMPT_TRUNCATED: pa.array(self.truncated, pa.bool_()),
         }
         for name, array in columns.items():
-            table = _set_column(table, name, array)
+            table = set_column(table, name, array)
         return table
 
 

@@ -50,6 +50,7 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.config.schema import INPUT_FORMATS, infer_format
 from pipeline.schema import (
     ERROR,
     ERROR_KIND,
@@ -61,12 +62,9 @@ from pipeline.schema import (
     TEXT,
 )
 
-FORMATS = ("jsonl", "parquet")
 DEFAULT_BATCH_ROWS = 4096
 ID_HEX_CHARS = 24
 
-_JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
 # Rough in-memory size per on-disk byte, for Ray's block-size planning.
 _INMEMORY_FACTOR = {"jsonl": 1.0, "jsonl.gz": 5.0, "parquet": 3.0}
 _RESERVED = frozenset(READ_SCHEMA.names)
@@ -74,19 +72,6 @@ _MAPPED = (TEXT, QUESTION, PROMPT)
 
 
 # ------------------------------------------------------------------------------------ spec
-
-
-def infer_format(uri: str) -> str | None:
-    """``"jsonl"`` or ``"parquet"`` from the file name (``.gz`` allowed for JSONL), else None."""
-    name = uri.rsplit("/", 1)[-1].lower()
-    if name.endswith(".gz"):
-        name = name[: -len(".gz")]
-        return "jsonl" if name.endswith(_JSONL_SUFFIXES) else None
-    if name.endswith(_JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(_PARQUET_SUFFIXES):
-        return "parquet"
-    return None
 
 
 @dataclass(frozen=True)
@@ -102,11 +87,11 @@ class _Spec:
 
     def format_of(self, uri: str) -> str:
         fmt = self.fmt or infer_format(uri)
-        if fmt not in FORMATS:
+        if fmt not in INPUT_FORMATS:
             raise ValueError(
-                f"cannot tell the format of {uri!r}: pass fmt= one of {FORMATS}"
+                f"cannot tell the format of {uri!r}: pass fmt= one of {INPUT_FORMATS}"
                 if fmt is None
-                else f"unknown format {fmt!r}: expected one of {FORMATS}"
+                else f"unknown format {fmt!r}: expected one of {INPUT_FORMATS}"
             )
         return fmt
 
@@ -121,8 +106,8 @@ def _make_spec(
     storage_options: dict[str, Any] | None,
     batch_rows: int,
 ) -> _Spec:
-    if fmt is not None and fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}: expected one of {FORMATS}")
+    if fmt is not None and fmt not in INPUT_FORMATS:
+        raise ValueError(f"unknown format {fmt!r}: expected one of {INPUT_FORMATS}")
     if isinstance(passthrough, str):
         raise TypeError("passthrough must be a sequence of column names, not a string")
     names = tuple(passthrough)

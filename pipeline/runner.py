@@ -3,7 +3,13 @@
 Ray Data does the sharding, streaming, backpressure, retries and resume: its checkpointing is keyed
 on the row id, so rerunning an interrupted run id generates only the rows that were not committed.
 The caller connects to Ray (``ray.init``) before calling :func:`run_job`; nothing here changes
-global Ray state except the current DataContext's checkpoint config for this run.
+global Ray state: the current DataContext's checkpoint config is set for the run and restored.
+
+Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
+are merged in Ray tasks (:func:`pipeline.writer.collect`), rows in and out are compared per input
+file (a difference fails the run), then ``_summary.json``, ``report.html`` (a report that fails
+to build is recorded in the manifest, and the run still succeeds), ``_manifest.json`` and
+``_SUCCESS`` are written, in that order.
 """
 
 from __future__ import annotations
@@ -76,13 +82,25 @@ def run_job(config: JobConfig) -> RunResult:
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
 
     started = time.time()
-    files = config.input_files()
-    sizes = file_sizes(files, config.input.storage_options)
-    log.info("run %s: %d input files -> %s", config.run_id, len(files), run_uri)
     for sub in ("", STATS_DIR, INPUTS_DIR, REJECTED if _drops(config) else ""):
         fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
     pa_fs = arrow_filesystem(fs)
-    _set_checkpoint(config, run_dir, pa_fs)
+    context = ray.data.DataContext.get_current()
+    previous = context.checkpoint_config
+    context.checkpoint_config = _checkpoint_config(config, run_dir, pa_fs)
+    try:
+        return _run(config, run_uri, fs, run_dir, pa_fs, started)
+    finally:
+        context.checkpoint_config = previous
+
+
+def _run(
+    config: JobConfig, run_uri: str, fs: Any, run_dir: str, pa_fs: Any, started: float
+) -> RunResult:
+    out = config.output
+    files = config.input_files()
+    sizes = file_sizes(files, config.input.storage_options)
+    log.info("run %s: %d input files -> %s", config.run_id, len(files), run_uri)
     counter = ProgressCounter.remote()
     context = PlanContext(tokenizer=_driver_tokenizer(config), progress=counter)
     ledger = InputLedger(run_uri, out.storage_options, progress=counter)
@@ -98,10 +116,12 @@ def run_job(config: JobConfig) -> RunResult:
     )
     with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s) as progress:
         dataset.write_datasink(sink)
+    operators = operator_seconds(dataset)
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
     per_file = check_rows(files, rows_in, summary)
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
+    manifest["operator_task_s"] = operators
     write_json(
         fs,
         posixpath.join(run_dir, SUMMARY),
@@ -125,6 +145,21 @@ def _report(
         log.exception("report.html could not be built; the run's data and manifest stand")
         return {"status": "missing", "error": f"{type(exc).__name__}: {exc}"}
     return {"status": "written", "path": posixpath.basename(path)}
+
+
+def operator_seconds(dataset: ray.data.Dataset) -> dict[str, float]:
+    """Task seconds per plan operator this attempt (Ray Data's own stats; {} if unavailable)."""
+    try:
+        stats = dataset._write_ds.get_stats_summary()  # the executed write's stats
+    except Exception:  # stats are informative only; their shape is Ray's to change
+        return {}
+    seconds: dict[str, float] = {}
+    while stats is not None:
+        for op in stats.operators_stats:
+            if op.wall_time is not None:
+                seconds[op.operator_name] = round(float(op.wall_time.sum), 3)
+        stats = stats.parents[0] if stats.parents else None
+    return seconds
 
 
 def _drops(config: JobConfig) -> bool:
@@ -159,21 +194,20 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def _set_checkpoint(config: JobConfig, run_dir: str, pa_fs: Any) -> None:
-    ctx = ray.data.DataContext.get_current()
+def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> CheckpointConfig:
+    """Ray Data's resume, keyed on the row id: in the user's location or under the run."""
     if config.run.checkpoint_uri:
-        ctx.checkpoint_config = CheckpointConfig(
+        return CheckpointConfig(
             id_column=S.ID,
             checkpoint_path=config.run.checkpoint_uri,
             delete_checkpoint_on_success=False,
         )
-    else:
-        ctx.checkpoint_config = CheckpointConfig(
-            id_column=S.ID,
-            checkpoint_path=posixpath.join(run_dir, CHECKPOINT_DIR),
-            override_filesystem=pa_fs,
-            delete_checkpoint_on_success=False,
-        )
+    return CheckpointConfig(
+        id_column=S.ID,
+        checkpoint_path=posixpath.join(run_dir, CHECKPOINT_DIR),
+        override_filesystem=pa_fs,
+        delete_checkpoint_on_success=False,
+    )
 
 
 def _drop_checkpoint(fs: Any, config: JobConfig, run_dir: str) -> None:

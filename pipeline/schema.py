@@ -62,3 +62,11 @@ READ_SCHEMA = pa.schema(
         pa.field(ERROR_KIND, pa.string()),
     ]
 )
+
+
+def set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
+    """``table`` with column ``name`` replaced by ``values``, or appended when it is new."""
+    index = table.schema.get_field_index(name)
+    if index < 0:
+        return table.append_column(name, values)
+    return table.set_column(index, name, values)

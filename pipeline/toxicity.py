@@ -32,7 +32,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
+from model.storage import is_local, localize
 from pipeline import schema
+from pipeline.config.schema import TOXICITY_ACTIONS
 from pipeline.stage import PlanContext, Stage
 
 if TYPE_CHECKING:
@@ -40,7 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ACTIONS = ("annotate", "drop", "redact")
 # Decisions: KEEP for rows the policy lets through, else the action's name ("drop", "redact").
 KEEP = "keep"
 
@@ -103,7 +104,7 @@ class ToxicityStage:
     """Ray Data stage: scores ``output_text`` (and optionally the input) and applies the policy.
 
     ``model``, ``checkpoint``, ``device``, ``batch_size`` and ``storage_options`` go to
-    ``ToxicityScorer``. ``action`` is one of ``ACTIONS``; a row is toxic when any output label
+    ``ToxicityScorer``. ``action`` is one of ``TOXICITY_ACTIONS``; a row is toxic when any output label
     scores >= ``threshold``.
     """
 
@@ -166,7 +167,7 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
         missing = np.array([t is None for t in texts[offset : offset + n]], dtype=bool)
         for label in scorer.labels:
             values = pa.array(scores[label][offset : offset + n], pa.float32(), mask=missing)
-            table = _set_column(table, prefix + label, values)
+            table = schema.set_column(table, prefix + label, values)
     return table
 
 
@@ -195,7 +196,7 @@ def apply_policy(
         hit = pc.greater_equal(table.column(name), pa.scalar(float(threshold)))
         toxic = hit if toxic is None else pc.or_kleene(toxic, hit)
     flagged = pc.fill_null(toxic, False)
-    table = _set_column(table, schema.TOXIC, toxic)
+    table = schema.set_column(table, schema.TOXIC, toxic)
     if action == "annotate":
         decision = pa.array([KEEP] * table.num_rows, pa.string())
     else:
@@ -204,8 +205,8 @@ def apply_policy(
         redacted = pc.if_else(
             flagged, pa.scalar(redaction_text), table.column(schema.OUTPUT_TEXT).cast(pa.string())
         )
-        table = _set_column(table, schema.OUTPUT_TEXT, redacted)
-    return _set_column(table, schema.TOXICITY_DECISION, decision)
+        table = schema.set_column(table, schema.OUTPUT_TEXT, redacted)
+    return schema.set_column(table, schema.TOXICITY_DECISION, decision)
 
 
 # Loading ------------------------------------------------------------------------------------------
@@ -215,7 +216,7 @@ def _checkpoint_source(uri: str, storage_options: dict[str, Any] | None) -> str 
     """What to pass to detoxify as ``checkpoint``: the local path, or a patched copy in memory."""
     import torch
 
-    path = _localize(uri, storage_options)
+    path = localize(uri, storage_options=storage_options)
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
@@ -242,31 +243,15 @@ def _model_dir_beside(
     if os.path.isdir(model_type):
         return None
     name = Path(model_type).name
-    if _is_local(checkpoint_uri):
+    if is_local(checkpoint_uri):
         sibling = str(Path(checkpoint_uri.removeprefix("file://")).parent / name)
     else:
         sibling = checkpoint_uri.rstrip("/").rsplit("/", 1)[0] + "/" + name
     try:
-        local = _localize(sibling, storage_options)
+        local = localize(sibling, storage_options=storage_options)
     except FileNotFoundError:
         return None
     return local if local.is_dir() else None
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.startswith("file://")
-
-
-def _localize(uri: str, storage_options: dict[str, Any] | None) -> Path:
-    """``model.storage.localize``, imported only for remote URIs: ``model`` imports JAX."""
-    if _is_local(uri):
-        path = Path(uri.removeprefix("file://"))
-        if not path.exists():
-            raise FileNotFoundError(f"no such file or directory: {path}")
-        return path
-    from model.storage import localize
-
-    return localize(uri, storage_options=storage_options)
 
 
 def _cap_max_length(tokenizer: Any, config: Any) -> None:
@@ -290,8 +275,8 @@ def _cap_max_length(tokenizer: Any, config: Any) -> None:
 
 
 def _check_policy(threshold: float, action: str) -> None:
-    if action not in ACTIONS:
-        raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
+    if action not in TOXICITY_ACTIONS:
+        raise ValueError(f"action must be one of {TOXICITY_ACTIONS}, got {action!r}")
     if not isinstance(threshold, int | float) or math.isnan(threshold):
         raise ValueError(f"threshold must be a number, got {threshold!r}")
 
@@ -325,15 +310,8 @@ def _mark_errors(table: pa.Table, rows: list[bool], message: str) -> pa.Table:
     kind = pc.if_else(
         set_here, pa.scalar("toxicity"), table.column(schema.ERROR_KIND).cast(pa.string())
     )
-    table = _set_column(table, schema.ERROR, new_error)
-    return _set_column(table, schema.ERROR_KIND, kind)
-
-
-def _set_column(table: pa.Table, name: str, values: pa.Array | pa.ChunkedArray) -> pa.Table:
-    index = table.schema.get_field_index(name)
-    if index < 0:
-        return table.append_column(name, values)
-    return table.set_column(index, name, values)
+    table = schema.set_column(table, schema.ERROR, new_error)
+    return schema.set_column(table, schema.ERROR_KIND, kind)
 
 
 # Stage ----------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_nightly_rerun_rules(tmp_path, monkeypatch, capsys) -> None:
     def crash(*args, **kwargs):
         raise RuntimeError("driver lost")
 
-    monkeypatch.setattr(pipeline.runner, "finalize", crash)
+    monkeypatch.setattr(pipeline.runner, "collect", crash)
     assert cli_main(["run", str(config), "--date", "2026-11-26"]) == 1
     first_parts = sorted(p.name for p in run_dir.glob("part-*"))
     assert first_parts and not (run_dir / "_SUCCESS").exists()

@@ -100,7 +100,8 @@ def test_drop_writes_rejected_from_the_plan_and_the_driver_reads_no_part(
     kept, rejected = recount(run_dir, out_fmt)
     assert rejected.num_rows == len(rows) - 6 and kept.num_rows == 6
     decisions = collections.Counter(
-        kept.column(S.TOXICITY_DECISION).to_pylist() + rejected.column(S.TOXICITY_DECISION).to_pylist()
+        kept.column(S.TOXICITY_DECISION).to_pylist()
+        + rejected.column(S.TOXICITY_DECISION).to_pylist()
     )
     assert set(rejected.column(S.TOXICITY_DECISION).to_pylist()) == {"drop"}
     assert "drop" not in kept.column(S.TOXICITY_DECISION).to_pylist()
@@ -116,8 +117,11 @@ def test_drop_writes_rejected_from_the_plan_and_the_driver_reads_no_part(
     assert counts["toxicity_decisions"] == dict(decisions)
     assert len(result.manifest["inputs"]) == 3
     for uri, row in result.manifest["inputs"].items():
-        assert row["rows_in"] == row["rows_out"] == kept.column(S.SOURCE).to_pylist().count(uri) + (
-            rejected.column(S.SOURCE).to_pylist().count(uri)
+        assert (
+            row["rows_in"]
+            == row["rows_out"]
+            == kept.column(S.SOURCE).to_pylist().count(uri)
+            + (rejected.column(S.SOURCE).to_pylist().count(uri))
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -78,6 +79,7 @@ def test_sigkill_then_rerun_writes_every_row_exactly_once(tmp_path) -> None:
             output_uri=str(tmp_path / "out"),
             extra={
                 "generation": {"max_new_tokens": 24, "batch_size": 4, "max_slots": 4},
+                "output": {"rows_per_file": 4},
                 "run": {"num_cpus": 8},
             },
         )
@@ -115,3 +117,9 @@ def test_sigkill_then_rerun_writes_every_row_exactly_once(tmp_path) -> None:
     kept = {p.name for p in run_dir.glob("part-*.parquet")} & set(files_before)
     for name in kept:
         assert (run_dir / name).read_bytes() == files_before[name]
+    # The manifest counts what the files hold: no summary of a rolled-back part survived.
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["counts"]["rows"] == len(rows)
+    assert manifest["counts"]["output_tokens"] == sum(table.column(S.OUTPUT_TOKENS).to_pylist())
+    assert all(c["rows_in"] == c["rows_out"] for c in manifest["inputs"].values())
+    assert len(list((run_dir / "_stats").iterdir())) == len(list(run_dir.glob("part-*.parquet")))

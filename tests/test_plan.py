@@ -80,7 +80,9 @@ def test_stages_own_their_ray_arguments(fixtures, tmp_path) -> None:
     assert model.ray_args["batch_size"] == cfg.generation.batch_size
     assert prompt.ray_args["compute"].min_size == 1  # autoscaling with the cluster
     assert prompt.ray_args["compute"].max_size == float("inf")  # prompt_workers unset
-    capped = build_stages(config(fixtures, tmp_path, generation={"prompt_workers": 4}), PlanContext())
+    capped = build_stages(
+        config(fixtures, tmp_path, generation={"prompt_workers": 4}), PlanContext()
+    )
     assert capped[0].ray_args["compute"].max_size == 4
     assert toxicity.ray_args["batch_size"] == cfg.toxicity.batch_size
     engine = model.constructor_kwargs["engine_options"]

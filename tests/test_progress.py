@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import ray
 
-from pipeline.progress import ProgressCounter, ProgressReporter, count_rows, format_progress
+from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter, format_progress
 
 
 def test_format_with_and_without_a_total() -> None:
@@ -20,18 +17,7 @@ def test_format_with_and_without_a_total() -> None:
     assert "[######------------------]" in line
     assert format_progress(0, 10, 0, 1.0).endswith("ETA ?")
     assert format_progress(7, None, 70, 7.0) == "7 rows | 10 tok/s | 0:00:07 elapsed"
-
-
-def test_count_rows_jsonl_gzip_and_parquet(tmp_path) -> None:
-    import gzip
-
-    (tmp_path / "a.jsonl").write_text('{"a": 1}\n\n{"a": 2}\n')
-    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as handle:
-        handle.write("".join(json.dumps({"a": i}) + "\n" for i in range(5)))
-    pq.write_table(pa.table({"a": list(range(7))}), tmp_path / "c.parquet")
-    files = [str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl.gz")]
-    assert count_rows(files, "jsonl", {}) == 7
-    assert count_rows([str(tmp_path / "c.parquet")], "parquet", {}) == 7
+    assert "50/~200 rows" in format_progress(50, 200, 0, 1.0, estimated=True)
 
 
 class FakeTerminal(io.StringIO):
@@ -58,3 +44,10 @@ def test_reporter_redraws_on_a_terminal_and_logs_otherwise(ray_local, caplog) ->
     with ProgressReporter(counter, None, interval_s=0.1, stream=io.StringIO()):
         pass
     assert any("progress: 6 rows" in r.getMessage() for r in caplog.records)
+
+    # A JSONL corpus: the total is estimated from the bytes of the files read so far.
+    ray.get(counter.file_read.remote(6, 600))
+    with ProgressReporter(counter, InputTotal(bytes_total=1200), stream=terminal) as reporter:
+        pass
+    assert "6/~12 rows (50%)" in terminal.getvalue()
+    assert reporter.samples[0] == (0.0, 0, 0) and reporter.samples[-1][1:] == (6, 60)

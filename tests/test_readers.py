@@ -95,6 +95,7 @@ def parquet_file(tmp_path: Path) -> str:
         ("x.json.gz", "jsonl"),
         ("x.parquet", "parquet"),
         ("memory://x.pq", "parquet"),
+        ("x.ndjson", "jsonl"),
         ("x.parquet.gz", None),
         ("x.csv", None),
         ("x.gz", None),

@@ -16,7 +16,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import report
-from pipeline.writer import MANIFEST, REJECTED, write_part
+from pipeline.summary import SAMPLE_ROWS, RunSummary
+from pipeline.writer import MANIFEST, SUMMARY
 
 LABELS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
 NASTY = "<script>alert('x')</script>"
@@ -115,31 +116,40 @@ def _manifest(rows: int, rejected: int, fmt: str, toxicity: bool = True) -> dict
 
 def make_run(
     root: Path, fmt: str = "parquet", toxicity: bool = True, timed: bool = True, parts: int = 3
-) -> tuple[str, dict[str, Any]]:
-    """A finished run directory: ``parts`` part files of 80 rows and a rejected/ file of 6."""
-    fs = fsspec.filesystem("file")
+) -> tuple[str, dict[str, Any], RunSummary, list[tuple[float, int, int]]]:
+    """A finished run directory's manifest and _summary.json: the summaries of ``parts`` parts of
+    80 rows and of 6 rejected rows, and a minute of progress samples (none when not ``timed``)."""
     run_dir = str(root / "run-1")
-    fs.makedirs(f"{run_dir}/{REJECTED}", exist_ok=True)
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     labels = LABELS if toxicity else ()
     schema = _schema(labels, timed)
+    threshold = 0.5 if toxicity else None
 
-    def table(rows: list[dict[str, Any]]) -> pa.Table:
+    def summary_of(rows: list[dict[str, Any]]) -> RunSummary:
         if not toxicity:
             for row in rows:
                 row["toxic"] = row["toxicity_decision"] = None
-        return pa.Table.from_pylist(rows, schema=schema)
+        return RunSummary.of_table(pa.Table.from_pylist(rows, schema=schema), threshold)
 
+    summary = RunSummary(threshold=threshold)
     for p in range(parts):
-        rows = _rows(p * 80, 80, rng, labels)
-        write_part(fs, f"{run_dir}/part-abc-{p:06d}-0.{fmt}", table(rows), fmt)
+        summary.merge(summary_of(_rows(p * 80, 80, rng, labels)))
     rejected = 6 if toxicity else 0
     if rejected:
-        rows = _rows(parts * 80, rejected, rng, labels, dropped=True)
-        write_part(fs, f"{run_dir}/{REJECTED}/part-abc-000000-0.{fmt}", table(rows), fmt)
+        summary.merge(summary_of(_rows(parts * 80, rejected, rng, labels, dropped=True)))
+    # Rows finish over about a minute, faster in the middle.
+    samples = (
+        [(t, int(summary.rows * (t / 60) ** 1.5), int(7890 * (t / 60) ** 1.5)) for t in range(61)]
+        if timed and summary.rows
+        else [(0.0, 0, 0)]
+    )
     manifest = _manifest(parts * 80 + rejected, rejected, fmt, toxicity)
     Path(run_dir, MANIFEST).write_text(json.dumps(manifest))
-    return run_dir, manifest
+    Path(run_dir, SUMMARY).write_text(
+        json.dumps({"summary": summary.to_json(), "progress": samples})
+    )
+    return run_dir, manifest, summary, samples
 
 
 def charts(page: str) -> set[str]:
@@ -164,9 +174,9 @@ def assert_self_contained(page: str) -> None:
 
 @pytest.mark.parametrize("fmt", ["parquet", "jsonl"])
 def test_report_has_every_chart_and_escapes_data(tmp_path: Path, fmt: str) -> None:
-    run_dir, manifest = make_run(tmp_path, fmt)
+    run_dir, manifest, summary, samples = make_run(tmp_path, fmt)
     fs = fsspec.filesystem("file")
-    path = report.write_report(fs, run_dir, fmt, manifest)
+    path = report.write_report(fs, run_dir, manifest, summary, samples)
     assert path == f"{run_dir}/{report.REPORT}"
     page = Path(path).read_text(encoding="utf-8")
 
@@ -187,47 +197,36 @@ def test_report_has_every_chart_and_escapes_data(tmp_path: Path, fmt: str) -> No
     assert '"format": "' + fmt + '"' in page.replace("&quot;", '"')
 
 
-def test_report_counts_rejected_rows_and_reads_only_needed_columns(tmp_path: Path) -> None:
-    run_dir, _ = make_run(tmp_path)
-    tally = report.collect(fsspec.filesystem("file"), run_dir, "parquet", threshold=0.5)
-    assert tally.rows == 246 and tally.rejected == 6
-    assert tally.decisions == {"keep": 226, "drop": 6}
-    assert sum(tally.finish_reasons.values()) == 246
-    assert int(tally.toxicity["toxicity"].sum()) + tally.toxicity_unscored["toxicity"] == 246
-    assert tally.toxicity_over["insult"] >= 6  # the rejected rows are in the histograms
-    assert tally.timed_rows == 246
-    assert len(tally.samples) == report.SAMPLE_ROWS
-    table, _ = report._read_file(
-        fsspec.filesystem("file"), f"{run_dir}/part-abc-000000-0.parquet", "parquet", False
-    )
-    assert "output_text" not in table.column_names and "id" not in table.column_names
+def test_report_counts_rejected_rows(tmp_path: Path) -> None:
+    _, _, summary, _ = make_run(tmp_path)
+    assert summary.rows == 246 and summary.rejected == 6 and summary.parts == 4
+    assert summary.decisions == {"keep": 226, "drop": 6}
+    assert sum(summary.finish_reasons.values()) == 246
+    assert sum(summary.toxicity["toxicity"]) + summary.toxicity_unscored["toxicity"] == 246
+    assert summary.toxicity_over["insult"] >= 6  # the rejected rows are in the histograms
+    assert len(summary.samples) == SAMPLE_ROWS
 
 
 def test_report_without_toxicity_or_timing(tmp_path: Path) -> None:
-    run_dir, manifest = make_run(tmp_path, toxicity=False, timed=False, parts=1)
-    page = report.build_report(fsspec.filesystem("file"), run_dir, "parquet", manifest)
+    run_dir, manifest, summary, samples = make_run(tmp_path, toxicity=False, timed=False, parts=1)
+    page = report.build_report(manifest, summary, samples, run_dir)
     assert charts(page) == BASE_CHARTS
     assert "no timing data" in page and "no toxicity decisions" in page
     assert_self_contained(page)
 
 
-@pytest.mark.parametrize("with_empty_file", [False, True])
-def test_report_of_an_empty_run(tmp_path: Path, with_empty_file: bool) -> None:
-    run_dir, manifest = make_run(tmp_path, parts=0)
-    fs = fsspec.filesystem("file")
-    fs.rm(f"{run_dir}/{REJECTED}", recursive=True)
-    if with_empty_file:
-        empty = pa.Table.from_pylist([], schema=_schema(LABELS, True))
-        write_part(fs, f"{run_dir}/part-abc-000000-0.parquet", empty, "parquet")
+def test_report_of_an_empty_run(tmp_path: Path) -> None:
+    run_dir, _, summary, samples = make_run(tmp_path, parts=0, toxicity=False)
     manifest = _manifest(0, 0, "parquet")
-    page = Path(report.write_report(fs, run_dir, "parquet", manifest)).read_text()
+    fs = fsspec.filesystem("file")
+    page = Path(report.write_report(fs, run_dir, manifest, summary, samples)).read_text()
     assert charts(page) == BASE_CHARTS
     assert "no rows" in page and "No errors." in page
     assert_self_contained(page)
 
 
 def test_rebuild_and_summary(tmp_path: Path) -> None:
-    run_dir, _ = make_run(tmp_path, fmt="jsonl", parts=1)
+    run_dir, *_ = make_run(tmp_path, fmt="jsonl", parts=1)
     summary, uri = report.rebuild(run_dir + "/")
     assert uri == f"{run_dir}/{report.REPORT}" and Path(uri).is_file()
     assert "data-chart" in Path(uri).read_text()
@@ -288,8 +287,9 @@ def png_size(path: Path) -> tuple[int, int]:
 
 
 def test_report_renders_in_headless_chromium(tmp_path: Path) -> None:
-    run_dir, manifest = make_run(tmp_path / "data")
-    path = Path(report.write_report(fsspec.filesystem("file"), run_dir, "parquet", manifest))
+    run_dir, manifest, summary, samples = make_run(tmp_path / "data")
+    fs = fsspec.filesystem("file")
+    path = Path(report.write_report(fs, run_dir, manifest, summary, samples))
     url = path.resolve().as_uri()
 
     # (1) A screenshot of the page.

@@ -15,7 +15,7 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config.schema import _FORMAT_BY_SUFFIX, ConfigError, JobConfig
+from pipeline.config.schema import FORMAT_BY_SUFFIX, ConfigError, JobConfig
 
 
 def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
@@ -25,7 +25,7 @@ def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) ->
     if _glob.has_magic(path):
         found = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
     elif fs.isdir(path):
-        suffixes = tuple(s for s, f in _FORMAT_BY_SUFFIX if fmt is None or f == fmt)
+        suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX if fmt is None or f == fmt)
         found = [
             p
             for p in fs.find(path)

@@ -50,14 +50,17 @@ URI_FIELDS = ("input.uri", "output.uri", "run.checkpoint_uri")
 URI_PLACEHOLDERS = ("date", "run_id")
 
 
-_FORMAT_BY_SUFFIX: tuple[tuple[str, InputFormat], ...] = (
+FORMAT_BY_SUFFIX: tuple[tuple[str, InputFormat], ...] = (
     (".jsonl.gz", "jsonl"),
     (".json.gz", "jsonl"),
+    (".ndjson.gz", "jsonl"),
     (".jsonl", "jsonl"),
     (".json", "jsonl"),
+    (".ndjson", "jsonl"),
     (".parquet", "parquet"),
     (".pq", "parquet"),
 )
+"""File name endings and the input format they mean (the one list: config, listing, readers)."""
 # Placeholders each prompt template may use; all of them are required.
 PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "summarize": ("text",),
@@ -133,7 +136,7 @@ def _check_uri_template(value: str | None) -> str | None:
 def infer_format(uri: str) -> InputFormat | None:
     """The input format implied by the extension of ``uri`` (or of its glob), else None."""
     path = uri.split("?", 1)[0].rstrip("/").lower()
-    for suffix, fmt in _FORMAT_BY_SUFFIX:
+    for suffix, fmt in FORMAT_BY_SUFFIX:
         if path.endswith(suffix):
             return fmt
     return None
@@ -153,7 +156,7 @@ class InputSection(_Section):
         validate_default=True,
         description=(
             "jsonl | parquet. When omitted, inferred from the URI's extension: .jsonl, .json, "
-            ".jsonl.gz, .json.gz -> jsonl; .parquet, .pq -> parquet."
+            ".ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet."
         ),
     )
     id_column: str | None = Field(
