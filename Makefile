@@ -37,13 +37,14 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
-# Benchmarks (CPU figures in the README); GPU: $(PY) benchmarks/gpu_engine.py on a GPU machine.
+# Benchmarks (CPU figures in the README); GPU: $(PY) -m benchmarks.gpu_engine on a GPU machine.
 bench: setup
 	@mkdir -p out/bench
-	$(PY) benchmarks/prefill.py --json out/bench/prefill.json
-	$(PY) benchmarks/engine_vs_reference.py --json out/bench/engine.json
-	$(PY) benchmarks/pipeline_efficiency.py --json out/bench/pipeline.json
-	$(PY) benchmarks/pipeline_efficiency.py --compile-cache cold --json out/bench/pipeline_cold.json
+	$(PY) -m benchmarks.prefill --json out/bench/prefill.json
+	$(PY) -m benchmarks.engine_vs_reference --json out/bench/engine.json
+	$(PY) -m benchmarks.pipeline_efficiency --json out/bench/pipeline.json
+	$(PY) -m benchmarks.pipeline_efficiency --compile-cache cold --json out/bench/pipeline_cold.json
+	$(PY) -m benchmarks.pipeline_scale --json out/bench/pipeline_scale.json
 
 FIXTURES ?= .fixtures
 

@@ -14,22 +14,25 @@ matmul rate are measured here, on the same device, before the engine runs.
 
 Needs only jax, flax and numpy (and this repo's `model` package).
 
-  python benchmarks/gpu_engine.py                  # on a GPU: the full workload (< 8 minutes)
-  python benchmarks/gpu_engine.py --cpu-small      # anywhere: a reduced size, for CI
+  python -m benchmarks.gpu_engine                  # on a GPU: the full workload (< 8 minutes)
+  python -m benchmarks.gpu_engine --cpu-small      # anywhere: a reduced size, for CI (or --small)
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import time
+import sys
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a script (python benchmarks/gpu_engine.py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from model import ModelConfig, cache_bytes_per_sequence, count_params, param_shapes
 from model.engine import Engine, GenerationRequest
 
@@ -54,26 +57,14 @@ def measure_bandwidth(n_bytes: int, repeats: int = 5) -> float:
     """Bytes/s of a device copy (read + write counted)."""
     x = jnp.ones((n_bytes // 4,), jnp.float32)
     f = jax.jit(lambda a: a * 1.0001)
-    f(x).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * x.nbytes / best
+    return 2 * x.nbytes / min(harness.repeat_timings(f, x, repeats=repeats))
 
 
 def measure_matmul(n: int, dtype: Any, repeats: int = 5) -> float:
     """FLOP/s of an n x n x n matmul in dtype."""
     a = jnp.ones((n, n), dtype)
     f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(harness.repeat_timings(f, a, a, repeats=repeats))
 
 
 def decode_step_cost(config: ModelConfig, slots: int, dtype: Any) -> tuple[float, float]:
@@ -113,17 +104,10 @@ def run_slots(
         decode_steps=args.decode_steps,
         dtype=jnp.dtype(args.dtype),
     )
-    t0 = time.perf_counter()
-    engine.warmup()
-    compile_s = time.perf_counter() - t0
-
+    _, compile_s = harness.time_call(engine.warmup)
     # Prefill alone (all prompts), then the whole run; decode time is the difference.
-    t0 = time.perf_counter()
-    engine.next_token_logits([r.prompt_ids for r in requests])
-    prefill_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    results = engine.generate(requests)
-    total_s = time.perf_counter() - t0
+    _, prefill_s = harness.time_call(engine.next_token_logits, [r.prompt_ids for r in requests])
+    results, total_s = harness.time_call(engine.generate, requests)
     generated = sum(r.output_tokens for r in results)
     assert generated == slots * new_tokens, (generated, slots * new_tokens)
     decode_s = max(total_s - prefill_s, 1e-9)
@@ -140,8 +124,7 @@ def run_slots(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cpu-small", action="store_true", help="reduced size that runs on CPU")
+    parser = harness.parser(__doc__)
     parser.add_argument("--slots", default="64,128,256")
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=256)
@@ -149,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--json", type=Path, default=None)
+    harness.add_output_args(parser, "reduced size that runs on CPU", "--cpu-small", "--small")
     args = parser.parse_args(argv)
 
     if args.cpu_small:
@@ -210,9 +193,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "cache_bytes_per_slot": cache_bytes_per_sequence(config, dtype),
         "rows": rows,
     }
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return harness.finish(result, None, args.json, "gpu-engine")
 
 
 if __name__ == "__main__":

@@ -18,9 +18,9 @@ Both use the same engine settings and the same stop ids (EOS and end-of-turn: a 
 
 efficiency = (generated tokens / end-to-end seconds) / (generated tokens / engine seconds).
 
-  python benchmarks/pipeline_efficiency.py [--rows 2000] [--toxicity] [--compile-cache cold]
+  python -m benchmarks.pipeline_efficiency [--rows 2000] [--toxicity] [--compile-cache cold]
                                            [--json out.json]
-  python benchmarks/pipeline_efficiency.py --small      # a quick smoke run
+  python -m benchmarks.pipeline_efficiency --small      # a quick smoke run
 """
 
 from __future__ import annotations
@@ -28,16 +28,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a script (python benchmarks/...py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 import jax.numpy as jnp
 import ray
 import yaml
 
+from benchmarks import harness
 from model.engine import Engine, GenerationRequest, enable_compilation_cache
 from model.testing import random_params, tiny_config, write_kaggle_checkpoint
 from model.tokenizer import Tokenizer
@@ -48,7 +52,7 @@ from pipeline.prompts import PromptBuilder
 from pipeline.readers import read_file_rows
 from pipeline.runner import run_job
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE = harness.REPO_ROOT / "data" / "sample"
 
 
 def write_corpus(path: Path, rows: int) -> None:
@@ -116,12 +120,9 @@ def engine_only(config_dict: dict, checkpoint: Path, root: Path) -> tuple[float,
     # The stop ids the model stage uses, so both sides generate the same tokens.
     stop_ids = stop_ids_for(tokenizer, cfg.model.use_chat_template)
     requests = [GenerationRequest(p, gen.max_new_tokens, stop_ids=stop_ids) for p in prompts]
-    start = time.perf_counter()
-    engine.warmup()
-    compiled = time.perf_counter()
-    results = engine.generate(requests)
-    done = time.perf_counter()
-    return done - compiled, done - start, sum(r.output_tokens for r in results)
+    _, compile_s = harness.time_call(engine.warmup)
+    results, generate_s = harness.time_call(engine.generate, requests)
+    return generate_s, compile_s + generate_s, sum(r.output_tokens for r in results)
 
 
 def measure(
@@ -142,16 +143,14 @@ def measure(
     ray.init(num_cpus=8, include_dashboard=False)
     try:
         cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="bench")
-        start = time.perf_counter()
-        result = run_job(cfg)
-        e2e_s = time.perf_counter() - start
+        result, e2e_s = harness.time_call(run_job, cfg)
     finally:
         ray.shutdown()
     return engine_s, engine_cold_s, engine_tokens, e2e_s, result.manifest["counts"]["output_tokens"]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--slots", type=int, default=32)
@@ -165,8 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(as a rerun or the next nightly run does; the engine-only pass fills a fresh cache); "
         "cold: the actor compiles everything",
     )
-    parser.add_argument("--small", action="store_true", help="tiny model, 64 rows (smoke run)")
-    parser.add_argument("--json", type=Path, default=None)
+    harness.add_output_args(parser, "tiny model, 64 rows (smoke run)")
     args = parser.parse_args(argv)
 
     if args.small:
@@ -214,16 +212,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "efficiency_vs_engine_with_compile": engine_cold_s / e2e_s,
         "cpus": os.cpu_count(),
     }
-    print(
+    report = (
         f"engine only: {engine_tokens} tokens in {engine_s:.1f} s = {engine_tps:.0f} tok/s\n"
         f"end to end:  {e2e_tokens} tokens in {e2e_s:.1f} s = {e2e_tps:.0f} tok/s "
         f"(toxicity {'on' if args.toxicity else 'off'}, compilation cache {args.compile_cache})\n"
         f"efficiency:  {out['efficiency']:.2f} (vs the engine with its compilation: "
         f"{out['efficiency_vs_engine_with_compile']:.2f})"
     )
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-    return out
+    return harness.finish(out, report, args.json, "pipeline")
 
 
 if __name__ == "__main__":

@@ -21,26 +21,68 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+if not __package__:  # run as a script (python benchmarks/...py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks import harness
+
 DEFAULT_SIZES = (20_000, 200_000)
 FILES = 16
 RSS_GROWTH_TARGET_MB = 64
 READ_PER_ROW_TARGET = 100
-VOCAB = (
-    "river market council school bridge harvest storm library festival railway museum "
-    "hospital mayor teacher farmer budget report season village harbour factory garden "
-    "engine ticket weather summer winter station street clinic museum theatre record "
-    "opened closed rose fell grew moved built planned voted visited repaired announced"
-).split()
+VOCAB = [
+    "river",
+    "market",
+    "council",
+    "school",
+    "bridge",
+    "harvest",
+    "storm",
+    "library",
+    "festival",
+    "railway",
+    "museum",
+    "hospital",
+    "mayor",
+    "teacher",
+    "farmer",
+    "budget",
+    "report",
+    "season",
+    "village",
+    "harbour",
+    "factory",
+    "garden",
+    "engine",
+    "ticket",
+    "weather",
+    "summer",
+    "winter",
+    "station",
+    "street",
+    "clinic",
+    "theatre",
+    "record",
+    "opened",
+    "closed",
+    "rose",
+    "fell",
+    "grew",
+    "moved",
+    "built",
+    "planned",
+    "voted",
+    "visited",
+    "repaired",
+    "announced",
+]
 
 
 def make_corpus(directory: Path, rows: int, files: int = FILES, seed: int = 0) -> int:
@@ -126,46 +168,41 @@ def run_size(rows: int, workdir: Path, checkpoint: str) -> dict[str, Any]:
     corpus_bytes = make_corpus(corpus, rows)
     config = workdir / f"job-{rows}.yaml"
     config.write_text(job_yaml(corpus, workdir / "out", checkpoint))
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks.pipeline_scale", "--child", str(config), f"r{rows}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
+    result = harness.run_module_json(
+        "benchmarks.pipeline_scale", "--child", str(config), f"r{rows}", label=f"{rows} rows"
     )
-    if proc.returncode != 0:
-        raise RuntimeError(f"the {rows}-row run failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
     result["corpus_bytes"] = corpus_bytes
     return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.parser(__doc__)
     parser.add_argument("--sizes", type=int, nargs=2, default=DEFAULT_SIZES)
-    parser.add_argument("--json", help="write the results here")
+    harness.add_output_args(parser, "sizes 1,000 and 4,000 rows (a smoke run)")
     parser.add_argument("--workdir", help="keep corpora and outputs here (default: a temp dir)")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.small:
+        args.sizes = (1_000, 4_000)
     if args.child:
         print(json.dumps(child(*args.child)))
         return {}
 
     from model.testing import build_tiny_checkpoint
 
+    env = harness.environment()
     with tempfile.TemporaryDirectory(prefix="rgbatch-scale-") as tmp:
         workdir = Path(args.workdir or tmp)
         checkpoint = str(build_tiny_checkpoint(workdir / "fixtures"))
         small, large = (run_size(n, workdir, checkpoint) for n in sorted(args.sizes))
+    harness.record_load_after(env)
     extra_rows = large["rows"] - small["rows"]
     rss_growth = large["driver_peak_rss_mb"] - small["driver_peak_rss_mb"]
     read_per_row = (large["driver_read_bytes"] - small["driver_read_bytes"]) / max(extra_rows, 1)
     results = {
         "benchmark": "pipeline_scale",
         "date": time.strftime("%Y-%m-%d"),
-        "cpus": os.cpu_count(),
+        "environment": env,
         "sizes": {str(small["rows"]): small, str(large["rows"]): large},
         "driver_rss_growth_mb": round(rss_growth, 1),
         "driver_read_bytes_per_extra_row": round(read_per_row, 1),
@@ -175,22 +212,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "meets_targets": rss_growth <= RSS_GROWTH_TARGET_MB and read_per_row <= READ_PER_ROW_TARGET,
     }
+    lines = []
     for size in (small, large):
-        print(
+        lines.append(
             f"{size['rows']:>8,} rows: {size['wall_s']:8.1f} s, {size['rows_per_s']:8.1f} rows/s, "
             f"driver peak RSS {size['driver_peak_rss_mb']:7.1f} MB, "
             f"driver read {size['driver_read_bytes'] / 2**20:8.2f} MiB"
         )
         per_row = ", ".join(f"{k} {v} us" for k, v in size["operator_us_per_row"].items())
-        print(f"          task time per row: {per_row}")
-    print(
+        lines.append(f"          task time per row: {per_row}")
+    lines.append(
         f"driver RSS growth {rss_growth:.1f} MB (target <= {RSS_GROWTH_TARGET_MB}), "
         f"read {read_per_row:.1f} bytes per extra row (target <= {READ_PER_ROW_TARGET})"
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
+    return harness.finish(results, "\n".join(lines), args.json, "pipeline_scale")
 
 
 if __name__ == "__main__":

@@ -22,29 +22,29 @@ vocab 8192, window 256, lru_width 512, float32, batch 8 x 512 tokens, on the def
 
 Run:
   make bench                                   # the default workload
-  .venv/bin/python benchmarks/prefill.py       # same
-  .venv/bin/python benchmarks/prefill.py --small --impls ours-linear,official-linear
-  .venv/bin/python benchmarks/prefill.py --json results.json
+  .venv/bin/python -m benchmarks.prefill       # same
+  .venv/bin/python -m benchmarks.prefill --small --impls ours-linear,official-linear
+  .venv/bin/python -m benchmarks.prefill --json results.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
+import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
+
+if not __package__:  # run as a script (python benchmarks/prefill.py): import from the repo root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import harness
 from model import ModelConfig, RecurrentGemma
-from model.config import griffin_pattern
 from model.testing import official_griffin_config, random_params
 
 IMPLS: tuple[str, ...] = (
@@ -54,78 +54,22 @@ IMPLS: tuple[str, ...] = (
     "official-associative",
 )
 
-DEFAULTS: dict[str, int] = dict(
-    batch=8,
-    seq=512,
-    width=512,
-    layers=6,
-    heads=4,
-    mlp=1536,
-    vocab=8192,
-    window=256,
-    repeats=5,
-)
-SMALL: dict[str, int] = dict(
-    batch=2,
-    seq=16,
-    width=64,
-    layers=3,
-    heads=2,
-    mlp=96,
-    vocab=256,
-    window=8,
-    repeats=1,
-)
+DEFAULTS: dict[str, int] = dict(batch=8, seq=512, **harness.MODEL_DEFAULTS, repeats=5)
+SMALL: dict[str, int] = dict(batch=2, seq=16, **harness.MODEL_SMALL, repeats=1)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    for name, value in DEFAULTS.items():
-        parser.add_argument(
-            f"--{name}", type=int, default=None, help=f"default {value} (--small: {SMALL[name]})"
-        )
-    parser.add_argument("--lru-width", type=int, default=None, help="default: --width")
-    parser.add_argument(
-        "--impls",
-        default=",".join(IMPLS),
-        help=f"comma-separated subset of {','.join(IMPLS)} (default: all)",
-    )
-    parser.add_argument(
-        "--small", action="store_true", help="tiny preset for a quick smoke run (seconds)"
-    )
+    parser = harness.parser(__doc__)
+    harness.add_workload_args(parser, DEFAULTS, SMALL)
+    harness.add_subset_arg(parser, "--impls", IMPLS)
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and tokens")
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write results as JSON")
+    harness.add_output_args(parser, "tiny preset for a quick smoke run (seconds)")
     args = parser.parse_args(argv)
-    preset = SMALL if args.small else DEFAULTS
-    for name, value in preset.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.lru_width is None:
-        args.lru_width = args.width
-    impls = [s.strip() for s in args.impls.split(",") if s.strip()]
-    unknown = sorted(set(impls) - set(IMPLS))
-    if unknown or not impls:
-        parser.error(f"--impls: unknown {unknown}; choose from {', '.join(IMPLS)}")
-    args.impls = list(dict.fromkeys(impls))
+    harness.resolve_workload_args(args, DEFAULTS, SMALL)
+    args.impls = harness.parse_subset(parser, "--impls", args.impls, IMPLS)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     return args
-
-
-def build_config(args: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(
-        vocab_size=args.vocab,
-        width=args.width,
-        mlp_expanded_width=args.mlp,
-        num_heads=args.heads,
-        block_types=griffin_pattern(args.layers),
-        embeddings_scale_by_sqrt_dim=True,
-        attention_window_size=args.window,
-        logits_soft_cap=30.0,
-        lru_width=args.lru_width,
-    )
 
 
 def official_model(config: ModelConfig, scan: str) -> Any:
@@ -165,9 +109,7 @@ def compile_impl(
     compiled = fn.lower(params, tokens, segment_pos).compile()
     compile_s = time.perf_counter() - start
 
-    start = time.perf_counter()
-    logits, _ = jax.block_until_ready(compiled(params, tokens, segment_pos))
-    warmup_s = time.perf_counter() - start
+    (logits, _), warmup_s = harness.time_call(compiled, params, tokens, segment_pos)
     return compiled, dict(compile_s=compile_s, warmup_s=warmup_s, times_s=[]), np.asarray(logits)
 
 
@@ -186,62 +128,32 @@ def time_round_robin(
     for _ in range(repeats):
         for impl, fn in compiled.items():
             try:
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
-                stats[impl]["times_s"].append(time.perf_counter() - start)
+                stats[impl]["times_s"].append(harness.time_call(fn, *args)[1])
             except Exception as exc:  # keep timing the others
-                traceback.print_exc()
-                stats[impl]["error"] = f"{type(exc).__name__}: {exc}"
+                stats[impl]["error"] = harness.error_text(exc)
         compiled = {i: f for i, f in compiled.items() if "error" not in stats[i]}
     for row in stats.values():
         if "error" in row:
             continue
-        times = row["times_s"]
-        row["median_s"], row["min_s"] = statistics.median(times), min(times)
+        row["median_s"], row["min_s"] = harness.median_min(row["times_s"])
         row["tokens_per_s"] = n_tokens / row["median_s"]
         row["tokens_per_s_best"] = n_tokens / row["min_s"]
-
-
-def environment() -> dict[str, Any]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count()
-    return dict(
-        jax_version=jax.__version__,
-        backend=jax.default_backend(),
-        devices=[str(d) for d in jax.devices()],
-        cpu_count=os.cpu_count(),
-        cpus_usable=usable,
-        python=platform.python_version(),
-        machine=platform.machine(),
-        load_avg_before=list(os.getloadavg()),
-    )
-
-
-def _load(env: dict[str, Any], when: str) -> str:
-    values = env.get(f"load_avg_{when}")
-    return "n/a" if values is None else "/".join(f"{v:.2f}" for v in values)
 
 
 def format_report(results: dict[str, Any]) -> str:
     env, wl = results["environment"], results["workload"]
     lines = [
-        f"jax {env['jax_version']}  backend {env['backend']}  devices {', '.join(env['devices'])}  "
-        f"CPUs {env['cpu_count']} ({env['cpus_usable']} usable)  python {env['python']}",
+        harness.environment_line(env),
         f"workload: batch {wl['batch']} x seq {wl['seq']} = {wl['tokens']} tokens, unpadded, "
-        f"{wl['dtype']}; width {wl['width']}, layers {wl['layers']} "
-        f"({'/'.join(b[0].upper() for b in wl['block_types'])}), heads {wl['heads']}, "
-        f"mlp {wl['mlp']}, vocab {wl['vocab']}, window {wl['window']}, lru {wl['lru_width']}",
+        f"{wl['dtype']}; {harness.model_summary(wl)}",
         f"timed: {wl['call']}; {wl['repeats']} round-robin repeats after one warm-up call each",
-        f"load average (1/5/15 min) before {_load(env, 'before')}, after {_load(env, 'after')}",
+        harness.load_line(env),
         "",
     ]
-    header = (
+    lines += harness.with_rule(
         f"{'impl':<22}{'compile s':>10}{'median s':>11}{'min s':>10}"
         f"{'tok/s (median)':>16}{'tok/s (best)':>14}{'max|diff|':>12}"
     )
-    lines += [header, "-" * len(header)]
     for impl, row in results["impls"].items():
         if "error" in row:
             lines.append(f"{impl:<22}FAILED: {row['error']}")
@@ -266,7 +178,8 @@ def format_report(results: dict[str, Any]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    config = build_config(args)
+    log = harness.Log("prefill")
+    config = harness.griffin_config(args)
     params = jax.device_put(random_params(config, seed=args.seed))
     rng = np.random.default_rng(args.seed)
     tokens = jnp.asarray(rng.integers(1, config.vocab_size, (args.batch, args.seq)), jnp.int32)
@@ -275,19 +188,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     results: dict[str, Any] = dict(
-        environment=environment(),
+        environment=harness.environment(),
         workload=dict(
             batch=args.batch,
             seq=args.seq,
             tokens=args.batch * args.seq,
-            width=args.width,
-            layers=args.layers,
-            block_types=list(config.block_types),
-            heads=args.heads,
-            mlp=args.mlp,
-            vocab=args.vocab,
-            window=args.window,
-            lru_width=args.lru_width,
+            **harness.model_fields(args, config),
             dtype="float32",
             repeats=args.repeats,
             seed=args.seed,
@@ -298,19 +204,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     logits: dict[str, np.ndarray] = {}
     compiled: dict[str, Callable[..., Any]] = {}
     for impl in args.impls:
-        print(f"[prefill] {impl}: compiling and warming up ...", flush=True)
+        log(f"{impl}: compiling and warming up ...")
         try:
             compiled[impl], results["impls"][impl], logits[impl] = compile_impl(
                 impl, config, params, tokens, segment_pos
             )
         except Exception as exc:  # report a failing implementation, keep measuring the rest
-            traceback.print_exc()
-            results["impls"][impl] = dict(error=f"{type(exc).__name__}: {exc}")
-    print(f"[prefill] timing {args.repeats} round(s) over {list(compiled)} ...", flush=True)
+            results["impls"][impl] = dict(error=harness.error_text(exc))
+    log(f"timing {args.repeats} round(s) over {list(compiled)} ...")
     time_round_robin(
         compiled, results["impls"], (params, tokens, segment_pos), args.repeats, int(tokens.size)
     )
-    results["environment"]["load_avg_after"] = list(os.getloadavg())
+    harness.record_load_after(results["environment"])
 
     reference = next(
         (i for i in ("official-linear", "official-associative", *IMPLS) if i in logits), None
@@ -336,13 +241,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     results["fastest_ours_scan"] = max(ours, key=ours.__getitem__) if len(ours) > 1 else None
 
-    print(format_report(results), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-            f.write("\n")
-        print(f"[prefill] wrote {args.json}")
-    return results
+    return harness.finish(results, format_report(results), args.json, "prefill")
 
 
 if __name__ == "__main__":

@@ -2,31 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "engine_vs_reference.py"
-
-
-def load_benchmark() -> ModuleType:
-    """Imports the script by path (benchmarks/ is a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location("rgbatch_bench_engine_vs_reference", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import engine_vs_reference as bench
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.slow
 def test_small_engine_benchmark(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    bench = load_benchmark()
     out = tmp_path / "results.json"
     results = bench.main(["--small", "--json", str(out)])
 

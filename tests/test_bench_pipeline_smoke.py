@@ -2,25 +2,21 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import jax
 import pytest
 
+from benchmarks import pipeline_efficiency
+
 
 @pytest.mark.slow
 def test_pipeline_efficiency_benchmark_small(tmp_path) -> None:
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "pipeline_efficiency.py"
-    spec = importlib.util.spec_from_file_location("pipeline_efficiency", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     before_env, before_cache = (
         os.environ.get("RGBATCH_CACHE_DIR"),
         jax.config.jax_compilation_cache_dir,
     )
-    result = module.main(["--small", "--json", str(tmp_path / "out.json")])
+    result = pipeline_efficiency.main(["--small", "--json", str(tmp_path / "out.json")])
     # Same prompts, greedy, same stop ids: both sides generate the same number of tokens.
     assert 0 < result["engine_tokens"] == result["end_to_end_tokens"] <= 64 * 8
     assert result["efficiency"] > 0 and (tmp_path / "out.json").is_file()
