@@ -17,7 +17,7 @@ import ray
 from pipeline import schema as S
 from pipeline.model_stage import model_stage
 from pipeline.prompts import prompt_stage
-from pipeline.readers import CorpusDatasource, FileDone
+from pipeline.readers import CorpusDatasource, FileLedger
 from pipeline.stage import PlanContext, Stage, check_columns
 from pipeline.toxicity import toxicity_stage
 
@@ -66,8 +66,9 @@ def source_columns(config: JobConfig) -> list[str]:
 
 
 def sink_columns(config: JobConfig) -> tuple[str, ...]:
-    """What the writer needs: ids and sources (counts per file), and the decision to route on."""
-    needs = (S.ID, S.SOURCE)
+    """What the writer needs: ids, the resume key, sources (counts per file), and the decision
+    to route on."""
+    needs = (S.ID, S.ROW_KEY, S.SOURCE)
     if config.toxicity.enabled and config.toxicity.action == "drop":
         needs += (S.TOXICITY_DECISION,)
     return needs
@@ -87,7 +88,7 @@ def build_dataset(
     context: PlanContext,
     *,
     sizes: Sequence[int] | None = None,
-    on_file_done: FileDone | None = None,
+    ledger: FileLedger | None = None,
 ) -> ray.data.Dataset:
     """The lazy Ray Data plan for a job: one row out for every row in."""
     stages = build_stages(config, context)
@@ -102,7 +103,8 @@ def build_dataset(
         passthrough=inp.passthrough,
         storage_options=inp.storage_options,
         file_sizes=sizes,
-        on_file_done=on_file_done,
+        ledger=ledger,
+        max_row_bytes=inp.max_row_bytes,
     )
     dataset = ray.data.read_datasource(source)
     if inp.num_blocks:

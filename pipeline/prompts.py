@@ -35,7 +35,7 @@ import pyarrow as pa
 import ray
 
 from model.tokenizer import Tokenizer
-from pipeline.config.schema import TASKS, TRUNCATIONS, PromptsSection
+from pipeline.config.schema import PROMPT_PLACEHOLDERS, TASKS, TRUNCATIONS, PromptsSection
 from pipeline.schema import (
     ERROR,
     ERROR_KIND,
@@ -56,7 +56,7 @@ if TYPE_CHECKING:
 TEMPLATE_FIELDS = (TEXT, QUESTION, PROMPT)
 DOCUMENT_FIELD = {"summarize": TEXT, "qa": TEXT, "generate": PROMPT}
 """The field that truncation cuts, per task."""
-TASK_FIELDS = {"summarize": (TEXT,), "qa": (TEXT, QUESTION), "generate": (PROMPT,)}
+TASK_FIELDS = PROMPT_PLACEHOLDERS
 """The fields each task needs (its template must use them)."""
 DEFAULT_TEMPLATES = {task: PromptsSection.model_fields[task].default for task in TASKS}
 """The job config's default templates (``prompts.<task>``): defined there, once."""

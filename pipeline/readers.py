@@ -37,11 +37,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import fsspec
 import pyarrow as pa
@@ -58,11 +59,13 @@ from pipeline.schema import (
     PROMPT,
     QUESTION,
     READ_SCHEMA,
+    ROW_KEY,
     SOURCE,
     TEXT,
 )
 
 DEFAULT_BATCH_ROWS = 4096
+DEFAULT_MAX_ROW_BYTES = 32 << 20
 ID_HEX_CHARS = 24
 
 # Rough in-memory size per on-disk byte, for Ray's block-size planning.
@@ -84,6 +87,7 @@ class _Spec:
     passthrough: tuple[str, ...]
     storage_options: dict[str, Any] = field(default_factory=dict)
     batch_rows: int = DEFAULT_BATCH_ROWS
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
 
     def format_of(self, uri: str) -> str:
         fmt = self.fmt or infer_format(uri)
@@ -105,6 +109,7 @@ def _make_spec(
     passthrough: Sequence[str],
     storage_options: dict[str, Any] | None,
     batch_rows: int,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> _Spec:
     if fmt is not None and fmt not in INPUT_FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {INPUT_FORMATS}")
@@ -119,7 +124,10 @@ def _make_spec(
     if batch_rows < 1:
         raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
     columns = {TEXT: text_column, QUESTION: question_column, PROMPT: prompt_column}
-    return _Spec(fmt, id_column, columns, names, dict(storage_options or {}), batch_rows)
+    if max_row_bytes < 1:
+        raise ValueError(f"max_row_bytes must be >= 1, got {max_row_bytes}")
+    options = dict(storage_options or {})
+    return _Spec(fmt, id_column, columns, names, options, batch_rows, max_row_bytes)
 
 
 # ------------------------------------------------------------------------------ row pieces
@@ -146,6 +154,22 @@ def derive_id(source: str, position: int, content: bytes) -> str:
     return digest.hexdigest()[:ID_HEX_CHARS]
 
 
+def row_key(source: str, position: int) -> str:
+    """The resume key of a row: its file (hashed) and position there; unique and stable."""
+    return f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-{position}"
+
+
+def id_key(value: Any) -> str | None:
+    """An id value with its type: ``42`` and ``"42"`` are different ids (None for no id)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str):
+        return "s:" + value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"i:{value}"
+    return "j:" + _canonical_json(value)
+
+
 def _id_text(value: Any) -> str | None:
     """The id for an id-column value; None for null or blank (those rows get a derived id)."""
     if value is None:
@@ -169,6 +193,8 @@ class _Rows:
     def __init__(self, source: str) -> None:
         self.source = source
         self.ids: list[str] = []
+        self.keys: list[str] = []
+        self.id_keys: list[str | None] = []
         self.mapped: dict[str, list[str | None]] = {name: [] for name in _MAPPED}
         self.errors: list[str | None] = []
         self.kinds: list[str | None] = []
@@ -180,6 +206,7 @@ class _Rows:
         n = len(self.ids)
         columns = {
             ID: self.ids,
+            ROW_KEY: self.keys,
             SOURCE: [self.source] * n,
             ERROR: self.errors,
             ERROR_KIND: self.kinds,
@@ -217,6 +244,8 @@ def _parse_line(raw: bytes, position: int) -> tuple[dict[str, Any] | None, str, 
         obj = json.loads(text)
     except json.JSONDecodeError as err:
         return None, "invalid_json", f"line {position + 1} is not JSON: {err.msg}"
+    except RecursionError:
+        return None, "invalid_json", f"line {position + 1} nests JSON too deeply to parse"
     if not isinstance(obj, dict):
         kind = type(obj).__name__
         return None, "invalid_json", f"line {position + 1} is a JSON {kind}, not an object"
@@ -235,9 +264,23 @@ def _encodable(obj: Any) -> bool:
 
 
 def _add_jsonl_row(
-    rows: _Rows, spec: _Spec, raw: bytes, position: int, passthrough: dict[str, list[Any]]
+    rows: _Rows,
+    spec: _Spec,
+    raw: bytes,
+    position: int,
+    passthrough: dict[str, list[Any]],
+    too_large: int | None = None,
 ) -> None:
-    parsed, kind, message = _parse_line(raw, position)
+    """Adds one line's row; ``too_large`` is the size of a line over the limit (``raw`` then
+    holds its first bytes only, and the row is an error)."""
+    if too_large is not None:
+        parsed, kind = None, "row_too_large"
+        message = (
+            f"line {position + 1} has {too_large} bytes, over input.max_row_bytes "
+            f"({spec.max_row_bytes})"
+        )
+    else:
+        parsed, kind, message = _parse_line(raw, position)
     errors: list[tuple[str, str]] = [(kind, message)] if parsed is None else []
     obj = parsed or {}
     for out_name, in_name in spec.columns.items():
@@ -248,12 +291,15 @@ def _add_jsonl_row(
             )
             value = None
         rows.mapped[out_name].append(value)
-    row_id = None
+    row_id = key = None
     if spec.id_column is not None:
-        row_id = _id_text(obj.get(spec.id_column))
+        value = obj.get(spec.id_column)
+        row_id, key = _id_text(value), id_key(value)
         if row_id is None and parsed is not None:
             errors.append(_missing_id(spec.id_column))
     rows.ids.append(row_id if row_id is not None else derive_id(rows.source, position, raw))
+    rows.keys.append(row_key(rows.source, position))
+    rows.id_keys.append(key)
     for name in spec.passthrough:
         passthrough[name].append(_passthrough_text(obj.get(name)))
     error, error_kind = _join_errors(errors)
@@ -261,21 +307,42 @@ def _add_jsonl_row(
     rows.kinds.append(error_kind)
 
 
-def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[pa.Table]:
-    def flush() -> pa.Table:
+def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+    """(position, line without its break, size when over ``limit`` else None) of a byte stream.
+
+    A line over ``limit`` bytes is never held whole: its first KiB is kept and the rest skipped.
+    """
+    reader = io.BufferedReader(handle, buffer_size=1 << 20)
+    position = 0
+    while True:
+        line = reader.readline(limit + 1)
+        if not line:
+            return
+        if len(line) > limit and not line.endswith(b"\n"):
+            size, head = len(line), line[:1024]
+            while line and not line.endswith(b"\n"):
+                line = reader.readline(1 << 20)
+                size += len(line)
+            yield position, head, size - (1 if line.endswith(b"\n") else 0)
+        else:
+            yield position, line.rstrip(b"\r\n"), None
+        position += 1
+
+
+def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | None]]]:
+    def flush() -> tuple[pa.Table, list[str | None]]:
         arrays = {name: pa.array(values, pa.string()) for name, values in passthrough.items()}
-        return rows.table(arrays)
+        return rows.table(arrays), rows.id_keys
 
     rows = _Rows(uri)
     passthrough: dict[str, list[Any]] = {name: [] for name in spec.passthrough}
     with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
-        for position, line in enumerate(f):
-            raw = line.rstrip(b"\r\n")
+        for position, raw, too_large in _lines(f, spec.max_row_bytes):
             if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte order mark
-            if not raw.strip():
+            if too_large is None and not raw.strip():
                 continue
-            _add_jsonl_row(rows, spec, raw, position, passthrough)
+            _add_jsonl_row(rows, spec, raw, position, passthrough, too_large)
             if len(rows) >= spec.batch_rows:
                 yield flush()
                 rows = _Rows(uri)
@@ -339,12 +406,19 @@ def _ids_from_parquet(
     return ids
 
 
-def _parquet_table(batch: pa.RecordBatch, spec: _Spec, source: str, start: int) -> pa.Table:
+def _parquet_table(
+    batch: pa.RecordBatch, spec: _Spec, source: str, start: int
+) -> tuple[pa.Table, list[str | None]]:
     rows = _Rows(source)
     errors: list[list[tuple[str, str]]] = [[] for _ in range(batch.num_rows)]
     for out_name, in_name in spec.columns.items():
         rows.mapped[out_name] = _mapped_from_parquet(batch, in_name, errors)
     rows.ids = _ids_from_parquet(batch, spec, source, start, errors)
+    rows.keys = [row_key(source, start + i) for i in range(batch.num_rows)]
+    if spec.id_column is not None and spec.id_column in batch.schema.names:
+        rows.id_keys = [id_key(v) for v in batch.column(spec.id_column).to_pylist()]
+    else:
+        rows.id_keys = [None] * batch.num_rows
     for row_errors in errors:
         error, kind = _join_errors(row_errors)
         rows.errors.append(error)
@@ -357,7 +431,7 @@ def _parquet_table(batch: pa.RecordBatch, spec: _Spec, source: str, start: int) 
         )
         for name in spec.passthrough
     }
-    return rows.table(passthrough)
+    return rows.table(passthrough), rows.id_keys
 
 
 def _parquet_columns(file_schema: pa.Schema, spec: _Spec) -> list[str] | None:
@@ -368,7 +442,9 @@ def _parquet_columns(file_schema: pa.Schema, spec: _Spec) -> list[str] | None:
     return [name for name in file_schema.names if name in wanted]
 
 
-def _iter_parquet(uri: str, spec: _Spec, keep_empty: bool) -> Iterator[pa.Table]:
+def _iter_parquet(
+    uri: str, spec: _Spec, keep_empty: bool
+) -> Iterator[tuple[pa.Table, list[str | None]]]:
     with fsspec.open(uri, "rb", **spec.storage_options) as f:
         parquet = pq.ParquetFile(f)
         columns = _parquet_columns(parquet.schema_arrow, spec)
@@ -388,17 +464,25 @@ def _iter_parquet(uri: str, spec: _Spec, keep_empty: bool) -> Iterator[pa.Table]
 # ---------------------------------------------------------------------------------- public
 
 
-def _iter_batches(uri: str, spec: _Spec, keep_empty: bool = False) -> Iterator[pa.Table]:
+def _iter_keyed(
+    uri: str, spec: _Spec, keep_empty: bool = False
+) -> Iterator[tuple[pa.Table, list[str | None]]]:
+    """(table, typed id key of each row) batches of one file."""
     if spec.format_of(uri) == "parquet":
         yield from _iter_parquet(uri, spec, keep_empty)
         return
     produced = False
-    for table in _iter_jsonl(uri, spec):
+    for keyed in _iter_jsonl(uri, spec):
         produced = True
-        yield table
+        yield keyed
     if keep_empty and not produced:
         arrays = {name: pa.array([], pa.string()) for name in spec.passthrough}
-        yield _Rows(uri).table(arrays)
+        yield _Rows(uri).table(arrays), []
+
+
+def _iter_batches(uri: str, spec: _Spec, keep_empty: bool = False) -> Iterator[pa.Table]:
+    for table, _ in _iter_keyed(uri, spec, keep_empty):
+        yield table
 
 
 def iter_file_batches(
@@ -412,6 +496,7 @@ def iter_file_batches(
     passthrough: Sequence[str] = (),
     storage_options: dict[str, Any] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> Iterator[pa.Table]:
     """Reads one file as tables of at most ``batch_rows`` rows (none for a file without rows).
 
@@ -428,6 +513,7 @@ def iter_file_batches(
         passthrough,
         storage_options,
         batch_rows,
+        max_row_bytes,
     )
     return _iter_batches(uri, spec)
 
@@ -442,6 +528,7 @@ def read_file_rows(
     prompt_column: str = PROMPT,
     passthrough: Sequence[str] = (),
     storage_options: dict[str, Any] | None = None,
+    max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
 ) -> pa.Table:
     """Reads one whole file into a table (see :func:`iter_file_batches` for the arguments)."""
     spec = _make_spec(
@@ -453,6 +540,7 @@ def read_file_rows(
         passthrough,
         storage_options,
         DEFAULT_BATCH_ROWS,
+        max_row_bytes,
     )
     tables = list(_iter_batches(uri, spec, keep_empty=True))
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
@@ -461,24 +549,32 @@ def read_file_rows(
 # -------------------------------------------------------------------------------- Ray Data
 
 
-FileDone = Callable[[str, int, "int | None"], None]
-"""Told (source, rows, size in bytes or None) when a read task has read a whole file."""
+class FileLedger(Protocol):
+    """What read tasks report (picklable; called in the task): the typed id keys of each batch
+    (``batch``: the file, the batch's index in it, one key per row, None where a row has no id)
+    and each file read in full (``done``: the file, its rows, its size in bytes or None)."""
+
+    def batch(self, source: str, index: int, id_keys: list[str | None]) -> None: ...
+
+    def done(self, source: str, rows: int, size: int | None) -> None: ...
 
 
 def _read_files(
     uris: tuple[str, ...],
     spec: _Spec,
     sizes: tuple[int | None, ...],
-    on_file_done: FileDone | None,
+    ledger: FileLedger | None,
 ) -> Iterator[pa.Table]:
     """The body of one Ray read task: the files one after the other, in batches."""
     for uri, size in zip(uris, sizes, strict=True):
         rows = 0
-        for table in _iter_batches(uri, spec):
+        for index, (table, id_keys) in enumerate(_iter_keyed(uri, spec)):
             rows += table.num_rows
+            if ledger is not None and spec.id_column is not None:
+                ledger.batch(uri, index, id_keys)
             yield table
-        if on_file_done is not None:
-            on_file_done(uri, rows, size)
+        if ledger is not None:
+            ledger.done(uri, rows, size)
 
 
 def _group(count: int, groups: int, sizes: Sequence[int] | None) -> list[range]:
@@ -511,8 +607,9 @@ class CorpusDatasource(Datasource):
     tables as :func:`iter_file_batches`. ``file_sizes`` (bytes, in the order of ``files``; a
     ``fs.find(..., detail=True)`` gives them for free) also feed Ray's size estimate; without
     them the estimate is unknown. ``storage_options`` must be picklable: each task opens its
-    files through fsspec with them. ``on_file_done`` (picklable) is called in the read task once
-    a file has been read in full, with its URI, its row count and its size.
+    files through fsspec with them. ``ledger`` (a :class:`FileLedger`) hears, in the read
+    tasks, of each batch's id keys and of each file read in full. A JSONL line over
+    ``max_row_bytes`` becomes an error row (``row_too_large``) without being held in memory.
     """
 
     def __init__(
@@ -528,10 +625,11 @@ class CorpusDatasource(Datasource):
         storage_options: dict[str, Any] | None = None,
         batch_rows: int = DEFAULT_BATCH_ROWS,
         file_sizes: Sequence[int] | None = None,
-        on_file_done: FileDone | None = None,
+        ledger: FileLedger | None = None,
+        max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
     ) -> None:
         super().__init__()
-        self._on_file_done = on_file_done
+        self._ledger = ledger
         if isinstance(files, str):
             raise TypeError("files must be a sequence of URIs, not a string")
         self._files = tuple(files)
@@ -547,6 +645,7 @@ class CorpusDatasource(Datasource):
             passthrough,
             storage_options,
             batch_rows,
+            max_row_bytes,
         )
         for uri in self._files:
             self._spec.format_of(uri)  # fail on the driver, not in a task
@@ -587,6 +686,6 @@ class CorpusDatasource(Datasource):
                 num_rows=None, size_bytes=size, input_files=list(uris), exec_stats=None
             )
             sizes = tuple(self._sizes[i] if self._sizes else None for i in run)
-            read_fn = functools.partial(_read_files, uris, self._spec, sizes, self._on_file_done)
+            read_fn = functools.partial(_read_files, uris, self._spec, sizes, self._ledger)
             tasks.append(ReadTask(read_fn, metadata, per_task_row_limit=per_task_row_limit))
         return tasks

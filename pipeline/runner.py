@@ -29,6 +29,7 @@ from model.storage import arrow_filesystem, filesystem
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import JobConfig, redacted_dict
+from pipeline.contract import Lease, check_identity, record_identity, run_identity
 from pipeline.plan import build_dataset
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
@@ -36,6 +37,7 @@ from pipeline.stage import PlanContext
 from pipeline.summary import RunSummary
 from pipeline.writer import (
     CHECKPOINT_DIR,
+    IDS_DIR,
     INPUTS_DIR,
     MANIFEST,
     REJECTED,
@@ -45,6 +47,7 @@ from pipeline.writer import (
     RunDatasink,
     check_rows,
     collect,
+    count_repeats,
     is_complete,
     mark_success,
     write_json,
@@ -76,13 +79,22 @@ def run_job(config: JobConfig) -> RunResult:
     run_uri = run_dir_uri(config)
     out = config.output
     fs, run_dir = filesystem(run_uri, out.storage_options)
+    identity = run_identity(config)
+    recorded = check_identity(fs, run_dir, config.run_id, identity)
     if is_complete(fs, run_dir):
         log.info("run %s already complete at %s: nothing to do", config.run_id, run_uri)
         manifest = json.loads(fs.cat_file(posixpath.join(run_dir, MANIFEST)))
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
+    fs.makedirs(run_dir, exist_ok=True)
+    with Lease(run_uri, out.storage_options, config.run.lease_timeout_s):
+        if not recorded:
+            record_identity(fs, run_dir, identity)
+        return _attempt(config, run_uri, fs, run_dir)
 
+
+def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResult:
     started = time.time()
-    for sub in ("", STATS_DIR, INPUTS_DIR, REJECTED if _drops(config) else ""):
+    for sub in ("", STATS_DIR, INPUTS_DIR, IDS_DIR, REJECTED if _drops(config) else ""):
         fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
     pa_fs = arrow_filesystem(fs)
     context = ray.data.DataContext.get_current()
@@ -104,7 +116,7 @@ def _run(
     counter = ProgressCounter.remote()
     context = PlanContext(tokenizer=_driver_tokenizer(config), progress=counter)
     ledger = InputLedger(run_uri, out.storage_options, progress=counter)
-    dataset = build_dataset(config, files, context, sizes=sizes, on_file_done=ledger)
+    dataset = build_dataset(config, files, context, sizes=sizes, ledger=ledger)
     total = InputTotal.of_files(files, config.input.format, sizes, config.input.storage_options)
     threshold = config.toxicity.threshold if config.toxicity.enabled else None
     sink = RunDatasink(
@@ -117,11 +129,19 @@ def _run(
     with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s) as progress:
         dataset.write_datasink(sink)
     operators = operator_seconds(dataset)
+    ray.data.DataContext.get_current().checkpoint_config = None  # the counts below are not resumed
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
     per_file = check_rows(files, rows_in, summary)
+    repeats = count_repeats(run_dir, pa_fs) if config.input.id_column and summary.rows else {}
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
     manifest["operator_task_s"] = operators
+    manifest["counts"].update(repeats)
+    failure = error_policy(summary, config.run.max_error_fraction)
+    if failure is not None:
+        manifest.update(status="failed", error=failure)
+        write_json(fs, posixpath.join(run_dir, MANIFEST), manifest)
+        raise RunFailed(f"run {config.run_id}: {failure}")
     write_json(
         fs,
         posixpath.join(run_dir, SUMMARY),
@@ -133,6 +153,22 @@ def _run(
     _drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
+
+
+class RunFailed(RuntimeError):
+    """The run ended without _SUCCESS (its manifest says why); a rerun may resume it."""
+
+
+def error_policy(summary: RunSummary, max_fraction: float) -> str | None:
+    """Why the run fails under ``run.max_error_fraction``, or None."""
+    errors = sum(summary.error_kinds.values())
+    if not summary.rows or errors <= max_fraction * summary.rows:
+        return None
+    kinds = ", ".join(f"{k} {n:,}" for k, n in summary.error_kinds.most_common(3))
+    return (
+        f"{errors:,} of {summary.rows:,} rows are errors ({errors / summary.rows:.0%}), over "
+        f"run.max_error_fraction {max_fraction:g}; most: {kinds}"
+    )
 
 
 def _report(
@@ -198,7 +234,7 @@ def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> Checkpoin
     """Ray Data's resume, keyed on the row id: in the user's location or under the run."""
     if config.run.checkpoint_uri:
         return CheckpointConfig(
-            id_column=S.ID,
+            id_column=S.ROW_KEY,
             checkpoint_path=config.run.checkpoint_uri,
             delete_checkpoint_on_success=False,
         )

@@ -10,6 +10,7 @@ import pyarrow as pa
 
 # Set by the reader -------------------------------------------------------------------------------
 ID = "id"  # str: configured id column, else hash of source file + row content
+ROW_KEY = "row_key"  # str: unique and stable per input row (source file, position); resume key
 SOURCE = "source"  # str: the input file the row came from
 TEXT = "text"  # str | null: the document (summarize) or the context (qa)
 QUESTION = "question"  # str | null (qa)
@@ -45,7 +46,8 @@ ERROR_KINDS = (
     "not_a_string",  # the needed column holds something else
     "empty_text",  # only whitespace
     "invalid_utf8",  # a JSONL line that is not UTF-8
-    "invalid_json",  # a JSONL line that does not parse as an object
+    "invalid_json",  # a JSONL line that does not parse as an object (or nests too deep)
+    "row_too_large",  # a JSONL line over input.max_row_bytes
     "prompt_too_long",  # over the prompt limit with truncation off
     "generation",  # the engine rejected or failed the request
     "toxicity",  # scoring failed
@@ -54,6 +56,7 @@ ERROR_KINDS = (
 READ_SCHEMA = pa.schema(
     [
         pa.field(ID, pa.string(), nullable=False),
+        pa.field(ROW_KEY, pa.string(), nullable=False),
         pa.field(SOURCE, pa.string()),
         pa.field(TEXT, pa.string()),
         pa.field(QUESTION, pa.string()),

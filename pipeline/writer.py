@@ -52,6 +52,7 @@ SUMMARY = "_summary.json"
 REJECTED = "rejected"
 STATS_DIR = "_stats"
 INPUTS_DIR = "_inputs"
+IDS_DIR = "_ids"
 CHECKPOINT_DIR = "_checkpoint"
 EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl"}
 MERGE_GROUP = 256  # summaries merged per task
@@ -170,10 +171,13 @@ def _dropped(table: pa.Table) -> pa.Array:
 
 
 class InputLedger:
-    """Called by read tasks once a file is read in full: records its rows under ``_inputs/``.
+    """What read tasks record about the input (see :class:`pipeline.readers.FileLedger`).
 
-    Picklable (a URI and storage options); an optional progress counter also hears of the file,
-    which lets the progress line estimate a JSONL corpus' rows from its bytes.
+    ``_inputs/<file digest>.json`` holds a file's row count once it is read in full, and
+    ``_ids/<file digest>-<batch>.parquet`` the typed id keys of each batch: both are rewritten
+    identically by every attempt (every attempt rereads the files), so they never need rolling
+    back. Picklable (a URI and storage options); an optional progress counter also hears of each
+    file, which lets the progress line estimate a JSONL corpus' rows from its bytes.
     """
 
     def __init__(
@@ -183,12 +187,43 @@ class InputLedger:
         self.storage_options = dict(storage_options or {})
         self.progress = progress
 
-    def __call__(self, source: str, rows: int, size: int | None) -> None:
+    def batch(self, source: str, index: int, id_keys: list[str | None]) -> None:
+        keys = pa.array([k for k in id_keys if k is not None], pa.string())
+        buffer = io.BytesIO()
+        pq.write_table(pa.table({"key": keys}), buffer)
+        fs, run_dir = filesystem(self.run_uri, self.storage_options)
+        name = f"{_digest(source)}-{index:06d}.parquet"
+        fs.pipe_file(posixpath.join(run_dir, IDS_DIR, name), buffer.getvalue())
+
+    def done(self, source: str, rows: int, size: int | None) -> None:
         fs, run_dir = filesystem(self.run_uri, self.storage_options)
         record = json.dumps({"source": source, "rows": rows}, ensure_ascii=False).encode()
         fs.pipe_file(posixpath.join(run_dir, INPUTS_DIR, _digest(source) + ".json"), record)
         if self.progress is not None:
             self.progress.file_read.remote(rows, size)
+
+
+def count_repeats(run_dir: str, pa_fs: Any) -> dict[str, int]:
+    """Ids that occur more than once in the input, and the rows that hold them.
+
+    Counted on the cluster (a Ray Data group-by over the id keys the readers recorded): the
+    driver receives two numbers. Call it only for a run with rows and an id column.
+    """
+    ids_dir = posixpath.join(run_dir, IDS_DIR)
+    counts = ray.data.read_parquet(ids_dir, filesystem=pa_fs).groupby("key").count()
+    totals = counts.map_batches(_repeat_totals, batch_format="pyarrow").sum(["ids", "rows"])
+    totals = totals or {"sum(ids)": 0, "sum(rows)": 0}  # no id at all: an empty dataset
+    return {
+        "ids_repeated": int(totals["sum(ids)"]),
+        "rows_with_repeated_ids": int(totals["sum(rows)"]),
+    }
+
+
+def _repeat_totals(table: pa.Table) -> pa.Table:
+    count = next(table.column(c) for c in table.column_names if c != "key")
+    repeated = pc.filter(count, pc.greater(count, 1))
+    total = pc.sum(repeated).as_py() or 0
+    return pa.table({"ids": pa.array([len(repeated)], pa.int64()), "rows": [total]})
 
 
 def _digest(text: str) -> str:

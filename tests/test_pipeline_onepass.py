@@ -161,7 +161,11 @@ def test_report_figures_equal_a_recount_of_the_files(tmp_path, fixtures, ray_clu
     assert summary.toxicity_over["insult"] == sum(s >= 0.5 for s in scores)
     expected_samples = sorted(table.column(S.ID).to_pylist(), key=_sample_key)[:5]
     assert [s[S.ID] for s in summary.samples] == expected_samples
-    assert result.manifest["counts"] == summary.counts()
+    assert result.manifest["counts"] == {
+        **summary.counts(),
+        "ids_repeated": 0,
+        "rows_with_repeated_ids": 0,
+    }
 
     page = (run_dir / "report.html").read_text()
     assert f"{len(rows):,} rows" in page and 'data-chart="throughput"' in page

@@ -14,9 +14,11 @@ import pytest
 
 from pipeline.readers import (
     CorpusDatasource,
+    id_key,
     infer_format,
     iter_file_batches,
     read_file_rows,
+    row_key,
 )
 from pipeline.schema import (
     ERROR,
@@ -25,6 +27,7 @@ from pipeline.schema import (
     PROMPT,
     QUESTION,
     READ_SCHEMA,
+    ROW_KEY,
     SOURCE,
     TEXT,
 )
@@ -163,7 +166,9 @@ def test_gzip_reads_like_plain(tmp_path: Path, jsonl: str) -> None:
     gz = _write_jsonl(tmp_path / "corpus.jsonl.gz")
     plain = read_file_rows(jsonl, fmt="jsonl", id_column="id", passthrough=["title"])
     packed = read_file_rows(gz, fmt=None, id_column="id", passthrough=["title"])
-    assert packed.drop_columns([SOURCE, ID]).equals(plain.drop_columns([SOURCE, ID]))
+    assert packed.drop_columns([SOURCE, ID, ROW_KEY]).equals(
+        plain.drop_columns([SOURCE, ID, ROW_KEY])
+    )
     assert packed.column(ID).to_pylist()[:2] == ["a1", "2"]
     assert set(packed.column(SOURCE).to_pylist()) == {gz}
 
@@ -296,7 +301,7 @@ def test_sample_corpus() -> None:
     assert [r[ID] for r in rows] == [f"doc-{i:05d}" for i in range(1, 301)]
     assert all(r[ERROR] is None and r[TEXT] and r[QUESTION] and r["title"] for r in rows)
     parquet = read_file_rows(SAMPLE_PARQUET, fmt=None, id_column="id", passthrough=["title"])
-    assert parquet.drop_columns([SOURCE]).equals(parts[0].drop_columns([SOURCE]))
+    assert parquet.drop_columns([SOURCE, ROW_KEY]).equals(parts[0].drop_columns([SOURCE, ROW_KEY]))
     size = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
     assert size < 300_000
 
@@ -380,7 +385,9 @@ def test_read_from_s3(
 
     remote = read_file_rows(uris[0], fmt=None, id_column="id", storage_options=options)
     local = read_file_rows(gz, fmt=None, id_column="id")
-    assert remote.drop_columns([SOURCE, ID]).equals(local.drop_columns([SOURCE, ID]))
+    assert remote.drop_columns([SOURCE, ID, ROW_KEY]).equals(
+        local.drop_columns([SOURCE, ID, ROW_KEY])
+    )
     assert set(remote.column(SOURCE).to_pylist()) == {uris[0]}
 
     ds = ray.data.read_datasource(CorpusDatasource(uris, storage_options=options))
@@ -388,3 +395,40 @@ def test_read_from_s3(
     table = pa.concat_tables(ray.get(got), promote_options="permissive")
     assert table.num_rows == N_ROWS + 4
     assert set(table.column(SOURCE).to_pylist()) == set(uris)
+
+
+# ------------------------------------------------------------------- lines that cannot wedge
+
+
+def test_deep_nesting_and_oversized_lines_become_error_rows(tmp_path: Path) -> None:
+    path = tmp_path / "odd.jsonl"
+    big = json.dumps({"id": "big", "text": "x" * 150_000})
+    path.write_bytes(
+        b"[" * 60_000
+        + b"\n"
+        + json.dumps({"id": "ok", "text": "fine"}).encode()
+        + b"\n"
+        + big.encode()
+        + b"\n"
+        + big.encode()  # the last line, without a line break
+    )
+    table = read_file_rows(str(path), fmt="jsonl", id_column="id", max_row_bytes=100_000)
+    rows = _rows(table)
+    assert len(rows) == 4
+    assert rows[0][ERROR_KIND] == "invalid_json" and "nests JSON too deeply" in rows[0][ERROR]
+    assert rows[1][ID] == "ok" and rows[1][ERROR] is None
+    for row, line in zip(rows[2:], (3, 4), strict=True):
+        assert row[ERROR_KIND] == "row_too_large" and row[TEXT] is None
+        assert f"line {line} has {len(big)} bytes, over input.max_row_bytes (100000)" in row[ERROR]
+    assert len({row[ROW_KEY] for row in rows}) == 4  # every row keeps its own resume key
+
+
+def test_ids_keep_their_type_and_row_keys_are_unique(tmp_path: Path) -> None:
+    path = tmp_path / "ids.jsonl"
+    lines = [{"id": 42}, {"id": "42"}, {"id": "a"}, {"id": "a"}, {"id": 4.5}, {"id": True}]
+    path.write_text("".join(json.dumps({**row, "text": "t"}) + "\n" for row in lines))
+    assert [id_key(r["id"]) for r in lines] == ["i:42", "s:42", "s:a", "s:a", "j:4.5", "j:true"]
+    table = read_file_rows(str(path), fmt="jsonl", id_column="id")
+    keys = table.column(ROW_KEY).to_pylist()
+    assert len(set(keys)) == len(lines)
+    assert keys == [row_key(str(path), i) for i in range(len(lines))]

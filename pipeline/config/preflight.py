@@ -6,7 +6,9 @@ Every check talks to storage, so :func:`preflight` runs them in daemon threads u
 
 from __future__ import annotations
 
+import functools
 import glob as _glob
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -15,7 +17,13 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-from pipeline.config.schema import FORMAT_BY_SUFFIX, ConfigError, JobConfig
+from pipeline import schema as columns
+from pipeline.config.schema import (
+    FORMAT_BY_SUFFIX,
+    PROMPT_PLACEHOLDERS,
+    ConfigError,
+    JobConfig,
+)
 
 
 def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
@@ -58,22 +66,20 @@ def _exists(uri: str, storage_options: Mapping[str, Any]) -> bool:
 def preflight(config: JobConfig) -> None:
     """Cheap I/O checks before a job starts; raises :class:`ConfigError` naming each bad field.
 
-    Checks that ``input.uri`` matches at least one file and that ``model.checkpoint`` (and
-    ``toxicity.checkpoint`` when scoring is on and it is set) exist. The checks run in parallel in
-    daemon threads and the whole preflight waits at most ``run.preflight_timeout_s`` seconds: a
-    check still running then (an unreachable or silent endpoint; s3fs/botocore would otherwise
-    retry and wait up to its 60 s read timeout per attempt) is reported as failed and left to
-    finish in the background. No per-filesystem timeouts are changed.
+    Checks that ``input.uri`` matches at least one file and that the first one has every
+    configured column (``input.id_column``, the task's text / question / prompt column,
+    ``input.passthrough``: its Parquet schema, or the keys of its first JSONL lines), that
+    ``output.uri`` and ``run.checkpoint_uri`` are not inside the input location (a later run
+    would read them as input), and that ``model.checkpoint`` (and ``toxicity.checkpoint`` when
+    scoring is on and it is set) exist. The checks run in parallel in daemon threads and the
+    whole preflight waits at most ``run.preflight_timeout_s`` seconds: a check still running then
+    (an unreachable or silent endpoint; s3fs/botocore would otherwise retry and wait up to its
+    60 s read timeout per attempt) is reported as failed and left to finish in the background.
+    No per-filesystem timeouts are changed.
     """
-    checks: dict[str, Callable[[], str | None]] = {}
-    inp = config.input
-
-    def input_check() -> str | None:
-        if not config.input_files():
-            return f"no files match {inp.uri}"
-        return None
-
-    checks["input.uri"] = input_check
+    checks: dict[str, Check] = {}
+    checks["input.uri"] = functools.partial(_input_check, config)
+    checks["output.uri"] = functools.partial(_outside_input_check, config)
     checks["model.checkpoint"] = _exists_check(
         config.model.checkpoint, config.model.storage_options
     )
@@ -85,19 +91,118 @@ def preflight(config: JobConfig) -> None:
         raise ConfigError(errors)
 
 
-def _exists_check(uri: str, storage_options: Mapping[str, Any]) -> Callable[[], str | None]:
+Check = Callable[[], "str | list[tuple[str, str]] | None"]
+"""A preflight check: None when fine, else a message (for its own path) or (path, message)s."""
+
+JSONL_SNIFF_LINES = 100
+JSONL_SNIFF_BYTES = 1 << 20
+
+
+def configured_columns(config: JobConfig) -> list[tuple[str, str]]:
+    """(config path, input column) of every column the job reads."""
+    inp = config.input
+    by_field = {
+        columns.TEXT: ("input.text_column", inp.text_column),
+        columns.QUESTION: ("input.question_column", inp.question_column),
+        columns.PROMPT: ("input.prompt_column", inp.prompt_column),
+    }
+    needed = [by_field[name] for name in PROMPT_PLACEHOLDERS[config.task]]
+    if inp.id_column is not None:
+        needed.insert(0, ("input.id_column", inp.id_column))
+    needed += [("input.passthrough", name) for name in inp.passthrough]
+    return needed
+
+
+def input_columns(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> set[str]:
+    """The columns of an input file: its Parquet schema, or the keys of its first JSONL lines."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        with fsspec.open(uri, "rb", **storage_options) as handle:
+            return set(pq.ParquetFile(handle).schema_arrow.names)
+    found: set[str] = set()
+    with fsspec.open(uri, "rb", compression="infer", **storage_options) as handle:
+        lines = handle.read(JSONL_SNIFF_BYTES).splitlines()[:JSONL_SNIFF_LINES]
+    for line in lines:
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            found.update(obj)
+    return found
+
+
+def _input_check(config: JobConfig) -> str | list[tuple[str, str]] | None:
+    files = config.input_files()
+    if not files:
+        return f"no files match {config.input.uri}"
+    first = files[0]
+    found = input_columns(first, config.input.format or "jsonl", config.input.storage_options)
+    shown = ", ".join(sorted(found)) or "none"
+    return [
+        (path, f"column {name!r} is not in {first} (columns found: {shown})")
+        for path, name in configured_columns(config)
+        if name not in found
+    ] or None
+
+
+def _outside_input_check(config: JobConfig) -> list[tuple[str, str]] | None:
+    base = _input_base(config.input.uri, config.input.storage_options)
+    if base is None:
+        return None
+    errors = []
+    for path, uri, options in (
+        ("output.uri", config.output.uri, config.output.storage_options),
+        ("run.checkpoint_uri", config.run.checkpoint_uri, config.output.storage_options),
+    ):
+        if uri is None:
+            continue
+        fs, location = fsspec.core.url_to_fs(uri, **options)
+        if _protocol(fs) == base[0] and _within(location, base[1]):
+            errors.append(
+                (
+                    path,
+                    f"{uri} is inside the input location {config.input.uri}: a later run "
+                    "would read the outputs as input; write somewhere else",
+                )
+            )
+    return errors or None
+
+
+def _input_base(uri: str, storage_options: Mapping[str, Any]) -> tuple[str, str] | None:
+    """(protocol, directory) that input files are listed from; None for a single file."""
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    if _glob.has_magic(path):
+        parts = path.split("/")
+        fixed = next(i for i, part in enumerate(parts) if _glob.has_magic(part))
+        return _protocol(fs), "/".join(parts[:fixed]) or "/"
+    if fs.isdir(path):
+        return _protocol(fs), path.rstrip("/") or "/"
+    return None
+
+
+def _protocol(fs: fsspec.AbstractFileSystem) -> str:
+    protocol = fs.protocol
+    return protocol if isinstance(protocol, str) else protocol[0]
+
+
+def _within(path: str, base: str) -> bool:
+    path, base = path.rstrip("/"), base.rstrip("/")
+    return path == base or path.startswith(base + "/") or base == ""
+
+
+def _exists_check(uri: str, storage_options: Mapping[str, Any]) -> Check:
     def check() -> str | None:
         return None if _exists(uri, storage_options) else f"not found: {uri}"
 
     return check
 
 
-def _run_with_deadline(
-    checks: Mapping[str, Callable[[], str | None]], timeout_s: float
-) -> Iterator[tuple[str, str]]:
-    results: dict[str, str | None] = {}
+def _run_with_deadline(checks: Mapping[str, Check], timeout_s: float) -> Iterator[tuple[str, str]]:
+    results: dict[str, str | list[tuple[str, str]] | None] = {}
 
-    def runner(path: str, check: Callable[[], str | None]) -> None:
+    def runner(path: str, check: Check) -> None:
         try:
             results[path] = check()
         except ConfigError as exc:
@@ -118,5 +223,7 @@ def _run_with_deadline(
         thread.join(max(0.0, deadline - time.monotonic()))
         if thread.is_alive():
             yield path, f"no answer from storage within {timeout_s:g} s (run.preflight_timeout_s)"
+        elif isinstance(results.get(path), list):
+            yield from results[path]  # type: ignore[misc]
         elif results.get(path) is not None:
             yield path, str(results[path])

@@ -176,6 +176,12 @@ class InputSection(_Section):
         default_factory=dict,
         description="fsspec storage options for the input filesystem (redacted in the manifest).",
     )
+    max_row_bytes: int = Field(
+        default=32 << 20,
+        ge=1024,
+        description="Longest JSONL line read as a row (bytes); a longer line becomes an error "
+        "row (row_too_large) and is never held in memory whole.",
+    )
     num_blocks: int | None = Field(
         default=None,
         ge=1,
@@ -448,6 +454,20 @@ class RunSection(_Section):
         gt=0,
         description="Seconds preflight waits for storage (input listing, checkpoint lookups) "
         "before failing, so an unreachable endpoint fails fast instead of hanging.",
+    )
+
+    max_error_fraction: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Most rows that may end as error rows, as a fraction of all rows; past it "
+        "the run fails (exit 1, no _SUCCESS) and the manifest names the dominant error kinds.",
+    )
+    lease_timeout_s: float = Field(
+        default=120,
+        gt=0,
+        description="Seconds without a heartbeat after which another driver may take over a "
+        "run in progress (its driver died); a live driver renews its lease every quarter of it.",
     )
 
     @field_validator("checkpoint_uri")

@@ -1,0 +1,197 @@
+"""A run is a contract: one run id, one configuration, one writer at a time.
+
+``<run dir>/_run.json`` records, when a run starts, everything that decides what its rows hold
+(:func:`run_identity`: the task and its prompt template, the input columns read, the model
+checkpoint and its content identity, the generation and toxicity settings, the output format).
+Rerunning the run id with a config whose identity differs, finished or not, is refused with the
+fields that differ: two configurations never share one run directory and manifest. Settings that
+change speed but not outputs (replicas, slots, batch sizes) are not part of it.
+
+``<run dir>/_lease.json`` names the driver working on the run (host, pid, since) and its last
+heartbeat. A second driver finds a live lease and is refused, naming the holder; a lease whose
+heartbeat stopped more than ``run.lease_timeout_s`` ago belonged to a driver that died, and is
+taken over, so a crash never blocks its own resume. Object stores have no atomic create: after
+writing its lease a driver reads it back a moment later and proceeds only if it is still its
+own, so of two drivers starting together at most one goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import posixpath
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import fsspec
+
+from model.storage import filesystem
+from pipeline.config import ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
+
+RUN_RECORD = "_run.json"
+LEASE = "_lease.json"
+LEASE_SETTLE_S = 0.5
+
+
+class RunRefused(ConfigError):
+    """The run id is taken: by another configuration, or by a live driver (exit 2)."""
+
+
+def content_identity(uri: str, storage_options: dict[str, Any]) -> str:
+    """A digest of what ``uri`` holds, from one listing: paths with etags, else sizes and mtimes.
+
+    A re-uploaded checkpoint under the same URI gets a new identity without reading its bytes.
+    """
+    fs, path = filesystem(uri, storage_options)
+    fs.invalidate_cache()
+    entries = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    digest = hashlib.sha256()
+    for name, info in sorted(entries.items()):
+        stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c")
+        if stamp is None:
+            stamp = f"{info.get('size')}:{info.get('mtime') or info.get('LastModified')}"
+        digest.update(f"{posixpath.relpath(name, path)}\n{stamp}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def run_identity(config: JobConfig) -> dict[str, Any]:
+    """The settings that decide a run's outputs (see the module docstring)."""
+    inp, model, gen, tox = config.input, config.model, config.generation, config.toxicity
+    identity: dict[str, Any] = {
+        "task": config.task,
+        "prompt_template": config.prompt_template(),
+        "input.id_column": inp.id_column,
+        "input.text_column": inp.text_column,
+        "input.question_column": inp.question_column,
+        "input.prompt_column": inp.prompt_column,
+        "input.passthrough": list(inp.passthrough),
+        "model.checkpoint": model.checkpoint,
+        "model.content": content_identity(model.checkpoint, model.storage_options),
+        "model.dtype": model.dtype,
+        "model.chat_template": model.use_chat_template,
+        "output.format": config.output.format,
+        "toxicity.enabled": tox.enabled,
+    }
+    for name in (
+        "max_new_tokens",
+        "max_prompt_tokens",
+        "truncation",
+        "temperature",
+        "top_k",
+        "top_p",
+        "seed",
+    ):
+        identity[f"generation.{name}"] = getattr(gen, name)
+    if tox.enabled:
+        for name in ("model", "checkpoint", "threshold", "action", "score_inputs"):
+            identity[f"toxicity.{name}"] = getattr(tox, name)
+        identity["toxicity.redaction_text"] = tox.redaction_text if tox.action == "redact" else None
+        if tox.checkpoint is not None:
+            identity["toxicity.content"] = content_identity(tox.checkpoint, tox.storage_options)
+    return identity
+
+
+def check_identity(
+    fs: fsspec.AbstractFileSystem, run_dir: str, run_id: str, identity: dict[str, Any]
+) -> bool:
+    """Raises RunRefused if the run was started with another identity; True if it was recorded."""
+    path = posixpath.join(run_dir, RUN_RECORD)
+    if not fs.exists(path):
+        return False
+    recorded = json.loads(fs.cat_file(path)).get("identity", {})
+    differ = sorted(k for k in set(recorded) | set(identity) if recorded.get(k) != identity.get(k))
+    if differ:
+        raise RunRefused(
+            [
+                (
+                    name,
+                    f"run {run_id} was started with {recorded.get(name)!r}, now {identity.get(name)!r}",
+                )
+                for name in differ
+            ]
+            + [("run_id", "a run id keeps one configuration: use a new run id (or --force)")]
+        )
+    return True
+
+
+def record_identity(fs: fsspec.AbstractFileSystem, run_dir: str, identity: dict[str, Any]) -> None:
+    record = {"identity": identity, "recorded_at": time.time()}
+    fs.pipe_file(posixpath.join(run_dir, RUN_RECORD), json.dumps(record, indent=2).encode())
+
+
+class Lease:
+    """Holds ``<run dir>/_lease.json`` while a driver works on a run (a context manager)."""
+
+    def __init__(self, run_uri: str, storage_options: dict[str, Any], timeout_s: float) -> None:
+        self.fs, run_dir = filesystem(run_uri, storage_options)
+        self.path = posixpath.join(run_dir, LEASE)
+        self.timeout_s = timeout_s
+        self.token = uuid.uuid4().hex
+        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="rgbatch-lease", daemon=True)
+
+    def __enter__(self) -> Lease:
+        self._refuse_if_held()
+        self._write()
+        time.sleep(LEASE_SETTLE_S)
+        current = self._read()
+        if current is None or current.get("token") != self.token:
+            self._refuse_if_held(current)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        current = self._read()
+        if current is not None and current.get("token") == self.token:
+            self.fs.rm_file(self.path)
+
+    def _refuse_if_held(self, lease: dict[str, Any] | None = None) -> None:
+        lease = lease if lease is not None else self._read()
+        if lease is None or lease.get("token") == self.token:
+            return
+        age = time.time() - float(lease.get("heartbeat_at", 0))
+        if age <= self.timeout_s:
+            holder = lease.get("holder", {})
+            since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("since", 0)))
+            raise RunRefused.at(
+                "run_id",
+                f"the run is in progress on host {holder.get('host')} (pid {holder.get('pid')}, "
+                f"since {since}, last heartbeat {age:.0f} s ago); a lease whose heartbeat stops "
+                f"for {self.timeout_s:g} s (run.lease_timeout_s) is taken over",
+            )
+        log.warning(
+            "taking over the lease of %s (pid %s): no heartbeat for %.0f s",
+            lease.get("holder", {}).get("host"),
+            lease.get("holder", {}).get("pid"),
+            age,
+        )
+
+    def _read(self) -> dict[str, Any] | None:
+        self.fs.invalidate_cache()
+        try:
+            return json.loads(self.fs.cat_file(self.path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn write: treat as no lease
+            return None
+
+    def _write(self) -> None:
+        lease = {"token": self.token, "holder": self.holder, "heartbeat_at": time.time()}
+        self.fs.pipe_file(self.path, json.dumps(lease).encode())
+
+    def _beat(self) -> None:
+        while not self._stop.wait(max(self.timeout_s / 4, 0.05)):
+            try:
+                self._write()
+            except Exception:  # one missed beat is not fatal; the timeout allows several
+                log.warning("could not renew the run lease", exc_info=True)

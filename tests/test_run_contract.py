@@ -1,0 +1,175 @@
+"""A run that cannot be wedged, mixed up or leaked: repeated ids, unparseable lines, preflight of
+columns and locations, the error policy, one configuration per run id, one driver at a time."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import fsspec
+import pytest
+import ray
+from pipeline_helpers import (
+    build_fixtures,
+    corpus_rows,
+    job_config,
+    job_yaml,
+    read_output,
+    write_corpus,
+)
+
+import pipeline.runner
+from pipeline import schema as S
+from pipeline.cli import main as cli_main
+from pipeline.contract import LEASE, RunRefused
+from pipeline.runner import RunFailed, run_job
+
+LOCAL = fsspec.filesystem("file")
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def yaml_for(fixtures, tmp_path, **extra) -> str:
+    return job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(tmp_path / "in" / "*.jsonl"),
+        output_uri=str(tmp_path / "out"),
+        extra=extra,
+    )
+
+
+def crash(*args, **kwargs):
+    raise RuntimeError("driver lost after the data was written")
+
+
+def test_repeated_ids_never_wedge_a_run_or_lose_a_row(
+    tmp_path, fixtures, ray_cluster, monkeypatch
+) -> None:
+    rows = corpus_rows(5)
+    for row, row_id in zip(rows, ["a", "b", "a", 42, "42"], strict=True):
+        row["id"] = row_id
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=1)
+    text = yaml_for(fixtures, tmp_path)
+    # An attempt dies after writing its rows; the rerun resumes and finishes exactly.
+    monkeypatch.setattr(pipeline.runner, "collect", crash)
+    with pytest.raises(RuntimeError, match="driver lost"):
+        run_job(job_config(text, run_id="dup"))
+    monkeypatch.undo()
+    result = run_job(job_config(text, run_id="dup"))
+    table = read_output(LOCAL, str(tmp_path / "out" / "dup"), "parquet")
+    assert sorted(table.column(S.ID).to_pylist()) == ["42", "42", "a", "a", "b"]
+    assert len(set(table.column(S.ROW_KEY).to_pylist())) == 5
+    counts = result.manifest["counts"]
+    assert counts["rows"] == 5
+    # "a" repeats; 42 and "42" are different ids.
+    assert counts["ids_repeated"] == 1 and counts["rows_with_repeated_ids"] == 2
+
+
+def test_a_line_nested_too_deep_is_an_error_row(tmp_path, fixtures, ray_cluster) -> None:
+    (tmp_path / "in").mkdir()
+    good = [json.dumps(r) for r in corpus_rows(3)]
+    (tmp_path / "in" / "x.jsonl").write_text("\n".join([*good, "[" * 60_000]) + "\n")
+    result = run_job(job_config(yaml_for(fixtures, tmp_path), run_id="deep"))
+    assert result.status == "succeeded"
+    assert result.manifest["counts"]["rows"] == 4
+    assert result.manifest["counts"]["error_kinds"] == {"invalid_json": 1}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("input.text_column=txt", "input.text_column: column 'txt' is not in"),
+        ("input.id_column=doc_id", "input.id_column: column 'doc_id' is not in"),
+        ("input.passthrough=[title,titel]", "input.passthrough: column 'titel' is not in"),
+    ],
+)
+def test_preflight_names_missing_columns(tmp_path, fixtures, capsys, override, message) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_for(fixtures, tmp_path))
+    assert cli_main(["run", str(config), "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "columns found: id, prompt, question, text, title" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["output.uri", "run.checkpoint_uri"])
+def test_preflight_refuses_outputs_inside_the_input(tmp_path, fixtures, capsys, where) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_for(fixtures, tmp_path))
+    inside = tmp_path / "in" / "results"
+    assert cli_main(["run", str(config), "--set", f"{where}={inside}"]) == 2
+    assert f"{where}: {inside} is inside the input location" in capsys.readouterr().err
+    assert not inside.exists() and not (tmp_path / "out").exists()
+
+
+def test_too_many_error_rows_fail_the_run(tmp_path, fixtures, ray_cluster) -> None:
+    rows = corpus_rows(6)
+    for row in rows[:4]:
+        row["text"] = None
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=1)
+    config = job_config(yaml_for(fixtures, tmp_path), run_id="errors")
+    with pytest.raises(RunFailed, match=r"4 of 6 rows are errors \(67%\).*missing_text 4"):
+        run_job(config)
+    run_dir = tmp_path / "out" / "errors"
+    manifest = json.loads((run_dir / "_manifest.json").read_text())
+    assert manifest["status"] == "failed" and "missing_text 4" in manifest["error"]
+    assert not (run_dir / "_SUCCESS").exists()
+    # A looser policy, under a new run id, accepts the same rows.
+    loose = job_config(
+        yaml_for(fixtures, tmp_path, run={"max_error_fraction": 0.8}), run_id="errors-ok"
+    )
+    assert run_job(loose).status == "succeeded"
+
+
+def test_a_run_id_keeps_one_configuration(tmp_path, fixtures, ray_cluster, monkeypatch) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(4), "jsonl", files=1)
+    base = yaml_for(fixtures, tmp_path)
+    assert run_job(job_config(base, run_id="one")).status == "succeeded"
+    hotter = yaml_for(fixtures, tmp_path, generation={"temperature": 0.7})
+    with pytest.raises(RunRefused) as refused:
+        run_job(job_config(hotter, run_id="one"))
+    assert [path for path, _ in refused.value.errors] == ["generation.temperature", "run_id"]
+    assert "started with 0.0, now 0.7" in str(refused.value)
+
+    # An unfinished run too: the output format cannot change under it.
+    monkeypatch.setattr(pipeline.runner, "collect", crash)
+    with pytest.raises(RuntimeError):
+        run_job(job_config(base, run_id="two"))
+    monkeypatch.undo()
+    as_jsonl = yaml_for(fixtures, tmp_path, output={"format": "jsonl"})
+    with pytest.raises(RunRefused, match=r"output\.format"):
+        run_job(job_config(as_jsonl, run_id="two"))
+    assert run_job(job_config(base, run_id="two")).status == "succeeded"
+
+
+def test_one_driver_at_a_time_and_a_dead_drivers_lease_is_taken_over(
+    tmp_path, fixtures, ray_cluster
+) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    text = yaml_for(fixtures, tmp_path, run={"lease_timeout_s": 30})
+    run_dir = tmp_path / "out" / "leased"
+    run_dir.mkdir(parents=True)
+    holder = {"host": "cron-box", "pid": 4242, "since": time.time() - 60}
+    lease = {"token": "someone-else", "holder": holder, "heartbeat_at": time.time()}
+    (run_dir / LEASE).write_text(json.dumps(lease))
+    with pytest.raises(RunRefused, match=r"in progress on host cron-box \(pid 4242"):
+        run_job(job_config(text, run_id="leased"))
+    assert not (run_dir / "_SUCCESS").exists()
+
+    lease["heartbeat_at"] = time.time() - 31  # that driver died
+    (run_dir / LEASE).write_text(json.dumps(lease))
+    assert run_job(job_config(text, run_id="leased")).status == "succeeded"
+    assert not (run_dir / LEASE).exists()  # released at the end
