@@ -17,7 +17,6 @@ own, so of two drivers starting together at most one goes on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import Any
 
 import fsspec
 
-from model.storage import filesystem
+from model.storage import content_identity, filesystem
 from pipeline.config import ConfigError, JobConfig
 
 log = logging.getLogger(__name__)
@@ -42,23 +41,6 @@ LEASE_SETTLE_S = 0.5
 
 class RunRefused(ConfigError):
     """The run id is taken: by another configuration, or by a live driver (exit 2)."""
-
-
-def content_identity(uri: str, storage_options: dict[str, Any]) -> str:
-    """A digest of what ``uri`` holds, from one listing: paths with etags, else sizes and mtimes.
-
-    A re-uploaded checkpoint under the same URI gets a new identity without reading its bytes.
-    """
-    fs, path = filesystem(uri, storage_options)
-    fs.invalidate_cache()
-    entries = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
-    digest = hashlib.sha256()
-    for name, info in sorted(entries.items()):
-        stamp = info.get("ETag") or info.get("etag") or info.get("md5Hash") or info.get("crc32c")
-        if stamp is None:
-            stamp = f"{info.get('size')}:{info.get('mtime') or info.get('LastModified')}"
-        digest.update(f"{posixpath.relpath(name, path)}\n{stamp}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def run_identity(config: JobConfig) -> dict[str, Any]:

@@ -5,12 +5,19 @@ Ray Data stage built on it (``map_batches(ToxicityStage, compute=ActorPoolStrate
 batch_format="pyarrow")``): it adds a ``toxicity_<label>`` float32 column per label of the loaded
 model for ``output_text`` (and ``input_toxicity_<label>`` for the input text when asked), then
 ``apply_policy`` sets ``toxic`` and ``toxicity_decision``. Rows are never added, removed or
-reordered; a batch whose scoring fails keeps flowing with ``error_kind="toxicity"``.
+reordered; a batch whose scoring fails keeps flowing with ``error_kind="toxicity"``. Under drop and
+redact the policy fails closed: an output with no score leaves without its text (see
+``apply_policy``).
 
 Checkpoints. ``checkpoint=None`` loads a named detoxify model ("original", "unbiased", ...), which
-downloads weights from GitHub. Otherwise ``checkpoint`` is a local path or fsspec URI of a
-detoxify checkpoint (``torch.save`` of ``{"config": ..., "state_dict": ...}``); remote ones are
-copied once into the local cache. detoxify builds the transformers config and tokenizer with
+detoxify downloads from its GitHub releases and loads itself. Otherwise ``checkpoint`` is a local
+path or fsspec URI of a detoxify checkpoint (``torch.save`` of ``{"config": ..., "state_dict":
+...}``); remote ones are copied into the local cache. Such a checkpoint is loaded weights-only
+(``torch.load(weights_only=True)``: dicts, lists, strings, numbers and tensors, no code from the
+file runs) and the model is built from the loaded dict with detoxify's own
+``get_model_and_tokenizer``; detoxify's loader, which unpickles without that restriction, is never
+given the file. A checkpoint that needs anything else is refused with an error naming it.
+detoxify builds the transformers config and tokenizer with
 ``from_pretrained(config.arch.args.model_type)``, so offline that value must name a local directory
 with ``config.json`` and the tokenizer files. When it does not (the directory was moved, or it is a
 hub name such as ``bert-base-uncased``) and a directory with the same base name sits beside the
@@ -19,13 +26,14 @@ checkpoint, ``model_type`` is rewritten to that directory at load time, in memor
 
 from __future__ import annotations
 
-import io
 import logging
 import math
 import os
+import pickle
+import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -44,6 +52,24 @@ log = logging.getLogger(__name__)
 
 # Decisions: KEEP for rows the policy lets through, else the action's name ("drop", "redact").
 KEEP = "keep"
+
+# detoxify's renaming of the raw Jigsaw class names, as its load_checkpoint does it.
+_STANDARD_LABELS = {
+    "toxic": "toxicity",
+    "identity_hate": "identity_attack",
+    "severe_toxic": "severe_toxicity",
+}
+
+# What a detoxify checkpoint must hold (detoxify reads these), and its layout for error messages.
+_REQUIRED_KEYS = (
+    ("state_dict",),
+    ("config", "arch", "args", "model_type"),
+    ("config", "dataset", "args", "classes"),
+)
+_LAYOUT = (
+    "{'config': {'arch': {'args': {model_type, model_name, tokenizer_name, num_classes}}, "
+    "'dataset': {'args': {'classes': [...]}}}, 'state_dict': {name: tensor}}"
+)
 
 # transformers model types whose position ids start after the padding index.
 _POSITION_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert")
@@ -74,8 +100,10 @@ class ToxicityScorer:
         if checkpoint is None and model not in MODEL_URLS:
             raise ValueError(f"unknown detoxify model {model!r}; known: {sorted(MODEL_URLS)}")
         self.batch_size = batch_size
-        source = None if checkpoint is None else _checkpoint_source(checkpoint, storage_options)
-        self._detoxify = Detoxify(model_type=model, checkpoint=source, device=device)
+        if checkpoint is None:
+            self._detoxify = Detoxify(model_type=model, device=device)
+        else:
+            self._detoxify = _detoxify_from_checkpoint(checkpoint, storage_options, device)
         _cap_max_length(self._detoxify.tokenizer, self._detoxify.model.config)
         self._labels = tuple(self._detoxify.class_names)
 
@@ -156,7 +184,9 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
             o is not None or i is not None for o, i in zip(outputs, row_inputs, strict=True)
         ]
         table = _mark_errors(
-            table, has_text, f"toxicity scoring failed: {type(exc).__name__}: {exc}"
+            table,
+            pa.array(has_text, pa.bool_()),
+            f"toxicity scoring failed: {type(exc).__name__}: {exc}",
         )
         texts = [None] * len(texts)
     n = table.num_rows
@@ -180,10 +210,17 @@ def apply_policy(
 ) -> pa.Table:
     """Sets ``toxic`` and ``toxicity_decision`` from the ``toxicity_<label>`` columns.
 
-    ``toxic`` is null where the row has no scores. annotate keeps every row; drop marks toxic rows
-    "drop" (a writer sends them elsewhere); redact marks them "redact" and replaces their
-    ``output_text`` with ``redaction_text``. ``labels`` defaults to every float column named
-    ``toxicity_<label>``.
+    ``toxic`` is true when any label scores >= ``threshold``, else null when a label has no score
+    (null or NaN), else false. annotate keeps every row as it is. drop marks toxic rows "drop" (the
+    writer sends them to rejected/); redact marks them "redact" and replaces their ``output_text``
+    with ``redaction_text``. ``labels`` defaults to every float column named ``toxicity_<label>``.
+
+    Under drop and redact the policy fails closed: a row with an ``output_text`` but no verdict
+    (``toxic`` null, e.g. its batch failed to score) is treated like a toxic one, not kept: its
+    decision is the action's ("drop" sends it to rejected/, "redact" keeps it in place), its
+    ``output_text`` becomes null (not ``redaction_text``: there was no verdict to redact for), and
+    unless it already has an error it gets one of kind ``toxicity``. So it appears once, as an
+    error row, and its unchecked text is written nowhere. Rows without an output are kept.
     """
     _check_policy(threshold, action)
     names = (
@@ -193,47 +230,83 @@ def apply_policy(
         raise ValueError(f"no {schema.TOXICITY_PREFIX}<label> columns to apply the policy to")
     toxic = None
     for name in names:
-        hit = pc.greater_equal(table.column(name), pa.scalar(float(threshold)))
+        scores = table.column(name)
+        scores = pc.if_else(pc.is_nan(scores), pa.scalar(None, scores.type), scores)
+        hit = pc.greater_equal(scores, pa.scalar(float(threshold)))
         toxic = hit if toxic is None else pc.or_kleene(toxic, hit)
-    flagged = pc.fill_null(toxic, False)
     table = schema.set_column(table, schema.TOXIC, toxic)
     if action == "annotate":
         decision = pa.array([KEEP] * table.num_rows, pa.string())
-    else:
-        decision = pc.if_else(flagged, pa.scalar(action), pa.scalar(KEEP))
+        return schema.set_column(table, schema.TOXICITY_DECISION, decision)
+    text = table.column(schema.OUTPUT_TEXT).cast(pa.string())
+    unscored = pc.and_(pc.is_valid(text), pc.is_null(toxic))
+    acted = pc.or_(pc.fill_null(toxic, False), unscored)
+    decision = pc.if_else(acted, pa.scalar(action), pa.scalar(KEEP))
+    withhold = pc.any(unscored).as_py()
     if action == "redact":
-        redacted = pc.if_else(
-            flagged, pa.scalar(redaction_text), table.column(schema.OUTPUT_TEXT).cast(pa.string())
+        text = pc.if_else(pc.fill_null(toxic, False), pa.scalar(redaction_text), text)
+    if withhold:
+        text = pc.if_else(unscored, pa.scalar(None, pa.string()), text)
+        table = _mark_errors(
+            table, unscored, f"no toxicity score for this output; text withheld ({action})"
         )
-        table = schema.set_column(table, schema.OUTPUT_TEXT, redacted)
+    if action == "redact" or withhold:
+        table = schema.set_column(table, schema.OUTPUT_TEXT, text)
     return schema.set_column(table, schema.TOXICITY_DECISION, decision)
 
 
 # Loading ------------------------------------------------------------------------------------------
 
 
-def _checkpoint_source(uri: str, storage_options: dict[str, Any] | None) -> str | IO[bytes]:
-    """What to pass to detoxify as ``checkpoint``: the local path, or a patched copy in memory."""
+def _detoxify_from_checkpoint(uri: str, storage_options: dict[str, Any] | None, device: str) -> Any:
+    """A ``Detoxify`` built from a checkpoint loaded weights-only (see the module docstring)."""
+    from detoxify import Detoxify
+    from detoxify.detoxify import get_model_and_tokenizer
+
+    checkpoint = _load_weights_only(uri, storage_options)
+    args = dict(checkpoint["config"]["arch"]["args"])
+    model_dir = _model_dir_beside(uri, str(args["model_type"]), storage_options)
+    if model_dir is not None:
+        log.info("detoxify model_type %r rewritten to %s", args["model_type"], model_dir)
+        args["model_type"] = str(model_dir)
+    model, tokenizer = get_model_and_tokenizer(**args, state_dict=checkpoint["state_dict"])
+    classes = checkpoint["config"]["dataset"]["args"]["classes"]
+    # What Detoxify.__init__ sets after its own load_checkpoint, which is bypassed here.
+    detoxify = Detoxify.__new__(Detoxify)
+    detoxify.model = model.to(device)
+    detoxify.tokenizer = tokenizer
+    detoxify.class_names = [_STANDARD_LABELS.get(c, c) for c in classes]
+    detoxify.device = device
+    return detoxify
+
+
+def _load_weights_only(uri: str, storage_options: dict[str, Any] | None) -> dict[str, Any]:
+    """The checkpoint dict, unpickled with torch's weights-only unpickler; checked for its keys."""
     import torch
 
     path = localize(uri, storage_options=storage_options)
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
-        loaded = torch.load(path, map_location="cpu", weights_only=False)
-    try:
-        args = loaded["config"]["arch"]["args"]
-    except (KeyError, TypeError):
-        return str(path)  # detoxify itself explains what is missing
-    model_dir = _model_dir_beside(uri, str(args["model_type"]), storage_options)
-    if model_dir is None:
-        return str(path)
-    log.info("detoxify model_type %r rewritten to %s", args["model_type"], model_dir)
-    args["model_type"] = str(model_dir)
-    buffer = io.BytesIO()
-    torch.save(loaded, buffer)
-    buffer.seek(0)
-    return buffer
+        try:
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
+        raise ValueError(
+            f"detoxify checkpoint {uri} is not a weights-only checkpoint "
+            f"({found.group(1).rstrip('.') if found else exc}). Only weights-only checkpoints are loaded "
+            "(dicts, lists, strings, numbers and tensors), because unpickling anything else runs "
+            "code from the file. Re-save it on a trusted machine as torch.save({'config': "
+            "plain values, 'state_dict': tensors})."
+        ) from None
+    for keys in _REQUIRED_KEYS:
+        node: Any = loaded
+        for depth, key in enumerate(keys):
+            if not isinstance(node, dict) or key not in node:
+                where = "".join(f"[{k!r}]" for k in keys[: depth + 1])
+                raise ValueError(f"detoxify checkpoint {uri} has no {where}; expected {_LAYOUT}")
+            node = node[key]
+    return loaded
 
 
 def _model_dir_beside(
@@ -300,12 +373,13 @@ def _score_columns(table: pa.Table) -> list[str]:
     ]
 
 
-def _mark_errors(table: pa.Table, rows: list[bool], message: str) -> pa.Table:
+def _mark_errors(table: pa.Table, rows: pa.Array, message: str) -> pa.Table:
+    """Sets ``error`` and ``error_kind="toxicity"`` on ``rows`` that have no error yet."""
     for name in (schema.ERROR, schema.ERROR_KIND):
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
     error = table.column(schema.ERROR).cast(pa.string())
-    set_here = pc.and_(pa.array(rows, pa.bool_()), pc.is_null(error))
+    set_here = pc.and_(rows, pc.is_null(error))
     new_error = pc.if_else(set_here, pa.scalar(message), error)
     kind = pc.if_else(
         set_here, pa.scalar("toxicity"), table.column(schema.ERROR_KIND).cast(pa.string())

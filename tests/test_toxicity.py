@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,17 +55,16 @@ def _batch() -> pa.Table:
 # The fixture -------------------------------------------------------------------------------------
 
 
-def test_fixture_is_small_fast_and_seeded(tmp_path: Path) -> None:
+def test_fixture_is_small_and_seeded(tmp_path: Path) -> None:
     import torch
 
     first = build_tiny_detoxify(tmp_path / "a", seed=3)  # the first call also imports transformers
+    # Loaded weights-only below: the fixture is what pipeline.toxicity accepts.
     assert first.stat().st_size < 2 * 1024 * 1024
-    start = time.perf_counter()
     second = build_tiny_detoxify(tmp_path / "b", seed=3)
-    assert time.perf_counter() - start < 2.0
-    same = torch.load(second, weights_only=False)
-    other = torch.load(build_tiny_detoxify(tmp_path / "c", seed=4), weights_only=False)
-    loaded = torch.load(first, weights_only=False)
+    same = torch.load(second, weights_only=True)
+    other = torch.load(build_tiny_detoxify(tmp_path / "c", seed=4), weights_only=True)
+    loaded = torch.load(first, weights_only=True)
     assert loaded["config"]["arch"]["args"]["num_classes"] == 6
     assert Path(loaded["config"]["arch"]["args"]["model_type"]).is_dir()
     for key, value in loaded["state_dict"].items():
@@ -92,7 +90,9 @@ def test_scorer_scores_every_label_in_unit_interval(scorer: ToxicityScorer) -> N
 def test_scorer_matches_detoxify_predict(scorer: ToxicityScorer, checkpoint: Path) -> None:
     from detoxify import Detoxify
 
-    expected = Detoxify(checkpoint=str(checkpoint)).predict(TEXTS)
+    reference = Detoxify(checkpoint=str(checkpoint))  # detoxify's own (trusting) loader
+    assert set(vars(scorer._detoxify)) == set(vars(reference))  # we set what its __init__ sets
+    expected = reference.predict(TEXTS)
     scores = scorer.score(TEXTS)
     for label in LABELS:
         np.testing.assert_allclose(scores[label], expected[label], atol=1e-5)
@@ -223,16 +223,19 @@ def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicitySc
         assert schema.INPUT_TOXICITY_PREFIX + label in out.column_names
 
 
-def test_failing_scorer_becomes_row_errors(
-    checkpoint: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray]:
-        raise RuntimeError("out of memory")
+def _fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray]:
+    raise RuntimeError("out of memory")
 
-    stage = ToxicityStage(checkpoint=str(checkpoint), action="drop", threshold=0.0)
-    monkeypatch.setattr(ToxicityScorer, "score", fail)
-    out = stage(_batch())
-    assert out.num_rows == 5
+
+@pytest.mark.parametrize("action", ["annotate", "drop", "redact"])
+def test_failing_scorer_becomes_row_errors(
+    checkpoint: Path, monkeypatch: pytest.MonkeyPatch, action: str
+) -> None:
+    stage = ToxicityStage(checkpoint=str(checkpoint), action=action, threshold=0.0)
+    monkeypatch.setattr(ToxicityScorer, "score", _fail)
+    batch = _batch()
+    out = stage(batch)
+    assert out.column(schema.ID).to_pylist() == batch.column(schema.ID).to_pylist()
     errors = out.column(schema.ERROR).to_pylist()
     kinds = out.column(schema.ERROR_KIND).to_pylist()
     assert errors[2] == "engine failed" and kinds[2] == "generation"  # kept as it was
@@ -240,17 +243,117 @@ def test_failing_scorer_becomes_row_errors(
         assert kinds[i] == "toxicity" and "out of memory" in errors[i]
     assert out.column("toxicity_insult").null_count == 5
     assert out.column(schema.TOXIC).null_count == 5
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
+    decisions = out.column(schema.TOXICITY_DECISION).to_pylist()
+    outputs = out.column(schema.OUTPUT_TEXT).to_pylist()
+    if action == "annotate":  # annotate only scores: the text stays, flagged by the error
+        assert decisions == ["keep"] * 5
+        assert outputs == batch.column(schema.OUTPUT_TEXT).to_pylist()
+    else:  # fail closed: unscored text never leaves as kept text
+        assert decisions == [action, action, "keep", action, action]
+        assert outputs == [None] * 5
 
     no_error_columns = _batch().drop_columns([schema.ERROR, schema.ERROR_KIND])
     kinds = stage(no_error_columns).column(schema.ERROR_KIND).to_pylist()
-    assert kinds == [
-        "toxicity",
-        "toxicity",
-        None,
-        "toxicity",
-        "toxicity",
-    ]  # r2 has nothing to score
+    assert kinds == ["toxicity", "toxicity", None, "toxicity", "toxicity"]  # r2: nothing to score
+
+
+@pytest.mark.parametrize("action", ["drop", "redact"])
+def test_unscored_text_is_withheld_by_the_policy(action: str) -> None:
+    table = pa.table(
+        {
+            schema.OUTPUT_TEXT: ["scored", "nan", "missing", "had an error", None],
+            "toxicity_toxicity": pa.array([0.1, float("nan"), None, None, None], pa.float32()),
+            "toxicity_insult": pa.array([0.2, 0.1, None, None, None], pa.float32()),
+            schema.ERROR: [None, None, None, "stop sequence lost", None],
+            schema.ERROR_KIND: [None, None, None, "generation", None],
+        }
+    )
+    out = apply_policy(table, 0.5, action, "x")
+    assert out.column(schema.TOXIC).to_pylist() == [False, None, None, None, None]
+    assert out.column(schema.TOXICITY_DECISION).to_pylist() == [
+        "keep",
+        action,
+        action,
+        action,
+        "keep",
+    ]
+    assert out.column(schema.OUTPUT_TEXT).to_pylist() == ["scored", None, None, None, None]
+    errors = out.column(schema.ERROR).to_pylist()
+    assert errors[0] is None and errors[4] is None
+    assert "no toxicity score" in errors[1] and "no toxicity score" in errors[2]
+    assert errors[3] == "stop sequence lost"  # an earlier error is not overwritten
+    kinds = out.column(schema.ERROR_KIND).to_pylist()
+    assert kinds == [None, "toxicity", "toxicity", "generation", None]
+    annotated = apply_policy(table, 0.5, "annotate")
+    assert annotated.column(schema.OUTPUT_TEXT).equals(table.column(schema.OUTPUT_TEXT))
+    assert annotated.column(schema.ERROR).equals(table.column(schema.ERROR))
+
+
+# Loading safely ------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickles by calling ``open(marker, "w")``: code that runs if the pickle is trusted."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.marker), "w"))
+
+
+def test_checkpoint_needing_code_is_refused_without_running_it(
+    tmp_path: Path, checkpoint: Path
+) -> None:
+    import torch
+
+    marker = tmp_path / "pwned"
+    good = torch.load(checkpoint, weights_only=True)
+    evil = tmp_path / "evil.ckpt"
+    torch.save(
+        {"config": good["config"], "state_dict": good["state_dict"], "x": _Payload(marker)}, evil
+    )
+    with pytest.raises(ValueError, match="weights-only") as info:
+        ToxicityScorer(checkpoint=str(evil))
+    assert str(evil) in str(info.value)
+    assert not marker.exists()
+
+    legacy = tmp_path / "legacy.ckpt"  # the pre-zip format goes through the same check
+    torch.save(
+        {"config": _Payload(marker), "state_dict": {}}, legacy, _use_new_zipfile_serialization=False
+    )
+    with pytest.raises(ValueError, match="weights-only"):
+        ToxicityScorer(checkpoint=str(legacy))
+    assert not marker.exists()
+
+
+def test_loading_never_unpickles_unsafely(
+    tmp_path: Path, checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    calls: list[Any] = []
+    original = torch.load
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("weights_only"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", spy)
+    built = build_tiny_detoxify(tmp_path / "before")
+    shutil.move(tmp_path / "before", tmp_path / "after")  # model_type rewritten at load time
+    for path in (checkpoint, tmp_path / "after" / built.name):
+        assert ToxicityScorer(checkpoint=str(path)).labels == LABELS
+    assert calls and all(c is True for c in calls), calls
+
+
+def test_checkpoint_without_config_names_itself(tmp_path: Path) -> None:
+    import torch
+
+    path = tmp_path / "weights-only.ckpt"
+    torch.save({"state_dict": {}}, path)
+    with pytest.raises(ValueError, match=r"weights-only\.ckpt.*config"):
+        ToxicityScorer(checkpoint=str(path))
 
 
 # Inside Ray Data ---------------------------------------------------------------------------------
