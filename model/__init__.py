@@ -23,6 +23,13 @@ _EXPORTS = {
     "count_params": "model.griffin",
     "init_cache": "model.griffin",
     "param_shapes": "model.griffin",
+    "MemoryPlan": "model.memory",
+    "MemoryPlanError": "model.memory",
+    "device_memory_limit": "model.memory",
+    "max_slots_that_fit": "model.memory",
+    "plan_memory": "model.memory",
+    "check_tensor_parallel": "model.sharding",
+    "make_mesh": "model.sharding",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -13,6 +13,10 @@ prefill_chunk], insert [prefill_batch] and decode [max_slots].
 Idle slots and left pads are fed position -1, which leaves their state untouched; so a request's
 tokens do not depend on which slot or batch it landed in, and sampling is keyed by each request's
 own seed and token index.
+
+With ``tensor_parallel=N`` one replica spans N local devices: the weights and the slot state are
+split over a one-axis mesh by the rules in :mod:`model.sharding`, and the same jitted functions
+run partitioned by XLA (two extra executables make the sharded empty caches).
 """
 
 from __future__ import annotations
@@ -28,10 +32,20 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
 from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
 from model.sampling import SamplingParams, sample
+from model.sharding import (
+    cache_specs,
+    check_tensor_parallel,
+    make_mesh,
+    named_shardings,
+    param_specs,
+    stack_gated_up,
+    unstack_gated_up,
+)
 from model.storage import cache_dir
 
 Array = jax.Array
@@ -77,6 +91,8 @@ class EngineConfig:
       max_prompt_tokens: Longer prompts come back as errors; None means no limit.
       max_stop_ids: Most stop ids one request may give.
       dtype: Compute dtype; params are cast to it once, on the device.
+      tensor_parallel: Devices one replica's weights and slot state are split over (see
+        :class:`Engine`); 1 runs on one device.
     """
 
     max_slots: int = 32
@@ -87,6 +103,7 @@ class EngineConfig:
     max_prompt_tokens: int | None = None
     max_stop_ids: int = 4
     dtype: Any = jnp.float32
+    tensor_parallel: int = 1
 
     def __post_init__(self) -> None:
         names = (
@@ -96,6 +113,7 @@ class EngineConfig:
             "decode_steps",
             "length_lookahead",
             "max_stop_ids",
+            "tensor_parallel",
         )
         for name in names:
             if getattr(self, name) < 1:
@@ -184,7 +202,21 @@ def _validate(request: GenerationRequest, config: ModelConfig, engine: EngineCon
 
 
 class Engine:
-    """Continuous-batching generation: ``generate(requests)`` or ``stream(requests)``."""
+    """Continuous-batching generation: ``generate(requests)`` or ``stream(requests)``.
+
+    Tensor parallelism: ``Engine(config, params, tensor_parallel=N, devices=None)`` splits one
+    replica over N devices (the first N of ``devices``, default ``jax.local_devices()``), for a
+    model whose weights do not fit one device (9B in bfloat16 on 16 GB chips) or to cut the
+    per-token latency of reading the weights. Attention heads, RG-LRU heads, the lru and MLP
+    widths and the vocabulary are split (:mod:`model.sharding`; N must divide all of them: 2B
+    takes 2, 5 or 10, 9B 2, 4, 8 or 16), the shared K/V head and the attention ring buffer are
+    replicated. ``engine.params`` holds the sharded arrays, in the checkpoint layout with each
+    MLP's gate and up kernels held apart (``ffw_up/w_gate``, ``w_up``): the fused one-device
+    layout does not split cleanly. Greedy tokens match N=1 (logits to float rounding) and the
+    executables are fixed after warm-up, as with one device. Each replica is one process; run
+    several replicas as several Ray actors. :func:`model.memory.plan_memory`
+    says how many devices and slots a model needs.
+    """
 
     def __init__(
         self,
@@ -193,18 +225,27 @@ class Engine:
         *,
         max_slots: int = 32,
         engine_config: EngineConfig | None = None,
+        devices: Sequence[jax.Device] | None = None,
         **engine_options: Any,
     ) -> None:
         self.config = config
         self.engine_config = engine_config or EngineConfig(max_slots=max_slots, **engine_options)
         ec = self.engine_config
-        self.model = RecurrentGemma(config, dtype=ec.dtype, fused=True)
-        # The serving layout: one matmul per shared input (a copy of those weights; the caller
-        # may drop its own tree once the engine is built).
-        self.params = fuse_params(jax.tree.map(lambda x: jnp.asarray(x, ec.dtype), params))
-        self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
-        self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
-        self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+        n = ec.tensor_parallel
+        check_tensor_parallel(config, n)
+        self.mesh = make_mesh(n, devices) if n > 1 or devices is not None else None
+        self.model = RecurrentGemma(config, dtype=ec.dtype, fused=n == 1)
+        if n == 1:
+            # The serving layout: one matmul per shared input (a copy of those weights; the
+            # caller may drop its own tree once the engine is built).
+            cast = jax.tree.map(lambda x: jnp.asarray(x, ec.dtype), params)
+            self.params = fuse_params(self._committed(cast))
+            self._prefill = jax.jit(self._prefill_fn, donate_argnums=(3,))
+            self._insert = jax.jit(self._insert_fn, donate_argnums=(0,))
+            self._decode = jax.jit(self._decode_fn, donate_argnums=(1,))
+            self._jitted = [self._prefill, self._insert, self._decode]
+        else:
+            self._shard(params)
         self._state = self._empty_state()
         self._pending: deque[tuple[Any, GenerationRequest]] = deque()
         self._slots: list[_Running | None] = [None] * self.engine_config.max_slots
@@ -213,7 +254,7 @@ class Engine:
     # Device functions (one shape each) -----------------------------------------------------------
     def _prefill_fn(self, params: Any, tokens: Array, positions: Array, cache: Cache):
         logits, cache = self.model.apply(
-            {"params": params}, tokens, positions, cache, last_logits_only=True
+            {"params": self._model_params(params)}, tokens, positions, cache, last_logits_only=True
         )
         return logits[:, 0], cache
 
@@ -260,7 +301,10 @@ class Engine:
             state, i, out = carry
             positions = jnp.where(state.active, state.position, -1)
             logits, cache = self.model.apply(
-                {"params": params}, state.next_token[:, None], positions[:, None], state.cache
+                {"params": self._model_params(params)},
+                state.next_token[:, None],
+                positions[:, None],
+                state.cache,
             )
             token = sample(logits[:, 0], state.sampling, state.generated)
             stopped = state.active & jnp.any(token[:, None] == state.stop_ids, axis=-1)
@@ -294,7 +338,66 @@ class Engine:
         state, _, out = jax.lax.while_loop(more, step, (state, jnp.int32(0), empty))
         return state, out
 
-    def _empty_state(self) -> SlotState:
+    def _model_params(self, params: Any) -> Any:
+        """The tree the model reads, from what the engine stores (inside jit)."""
+        return params if self.engine_config.tensor_parallel == 1 else stack_gated_up(params)
+
+    def _shard(self, params: Any) -> None:
+        """Places the params on the mesh (each device receives only its shards, cast there) and
+        jits the device functions with fixed in/out shardings."""
+        ec, mesh = self.engine_config, self.mesh
+        params = unstack_gated_up(params)
+        param_sh = named_shardings(mesh, param_specs(params))
+
+        def place(x: Any, sharding: Any) -> Array:
+            x = jax.device_put(x, sharding)
+            return x if x.dtype == ec.dtype else x.astype(ec.dtype)
+
+        self.params = jax.tree.map(place, params, param_sh)
+        param_sh = jax.tree.map(lambda x: x.sharding, self.params)
+        rep = named_shardings(mesh, P())
+
+        def cache_sh(rows: int) -> Any:
+            shapes = jax.eval_shape(lambda: init_cache(self.config, rows, ec.dtype))
+            return named_shardings(mesh, cache_specs(shapes))
+
+        prefill_cache = cache_sh(self.prefill_rows)
+        slot_cache = cache_sh(ec.max_slots)
+        state = SlotState(slot_cache, *([rep] * (len(SlotState._fields) - 2)), sampling=rep)
+        logits = named_shardings(mesh, P(None, "tp"))  # split by vocab, like the embedding
+        self._prefill = jax.jit(
+            self._prefill_fn,
+            donate_argnums=(3,),
+            in_shardings=(param_sh, rep, rep, prefill_cache),
+            out_shardings=(logits, prefill_cache),
+        )
+        self._insert = jax.jit(
+            self._insert_fn,
+            donate_argnums=(0,),
+            in_shardings=(state, prefill_cache, logits, *[rep] * 5),
+            out_shardings=(state, rep),
+        )
+        self._decode = jax.jit(
+            self._decode_fn,
+            donate_argnums=(1,),
+            in_shardings=(param_sh, state, rep),
+            out_shardings=(state, rep),
+        )
+        # The empty caches are made on the mesh, split, never whole on one device.
+        self._new_prefill_cache = jax.jit(
+            lambda: init_cache(self.config, self.prefill_rows, ec.dtype),
+            out_shardings=prefill_cache,
+        )
+        self._new_state = jax.jit(self._zero_state, out_shardings=state)
+        self._jitted = [
+            self._prefill,
+            self._insert,
+            self._decode,
+            self._new_prefill_cache,
+            self._new_state,
+        ]
+
+    def _zero_state(self) -> SlotState:
         ec, s = self.engine_config, self.engine_config.max_slots
 
         def zeros(dtype: Any = jnp.int32) -> Array:  # distinct buffers: the state is donated
@@ -311,6 +414,20 @@ class Engine:
             sampling=SamplingParams(zeros(jnp.float32), zeros(), jnp.ones((s,)), zeros()),
         )
 
+    def _committed(self, tree: Any) -> Any:
+        """One device named in ``devices``: arrays committed to it (jit runs where they are)."""
+        return tree if self.mesh is None else jax.device_put(tree, self.mesh.devices.flat[0])
+
+    def _empty_state(self) -> SlotState:
+        if self.engine_config.tensor_parallel > 1:
+            return self._new_state()
+        return self._committed(self._zero_state())
+
+    def _empty_prefill_cache(self) -> Cache:
+        if self.engine_config.tensor_parallel > 1:
+            return self._new_prefill_cache()
+        return self._committed(init_cache(self.config, self.prefill_rows, self.engine_config.dtype))
+
     # Host side -----------------------------------------------------------------------------------
     @property
     def prefill_rows(self) -> int:
@@ -324,8 +441,10 @@ class Engine:
         self.stats = EngineStats()
 
     def compiled_shapes(self) -> int:
-        """How many executables the engine's jitted functions hold (constant after warm-up)."""
-        return sum(f._cache_size() for f in (self._prefill, self._insert, self._decode))
+        """How many executables the engine's jitted functions hold (constant after warm-up):
+        prefill, insert and decode, and with tensor parallelism the two that make the sharded
+        empty caches."""
+        return sum(f._cache_size() for f in self._jitted)
 
     def generate(self, requests: Iterable[GenerationRequest]) -> list[GenerationResult]:
         """Results in request order."""
@@ -439,7 +558,7 @@ class Engine:
         for row, ids in enumerate(prompts):
             tokens[row, -len(ids) :] = ids
             positions[row, -len(ids) :] = np.arange(len(ids))
-        cache = init_cache(self.config, p, ec.dtype)
+        cache = self._empty_prefill_cache()
         for k in range(chunks):
             window = slice(k * c, (k + 1) * c)
             logits, cache = self._prefill(
