@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from model.config import ModelConfig
+from model.engine_config import EngineConfig
 from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
 from model.sampling import SamplingParams, sample
 from model.sharding import (
@@ -74,50 +75,6 @@ class GenerationResult:
     prompt_tokens: int
     output_tokens: int
     error: str | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineConfig:
-    """Engine limits and shapes.
-
-    Attributes:
-      max_slots: Sequences decoded together (the decode batch).
-      prefill_batch: Prompts prefilled together per call (the one row count compiled; also how
-        many slots must be free before a decode call hands back to admit new prompts).
-      prefill_chunk: Tokens per prefill call; longer prompts take several calls.
-      decode_steps: Most tokens generated per jitted decode call (per host round trip).
-      length_lookahead: How many queued prompts (from the oldest) are searched for ones of
-        similar length to prefill together. 1 keeps strict arrival order.
-      max_prompt_tokens: Longer prompts come back as errors; None means no limit.
-      max_stop_ids: Most stop ids one request may give.
-      dtype: Compute dtype; params are cast to it once, on the device.
-      tensor_parallel: Devices one replica's weights and slot state are split over (see
-        :class:`Engine`); 1 runs on one device.
-    """
-
-    max_slots: int = 32
-    prefill_batch: int = 8
-    prefill_chunk: int = 128
-    decode_steps: int = 16
-    length_lookahead: int = 64
-    max_prompt_tokens: int | None = None
-    max_stop_ids: int = 4
-    dtype: Any = jnp.float32
-    tensor_parallel: int = 1
-
-    def __post_init__(self) -> None:
-        names = (
-            "max_slots",
-            "prefill_batch",
-            "prefill_chunk",
-            "decode_steps",
-            "length_lookahead",
-            "max_stop_ids",
-            "tensor_parallel",
-        )
-        for name in names:
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
 class SlotState(NamedTuple):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -16,12 +17,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
+import jax
 import jax.numpy as jnp
 import pyarrow as pa
 import ray
 
 from model.checkpoint import fingerprint, load_checkpoint
 from model.engine import Engine, GenerationRequest, GenerationResult, enable_compilation_cache
+from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.stage import PlanContext, Stage
@@ -116,6 +119,48 @@ def row_seed(base_seed: int, row_id: str) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def planned_engine_options(
+    config: Any, dtype: str, engine_options: dict[str, Any], headroom: float
+) -> dict[str, Any]:
+    """``engine_options`` with ``max_slots: auto`` resolved, checked against the memory plan.
+
+    Runs before the weights go to the devices: a replica that cannot fit fails here with the
+    figures and the fix (a larger tensor_parallel, fewer slots), not deep inside XLA.
+    """
+    n = engine_options.get("tensor_parallel", 1)
+    devices = jax.local_devices()
+    log.info(
+        "model actor: %d %s device(s) visible (%s); the replica uses %d",
+        len(devices),
+        jax.default_backend(),
+        ", ".join(str(d) for d in devices[:8]),
+        n,
+    )
+    limit = device_memory_limit(devices[0])
+    shapes = dict(
+        dtype=jnp.dtype(dtype),
+        prefill_batch=engine_options["prefill_batch"],
+        prefill_chunk=engine_options["prefill_chunk"],
+        tensor_parallel=n,
+        device_bytes=limit,
+        headroom=headroom,
+    )
+    options = dict(engine_options)
+    if options["max_slots"] == "auto":
+        if limit is None:
+            raise ValueError(
+                "generation.max_slots: 'auto' needs a device memory limit, and the "
+                f"{jax.default_backend()} backend reports none: set a number of slots"
+            )
+        options["max_slots"] = max_slots_that_fit(config, **shapes)
+        log.info("generation.max_slots auto: %d slots fit", options["max_slots"])
+    plan = plan_memory(config, max_slots=options["max_slots"], **shapes)
+    log.info("memory plan: %s", plan.summary())
+    if limit is not None:
+        plan.check()
+    return options
+
+
 class ModelStage:
     """Ray Data actor class: prompted rows in, generated rows out (one-to-one).
 
@@ -136,6 +181,7 @@ class ModelStage:
         seed: int,
         engine_options: dict[str, Any],
         compilation_cache: bool,
+        memory_headroom: float,
         progress: Any = None,
     ) -> None:
         self.progress = progress  # a ProgressCounter actor handle, or None
@@ -151,7 +197,8 @@ class ModelStage:
         self.max_new_tokens = max_new_tokens
         self.seed = seed
         self.model_name = f"{ckpt.variant}@{fingerprint(ckpt.params)}"
-        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **engine_options)
+        options = planned_engine_options(ckpt.config, dtype, engine_options, memory_headroom)
+        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **options)
         engine.warmup()
         self.worker = EngineWorker(engine)
         log.info("model stage ready: %s", self.model_name)
@@ -251,8 +298,10 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
                 prefill_chunk=gen.prefill_chunk,
                 decode_steps=gen.decode_steps,
                 max_prompt_tokens=gen.max_prompt_tokens,
+                tensor_parallel=model.replica_devices,
             ),
             compilation_cache=model.compilation_cache,
+            memory_headroom=model.memory_headroom,
             progress=context.progress,
         ),
         ray_args=dict(
@@ -264,6 +313,24 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
             num_gpus=model.gpus_per_replica or None,
             num_cpus=model.cpus_per_replica,
             resources=model.resources_per_replica or None,
+            runtime_env=actor_env(config),
             batch_size=gen.batch_size,
         ),
     )
+
+
+def actor_env(config: JobConfig) -> dict[str, Any] | None:
+    """Environment for the model actors, set before JAX starts there.
+
+    ``model.memory_fraction`` caps JAX's GPU preallocation; a CPU replica split over N devices
+    gets N host devices.
+    """
+    model = config.model
+    env: dict[str, str] = {}
+    if model.memory_fraction is not None:
+        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = f"{model.memory_fraction:g}"
+    if model.devices_given is None and model.replica_devices > 1:
+        flags = os.environ.get("XLA_FLAGS", "")
+        count = f"--xla_force_host_platform_device_count={model.replica_devices}"
+        env["XLA_FLAGS"] = f"{flags} {count}".strip()
+    return {"env_vars": env} if env else None

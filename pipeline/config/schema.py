@@ -23,8 +23,10 @@ from pydantic import (
     PrivateAttr,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
+from model.engine_config import EngineConfig
 from pipeline import schema as columns
 
 # Allowed values: one Literal per set, the tuples derived from it ---------------------------------
@@ -256,6 +258,30 @@ class ModelSection(_Section):
         "with the same model and engine shapes skip compilation.",
     )
 
+    tensor_parallel: int | None = Field(
+        default=None,
+        ge=1,
+        description="Devices one replica's weights and slot states are split over. None: the "
+        "devices the actor is given (gpus_per_replica, or the TPU chips in "
+        "resources_per_replica), else 1. On CPU, N > 1 splits the replica over N host devices "
+        "(the sharded path without an accelerator).",
+    )
+    memory_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of each GPU JAX may take in a model actor "
+        "(XLA_PYTHON_CLIENT_MEM_FRACTION, set before JAX starts there); None keeps JAX's 75%. "
+        "Lower it so a toxicity actor can share the GPU.",
+    )
+    memory_headroom: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Share of a device's memory the memory plan leaves free (allocator "
+        "fragmentation, XLA temporaries it does not model).",
+    )
+
     @field_validator("resources_per_replica")
     @classmethod
     def _resources(cls, value: dict[str, float]) -> dict[str, float]:
@@ -267,6 +293,34 @@ class ModelSection(_Section):
             if amount < 0:
                 raise ValueError(f"{name!r}: must be >= 0, got {amount}")
         return value
+
+    @model_validator(mode="after")
+    def _parallel_fits_resources(self) -> ModelSection:
+        given = self.devices_given
+        if self.tensor_parallel is not None and given is not None and self.tensor_parallel != given:
+            raise ValueError(
+                f"tensor_parallel {self.tensor_parallel} does not match the {given} devices "
+                "each replica is given (gpus_per_replica / TPU in resources_per_replica)"
+            )
+        fractional = self.gpus_per_replica != int(self.gpus_per_replica)
+        if fractional and (self.tensor_parallel or 1) > 1:
+            raise ValueError("a replica split over devices needs whole GPUs")
+        return self
+
+    @property
+    def devices_given(self) -> int | None:
+        """The accelerators each model actor gets (None: CPU, or a fraction of one GPU)."""
+        if self.gpus_per_replica >= 1 and self.gpus_per_replica == int(self.gpus_per_replica):
+            return int(self.gpus_per_replica)
+        tpu = self.resources_per_replica.get("TPU")
+        if tpu:
+            return int(tpu)
+        return None
+
+    @property
+    def replica_devices(self) -> int:
+        """``tensor_parallel``, or the devices each replica is given, or 1."""
+        return self.tensor_parallel or self.devices_given or 1
 
     @property
     def use_chat_template(self) -> bool:
@@ -299,22 +353,35 @@ class GenerationSection(_Section):
     seed: int = Field(
         default=0, description="Base sampling seed; each row's seed derives from it and its id."
     )
-    max_slots: int = Field(
-        default=64, ge=1, description="Sequences decoded at once per replica (engine slots)."
+    max_slots: int | Literal["auto"] = Field(
+        default=EngineConfig.max_slots,
+        description="Sequences decoded at once per replica (engine slots). 'auto': the most "
+        "that fit each device's memory (weights, slot states and workspace, per the memory "
+        "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit).",
     )
-    prefill_batch: int = Field(default=8, ge=1, description="Prompts prefilled together.")
+    prefill_batch: int = Field(
+        default=EngineConfig.prefill_batch, ge=1, description="Prompts prefilled together."
+    )
     prefill_chunk: int = Field(
-        default=512,
+        default=EngineConfig.prefill_chunk,
         ge=1,
         description="Prompt tokens per prefill step (longer prompts are chunked).",
     )
     decode_steps: int = Field(
-        default=16,
+        default=EngineConfig.decode_steps,
         ge=1,
         description="Most decode steps per host round-trip (a call returns early once "
         "prefill_batch slots are free and prompts are waiting).",
     )
     batch_size: int = Field(default=256, ge=1, description="Rows per model-stage batch.")
+
+    @field_validator("max_slots")
+    @classmethod
+    def _slots(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError(f"must be >= 1 or 'auto', got {value}")
+        return value
+
     prompt_workers: int | None = Field(
         default=None,
         ge=1,

@@ -1,0 +1,81 @@
+"""A model replica split over two (virtual CPU) devices, end to end through the pipeline."""
+
+from __future__ import annotations
+
+import fsspec
+import pytest
+import ray
+from pipeline_helpers import (
+    build_fixtures,
+    corpus_rows,
+    job_config,
+    job_yaml,
+    read_output,
+    write_corpus,
+)
+
+from pipeline import schema as S
+from pipeline.config import ConfigError
+from pipeline.model_stage import actor_env, model_stage
+from pipeline.runner import run_job
+from pipeline.stage import PlanContext
+
+LOCAL = fsspec.filesystem("file")
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.mark.slow
+def test_a_replica_of_two_devices_writes_what_one_device_writes(tmp_path, fixtures) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(12), "jsonl", files=2)
+    outputs = {}
+    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
+    try:
+        for n in (1, 2):
+            text = job_yaml(
+                fixtures,
+                task="summarize",
+                input_uri=str(tmp_path / "in" / "*.jsonl"),
+                output_uri=str(tmp_path / "out"),
+                extra={"model": {"tensor_parallel": n}, "toxicity": {"enabled": False}},
+            )
+            result = run_job(job_config(text, run_id=f"tp{n}"))
+            assert result.status == "succeeded"
+            table = read_output(LOCAL, str(tmp_path / "out" / f"tp{n}"), "parquet")
+            outputs[n] = dict(
+                zip(
+                    table.column(S.ID).to_pylist(),
+                    table.column(S.OUTPUT_TEXT).to_pylist(),
+                    strict=True,
+                )
+            )
+    finally:
+        ray.shutdown()
+    assert len(outputs[1]) == 12 and outputs[1] == outputs[2]  # greedy: the same tokens
+
+
+def test_tensor_parallel_follows_the_devices_a_replica_is_given(tmp_path, fixtures) -> None:
+    def cfg(**model):
+        text = job_yaml(
+            fixtures,
+            task="summarize",
+            input_uri=str(tmp_path / "in.jsonl"),
+            output_uri=str(tmp_path / "out"),
+            extra={"model": model},
+        )
+        return job_config(text, run_id="tp")
+
+    assert cfg(gpus_per_replica=2).model.replica_devices == 2
+    assert cfg(resources_per_replica={"TPU": 4}).model.replica_devices == 4
+    assert cfg().model.replica_devices == 1
+    with pytest.raises(ConfigError, match=r"model: .*tensor_parallel 4 does not match the 2"):
+        cfg(gpus_per_replica=2, tensor_parallel=4)
+    stage = model_stage(cfg(gpus_per_replica=2, memory_fraction=0.6), PlanContext())
+    assert stage.constructor_kwargs["engine_options"]["tensor_parallel"] == 2
+    assert stage.ray_args["num_gpus"] == 2
+    assert stage.ray_args["runtime_env"] == {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}}
+    cpu = actor_env(cfg(tensor_parallel=2))
+    assert "--xla_force_host_platform_device_count=2" in cpu["env_vars"]["XLA_FLAGS"]
