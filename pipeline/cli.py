@@ -1,6 +1,9 @@
 """``rgbatch``: the command line.
 
 Exit codes: 0 done, 2 bad usage or input, 1 the job failed.
+
+What it prints and logs has the userinfo and query string of every URI masked
+(:mod:`pipeline.secrets`), library logs included.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from pipeline.secrets import install_log_masking, mask_text, mask_uri
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -69,7 +74,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     print(f"{args.config}: ok ({config.task}, {len(config.input_files())} input files)")
-    print(f"output would go to {run_dir_uri(config)}")
+    print(f"output would go to {mask_uri(run_dir_uri(config))}")
     return EXIT_OK
 
 
@@ -97,7 +102,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     counts = result.manifest.get("counts", {})
     if result.status == "already_complete":
         print(f"run {result.run_id} was already complete: nothing to do")
-    print(f"outputs: {result.run_dir}")
+    print(f"outputs: {mask_uri(result.run_dir)}")
     print(f"rows: {counts.get('rows')}  finish reasons: {counts.get('finish_reasons')}")
     return EXIT_OK
 
@@ -108,10 +113,10 @@ def _jobs_call(action) -> int:
     try:
         return action()
     except UnknownRunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
-    except JobsError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except JobsError as exc:  # a JobsAuthError's message carries the token hint
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return EXIT_FAILED
 
 
@@ -131,7 +136,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             wait=args.wait,
             timeout_s=args.timeout,
         )
-        what = "submitted" if result.created else "already on the cluster, not resubmitted"
+        if not result.created:
+            what = f"already on the cluster as {result.submission_id}, not resubmitted"
+        elif result.attempt > 1:
+            what = f"attempt {result.attempt} submitted as {result.submission_id} (resumes the run)"
+        else:
+            what = "submitted"
         print(f"run {result.run_id}: {what}; status {result.status}")
         return EXIT_OK if not args.wait or result.status == "SUCCEEDED" else EXIT_FAILED
 
@@ -148,7 +158,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
     from pipeline import jobs
 
     def go() -> int:
-        sys.stdout.write(jobs.logs(args.run_id, address=args.address))
+        sys.stdout.write(mask_text(jobs.logs(args.run_id, address=args.address)))
         return EXIT_OK
 
     return _jobs_call(go)
@@ -171,8 +181,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     options = json.loads(args.storage_options) if args.storage_options else None
     summary, path = rebuild(args.run_uri, options)
-    print(summary)
-    print(f"report: {path}")
+    print(mask_text(summary))
+    print(f"report: {mask_uri(path)}")
     return EXIT_OK
 
 
@@ -185,7 +195,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.tokenizer_path is None:
-        print(f"error: no tokenizer.model beside {args.checkpoint}", file=sys.stderr)
+        print(f"error: no tokenizer.model beside {mask_uri(args.checkpoint)}", file=sys.stderr)
         return EXIT_USAGE
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     chat = ckpt.variant.endswith("-it")
@@ -247,7 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     submit.add_argument(
-        "--run-id", default=None, help="submission id = run id; an existing one is not resubmitted"
+        "--run-id",
+        default=None,
+        help="the run; a failed or stopped one is resubmitted as a new attempt (<id>--a2, ...) "
+        "that resumes it, a pending, running or succeeded one is not",
     )
     submit.add_argument("--date", default=None, help="YYYY-MM-DD, today or yesterday")
     submit.add_argument(
@@ -256,9 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     submit.set_defaults(func=_cmd_submit)
     for name, func, text in (
-        ("status", _cmd_status, "a submitted run's status"),
-        ("logs", _cmd_logs, "a submitted run's driver logs"),
-        ("stop", _cmd_stop, "stop a submitted run"),
+        ("status", _cmd_status, "a submitted run's status (its latest attempt)"),
+        ("logs", _cmd_logs, "a submitted run's driver logs (its latest attempt)"),
+        ("stop", _cmd_stop, "stop a submitted run (its latest attempt)"),
     ):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("run_id")
@@ -290,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
+    install_log_masking()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -298,8 +312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {mask_text(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # the traceback goes through the (masking) log handlers, not sys.excepthook
+        logging.getLogger("rgbatch").exception("rgbatch %s failed", args.command)
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -10,10 +10,15 @@ uploaded by Ray minus :data:`UPLOAD_EXCLUDES` (and whatever ``.gitignore`` / ``.
 out, as Ray always does). ``--date`` is pinned to the date the config was validated with, and
 ``run.ray_address=auto`` makes the driver attach to the cluster it runs on.
 
-Run ids
-    The Ray submission id IS the run id. Submitting a run id the cluster already knows, whatever
-    its status, starts nothing and reports that job (``created=False``); a submit that loses a race
-    for the same id does the same. ``status`` / ``logs`` / ``stop`` take the run id.
+Run ids and attempts
+    A run is submitted as one or more attempts: the first one's Ray submission id is the run id,
+    later ones add a suffix (``<run id>--a2``, ``--a3``, ...; :func:`submission_id`); every attempt
+    runs the CLI with the same ``--run-id``, so a new attempt resumes the run. Submitting a run id
+    whose latest attempt FAILED or was STOPPED starts the next attempt; one that is PENDING,
+    RUNNING or SUCCEEDED starts nothing and reports that job (``created=False``); a submit that
+    loses a race for the same submission id does the same. An attempt is found by listing the
+    cluster's jobs: its submission id, and (after the first) ``metadata["run_id"]`` naming the run.
+    ``status`` / ``logs`` / ``stop`` take the run id and act on its latest attempt.
 
 The config file
     must lie inside the project directory and be part of the upload (not under ``out/``,
@@ -30,9 +35,29 @@ Secrets
     resolved by the CLI on the cluster from the cluster's environment; variables missing here are
     assumed to be set there. The runtime env carries no ``env_vars``; the metadata holds only the
     run id, task, date and config file name; ``--set`` overrides go into the entrypoint verbatim
-    (shell-quoted, so ``${VAR}`` reaches the config loader, not the shell), and a literal value for
-    anything under ``storage_options`` is refused there. Literal credentials written in the config
-    file itself are uploaded with it: a warning names their paths (never their values).
+    (shell-quoted, so ``${VAR}`` reaches the config loader, not the shell), so a ``--set`` item is
+    refused (before anything else is checked; the error shows the item masked) when
+
+    - it sets anything under ``storage_options`` to something other than a pure ``${VAR}``
+      reference (no default, nothing around it; ``null`` is allowed);
+    - it holds a ``${VAR:-default}`` with a non-empty default that may be a credential: the item's
+      key or ``VAR`` is named like one (key, secret, token, password, passwd, credential, auth),
+      or the default looks like one (:func:`looks_like_credential`: a known token prefix such as
+      ``AKIA`` / ``ghp_`` / ``hf_`` / ``sk-``, a PEM block, or a run of 24+ letters, digits and
+      ``+=_-`` mixing upper case, lower case and digits);
+    - it holds a URI with userinfo (``user:password@``) or a query string / fragment (signed
+      URLs), defaults included: pass such a URI whole as ``${VAR}``.
+
+    Literal credentials written in the config file itself (credential-named keys under
+    ``storage_options``, URIs with userinfo or a query string) are uploaded with it: a warning
+    names their paths (never their values).
+
+Authentication
+    Ray turns token authentication on by default for new clusters. A Jobs API call refused for
+    a missing or wrong token raises :class:`JobsAuthError`, whose message says what to set
+    (``RAY_AUTH_MODE=token`` and the token in ``RAY_AUTH_TOKEN``, a file named by
+    ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``). Addresses and SDK messages in errors and
+    logs have their userinfo and query strings masked (:mod:`pipeline.secrets`).
 
 Addresses
     ``address`` is the dashboard URL (``http://head:8265``) or any address Ray's job SDK accepts;
@@ -58,11 +83,14 @@ from typing import Any
 import yaml
 
 from pipeline.config import ConfigError, JobConfig, load_job_config
+from pipeline.secrets import MASK, mask_text, mask_uri
 
 log = logging.getLogger(__name__)
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 TERMINAL_STATUSES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+RESUMABLE_STATUSES = frozenset({"FAILED", "STOPPED"})  # a new attempt may follow these
+ATTEMPT_SUFFIX = "--a"  # <run id>--a2, --a3, ...
 # gitwildmatch patterns, relative to the project directory, that the upload leaves out. Order
 # matters: the last matching pattern wins, so data/sample/ is kept while the rest of data/ is not.
 UPLOAD_EXCLUDES: tuple[str, ...] = (
@@ -84,6 +112,18 @@ CLUSTER_OVERRIDE = "run.ray_address=auto"
 _ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _MISSING_ENV = re.compile(r"environment variable ([A-Za-z_][A-Za-z0-9_]*) is not set")
 _CREDENTIAL_KEY = re.compile(r"key|secret|token|password|passwd|credential|auth", re.IGNORECASE)
+_PURE_REFERENCE = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*\}")
+_DEFAULT_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*):-([^}]*)\}")
+# Prefixes of well-known token formats (AWS, Google, GitHub, GitLab, Hugging Face, OpenAI, Slack,
+# npm, PyPI).
+_TOKEN_PREFIXES = (
+    "AKIA", "ASIA", "AIza", "ya29.", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
+    "glpat-", "hf_", "sk-", "xoxb-", "xoxp-", "xapp-", "npm_", "pypi-",
+)  # fmt: skip
+_RANDOM_RUN = re.compile(r"[A-Za-z0-9+=_\-]{24,}")
+_AUTH_ERROR = re.compile(
+    r"Authentication (required|failed)|Token authentication is enabled|status code 40[13]\b"
+)
 _ENV_LOCK = threading.Lock()
 _upload_log = logging.getLogger(f"{__name__}.upload")
 _upload_log.setLevel(logging.WARNING)  # Ray's ignore-file helpers log every ignored file at INFO
@@ -94,20 +134,33 @@ class JobsError(RuntimeError):
 
 
 class UnknownRunError(JobsError, LookupError):
-    """No job with this run id (submission id) on the cluster."""
+    """No job with this run id on the cluster."""
 
     def __init__(self, run_id: str, address: str) -> None:
         self.run_id = run_id
         self.address = address
-        super().__init__(f"no job with run id {run_id!r} on the Ray cluster at {address}")
+        super().__init__(f"no job with run id {run_id!r} on the Ray cluster at {mask_uri(address)}")
+
+
+class JobsAuthError(JobsError):
+    """The cluster refused a request for want of its authentication token; the message says
+    what to set."""
 
 
 @dataclass(frozen=True)
 class SubmitResult:
     run_id: str
-    submission_id: str  # == run_id
-    created: bool  # False: a job with this run id already existed and nothing was submitted
+    submission_id: str  # the run id for attempt 1, else <run id>--a<attempt>
+    created: bool  # False: the run's latest attempt is pending, running or succeeded: not submitted
     status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
+    attempt: int = 1
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    number: int
+    submission_id: str
+    status: str
 
 
 # Public API -------------------------------------------------------------------------------------
@@ -127,15 +180,17 @@ def submit(
 ) -> SubmitResult:
     """Validates ``config_path`` here, then submits it as run ``run_id`` (default: a new one).
 
-    Raises :class:`ConfigError` for a bad config, a config outside the upload, a literal secret in
-    ``overrides`` or a relative output path, before contacting the cluster. A run id the cluster
-    already has is not submitted again (``created=False``). With ``wait``, polls until the job
-    ends or ``timeout_s`` passes and reports the last status seen (not terminal on a timeout).
+    Raises :class:`ConfigError` for a literal secret in ``overrides``, a bad config, a config
+    outside the upload or a relative output path, before contacting the cluster. The run's first
+    attempt is submitted under the run id; if its latest attempt FAILED or was STOPPED, the next
+    attempt (``<run id>--a<n>``) resumes it; otherwise nothing is submitted (``created=False``).
+    With ``wait``, polls until the attempt ends or ``timeout_s`` passes and reports the last
+    status seen (not terminal on a timeout).
     """
+    _check_overrides(overrides)
     project_dir = Path(project_dir).resolve()
     config = validate(config_path, overrides=overrides, run_id=run_id, date=date)
     relative = _config_in_upload(Path(config_path), project_dir)
-    _check_overrides(overrides)
     _check_cluster_paths(config)
     if literal := literal_credentials(config):
         log.warning(
@@ -151,43 +206,71 @@ def submit(
     address = resolve_address(address)
     client = _client(address)
 
+    latest = _latest(client, run, address)
     created = False
-    existing = _find(client, run)
-    if existing is None:
+    if latest is None or latest.status in RESUMABLE_STATUSES:
+        number = 1 if latest is None else latest.number + 1
+        job_id = submission_id(run, number)
         try:
             client.submit_job(
                 entrypoint=entrypoint,
-                submission_id=run,
+                submission_id=job_id,
                 runtime_env=runtime_env(project_dir),
                 metadata=metadata,
             )
             created = True
+            latest = _Attempt(number, job_id, "PENDING")
         except Exception as exc:  # lost a race for the id, or a real failure
-            existing = _find(client, run)
-            if existing is None:
-                raise JobsError(f"submitting run {run} to {address} failed: {exc}") from exc
+            if _is_auth_error(exc):
+                raise _auth_error(address, exc) from exc
+            raced = _latest(client, run, address)
+            if raced is None or raced.submission_id != job_id:
+                raise JobsError(
+                    mask_text(f"submitting run {run} as {job_id} to {address} failed: {exc}")
+                ) from exc
+            latest = raced
     if created:
-        log.info("submitted run %s to %s: %s", run, address, entrypoint)
+        log.info(
+            "submitted run %s as %s to %s: %s",
+            run,
+            latest.submission_id,
+            mask_uri(address),
+            mask_text(entrypoint),
+        )
     else:
-        log.info("run %s already exists on %s (%s): not submitted again", run, address, existing)
-    state = _wait(client, run, address, timeout_s, poll_interval_s) if wait else None
-    if state is None:
-        state = existing if existing is not None else _status(client, run, address)
-    return SubmitResult(run_id=run, submission_id=run, created=created, status=state)
+        log.info(
+            "run %s is on %s as %s (%s): not submitted again",
+            run,
+            mask_uri(address),
+            latest.submission_id,
+            latest.status,
+        )
+    job_id = latest.submission_id
+    if wait:
+        state = _wait(client, run, job_id, address, timeout_s, poll_interval_s)
+    elif created:
+        state = _status(client, run, job_id, address)
+    else:
+        state = latest.status
+    return SubmitResult(
+        run_id=run, submission_id=job_id, created=created, status=state, attempt=latest.number
+    )
 
 
 def status(run_id: str, *, address: str | None = None) -> str:
-    """The job's status: PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED."""
+    """The status of the run's latest attempt: PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED."""
     address = resolve_address(address)
-    return _status(_client(address), run_id, address)
+    return _require_latest(_client(address), run_id, address).status
 
 
 def logs(run_id: str, *, address: str | None = None) -> str:
-    """Everything the job's driver (the CLI on the cluster) wrote to stdout and stderr so far."""
+    """Everything the driver of the run's latest attempt (the CLI on the cluster) wrote to
+    stdout and stderr so far."""
     address = resolve_address(address)
     client = _client(address)
+    latest = _require_latest(client, run_id, address)
     with _translate(run_id, address):
-        return str(client.get_job_logs(run_id))
+        return str(client.get_job_logs(latest.submission_id))
 
 
 def stop(
@@ -198,15 +281,16 @@ def stop(
     timeout_s: float | None = 60.0,
     poll_interval_s: float = 0.5,
 ) -> str:
-    """Asks the job to stop (a no-op for a finished one); returns its final status with ``wait``,
-    else the status right after the request."""
+    """Asks the run's latest attempt to stop (a no-op for a finished one); returns its final
+    status with ``wait``, else the status right after the request."""
     address = resolve_address(address)
     client = _client(address)
+    job_id = _require_latest(client, run_id, address).submission_id
     with _translate(run_id, address):
-        client.stop_job(run_id)
+        client.stop_job(job_id)
     if wait:
-        return _wait(client, run_id, address, timeout_s, poll_interval_s)
-    return _status(client, run_id, address)
+        return _wait(client, run_id, job_id, address, timeout_s, poll_interval_s)
+    return _status(client, run_id, job_id, address)
 
 
 # Pieces (public for the CLI and the tests) ------------------------------------------------------
@@ -240,6 +324,11 @@ def validate(
     )
 
 
+def submission_id(run_id: str, attempt: int) -> str:
+    """The Ray submission id of a run's attempt: the run id, then ``<run id>--a<attempt>``."""
+    return run_id if attempt == 1 else f"{run_id}{ATTEMPT_SUFFIX}{attempt}"
+
+
 def build_entrypoint(config_relpath: str, config: JobConfig, overrides: Sequence[str] = ()) -> str:
     """The shell command the job runs: the CLI's ``run`` with this run id, date and overrides."""
     argv = ["python", "-m", "pipeline.cli", "run", config_relpath]
@@ -267,17 +356,22 @@ def resolve_address(address: str | None) -> str:
 
 
 def literal_credentials(config: JobConfig) -> list[str]:
-    """Paths under ``storage_options`` whose key looks like a credential and whose value was
-    written literally (not a ``${VAR}`` reference)."""
+    """Paths of values written literally (not from a ``${VAR}`` reference) that may hold a
+    secret: under ``storage_options`` with a key that looks like a credential, or anywhere a
+    string holding a URI with userinfo or a query string."""
     found: list[str] = []
 
     def walk(node: Any, path: tuple[str, ...], under: bool) -> None:
         if isinstance(node, dict):
             for key, value in node.items():
                 walk(value, (*path, str(key)), under or key == "storage_options")
-        elif under and isinstance(node, str) and node and _CREDENTIAL_KEY.search(path[-1]):
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, (*path, str(i)), under)
+        elif isinstance(node, str) and node:
             dotted = ".".join(path)
-            if dotted not in config.interpolated_paths:
+            named = under and _CREDENTIAL_KEY.search(path[-1])
+            if (named or mask_text(node) != node) and dotted not in config.interpolated_paths:
                 found.append(dotted)
 
     walk(config.model_dump(mode="json"), (), False)
@@ -331,39 +425,96 @@ def _left_out_of_upload(project_dir: Path, path: Path) -> bool:
     return False
 
 
+def looks_like_credential(value: str) -> bool:
+    """Whether ``value`` looks like a secret: a word starting with a known token prefix
+    (``AKIA``, ``ghp_``, ``hf_``, ``sk-``, ...; 16+ characters), a PEM block, or a run of 24+
+    characters from letters, digits and ``+=_-`` mixing upper case, lower case and digits."""
+    if "-----BEGIN" in value:
+        return True
+    words = re.split(r"[\s/:@?&#,;'\"()\[\]{}]+", value)
+    if any(len(w) >= 16 and w.startswith(_TOKEN_PREFIXES) for w in words):
+        return True
+    return any(
+        re.search(r"[A-Z]", run) and re.search(r"[a-z]", run) and re.search(r"[0-9]", run)
+        for run in _RANDOM_RUN.findall(value)
+    )
+
+
 def _check_overrides(overrides: Sequence[str]) -> None:
     """``--set`` items end up in the job's entrypoint, which the cluster shows to anyone who can
-    list jobs: values under ``storage_options`` must be ``${VAR}`` references."""
+    list jobs: refuses literal storage options, credential-like ``${VAR:-default}`` defaults and
+    URIs with userinfo or a query string (see the module docstring). Errors show items masked."""
     errors: list[tuple[str, str]] = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or "storage_options" not in key.strip().split("."):
-            continue
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError:
-            value = raw
-        if any("${" not in leaf for leaf in _string_leaves(value)):
+        if not sep:
+            continue  # malformed: load_job_config names it
+        key = key.strip()
+        parts = key.split(".")
+        shown = mask_text(_DEFAULT_REFERENCE.sub(_masked_default, raw))
+        if "storage_options" in parts and not _pure_references(raw):
             errors.append(
                 (
-                    f"--set {key.strip()}",
+                    f"--set {key}={MASK}",
                     "a literal value under storage_options would be stored in the job's "
-                    "entrypoint on the cluster; write a ${VAR} reference (resolved from the "
-                    "cluster's environment) in the config or in the --set value",
+                    "entrypoint on the cluster; write a ${VAR} reference (no default, resolved "
+                    "from the cluster's environment) in the config or in the --set value",
+                )
+            )
+        elif any(_credential_default(parts, m) for m in _DEFAULT_REFERENCE.finditer(raw)):
+            errors.append(
+                (
+                    f"--set {key}={shown}",
+                    "this ${VAR:-default} has a default that may be a credential, and the "
+                    "entrypoint is stored on the cluster; write ${VAR} without a default and set "
+                    "VAR in the cluster's environment",
+                )
+            )
+        elif mask_text(raw) != raw:
+            errors.append(
+                (
+                    f"--set {key}={shown}",
+                    "a URI with userinfo (user:password@) or a query string (a signed URL) "
+                    "would be stored in the job's entrypoint on the cluster; pass the whole URI "
+                    "as a ${VAR} reference set in the cluster's environment",
                 )
             )
     if errors:
         raise ConfigError(errors)
 
 
-def _string_leaves(value: Any) -> Iterator[str]:
+def _pure_references(raw: str) -> bool:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return all(
+        leaf is None or (isinstance(leaf, str) and _PURE_REFERENCE.fullmatch(leaf))
+        for leaf in _leaves(value)
+    )
+
+
+def _credential_default(key_parts: Sequence[str], match: re.Match[str]) -> bool:
+    name, default = match.groups()
+    if not default:
+        return False
+    named = any(_CREDENTIAL_KEY.search(part) for part in (*key_parts, name))
+    return bool(named or looks_like_credential(default))
+
+
+def _masked_default(match: re.Match[str]) -> str:
+    name, default = match.groups()
+    return f"${{{name}:-{MASK}}}" if default else match.group(0)
+
+
+def _leaves(value: Any) -> Iterator[Any]:
     if isinstance(value, Mapping):
         for item in value.values():
-            yield from _string_leaves(item)
+            yield from _leaves(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _string_leaves(item)
-    elif isinstance(value, str):
+            yield from _leaves(item)
+    else:
         yield value
 
 
@@ -406,7 +557,9 @@ def _client(address: str) -> Any:
         with _address_from_argument():
             return JobSubmissionClient(address)
     except Exception as exc:
-        raise JobsError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
+        if _is_auth_error(exc):
+            raise _auth_error(address, exc) from exc
+        raise JobsError(mask_text(f"cannot reach the Ray Jobs API at {address}: {exc}")) from exc
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -414,9 +567,35 @@ def _is_not_found(exc: Exception) -> bool:
     return "status code 404" in text or "does not exist" in text
 
 
+def _is_auth_error(exc: Exception) -> bool:
+    try:
+        from ray.exceptions import AuthenticationError
+    except ImportError:  # an older Ray: no token authentication
+        AuthenticationError = ()
+    return isinstance(exc, AuthenticationError) or bool(_AUTH_ERROR.search(str(exc)))
+
+
+def _auth_error(address: str, exc: Exception) -> JobsAuthError:
+    """What the cluster said (its first line), and what to set."""
+    said = str(getattr(exc, "message", None) or exc).strip().splitlines()[0]
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+        what = "RAY_AUTH_MODE=token is set, but the token was not found or is not this cluster's"
+    else:
+        what = "the cluster uses token authentication: set RAY_AUTH_MODE=token"
+    hint = (
+        f"hint: {what}; the token is read from RAY_AUTH_TOKEN, else the file named by "
+        "RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token (on the head node, `ray get-auth-token` "
+        "prints the cluster's token)"
+    )
+    return JobsAuthError(
+        mask_text(f"the Ray cluster at {address} refused the request: {said}\n{hint}")
+    )
+
+
 @contextlib.contextmanager
 def _translate(run_id: str, address: str) -> Iterator[None]:
-    """SDK errors as :class:`UnknownRunError` (404) or :class:`JobsError`."""
+    """SDK errors as :class:`UnknownRunError` (404), :class:`JobsAuthError` or
+    :class:`JobsError`, their addresses and URIs masked."""
     try:
         yield
     except JobsError:
@@ -424,7 +603,9 @@ def _translate(run_id: str, address: str) -> Iterator[None]:
     except Exception as exc:
         if _is_not_found(exc):
             raise UnknownRunError(run_id, address) from None
-        raise JobsError(f"run {run_id} on {address}: {exc}") from exc
+        if _is_auth_error(exc):
+            raise _auth_error(address, exc) from exc
+        raise JobsError(mask_text(f"run {run_id} on {address}: {exc}")) from exc
 
 
 def _status_value(info: Any) -> str:
@@ -432,28 +613,57 @@ def _status_value(info: Any) -> str:
     return str(getattr(state, "value", state))
 
 
-def _status(client: Any, run_id: str, address: str) -> str:
+def _status(client: Any, run_id: str, job_id: str, address: str) -> str:
     with _translate(run_id, address):
-        return _status_value(client.get_job_info(run_id))
+        return _status_value(client.get_job_info(job_id))
 
 
-def _find(client: Any, run_id: str) -> str | None:
-    """The status of the job with submission id ``run_id``, or None if there is none."""
-    try:
-        return _status_value(client.get_job_info(run_id))
-    except Exception as exc:
-        if _is_not_found(exc):
-            return None
-        raise JobsError(f"looking up run {run_id}: {exc}") from exc
+def _attempt_number(run_id: str, job: Any) -> int | None:
+    """Which attempt of ``run_id`` the job is, or None if it is not one."""
+    job_id = getattr(job, "submission_id", None)
+    if job_id == run_id:
+        return 1
+    prefix = f"{run_id}{ATTEMPT_SUFFIX}"
+    if not job_id or not job_id.startswith(prefix):
+        return None
+    number = job_id[len(prefix) :]
+    if not (number.isdigit() and not number.startswith("0") and int(number) >= 2):
+        return None
+    metadata = getattr(job, "metadata", None) or {}
+    return int(number) if metadata.get("run_id") == run_id else None
+
+
+def _latest(client: Any, run_id: str, address: str) -> _Attempt | None:
+    """The run's attempt with the highest number, from the cluster's job list; None if none."""
+    with _translate(run_id, address):
+        listed = client.list_jobs()
+    attempts = [
+        _Attempt(number, job.submission_id, _status_value(job))
+        for job in listed
+        if (number := _attempt_number(run_id, job)) is not None
+    ]
+    return max(attempts, key=lambda a: a.number, default=None)
+
+
+def _require_latest(client: Any, run_id: str, address: str) -> _Attempt:
+    latest = _latest(client, run_id, address)
+    if latest is None:
+        raise UnknownRunError(run_id, address)
+    return latest
 
 
 def _wait(
-    client: Any, run_id: str, address: str, timeout_s: float | None, poll_interval_s: float
+    client: Any,
+    run_id: str,
+    job_id: str,
+    address: str,
+    timeout_s: float | None,
+    poll_interval_s: float,
 ) -> str:
-    """Polls until a terminal status or ``timeout_s``; returns the last status seen."""
+    """Polls job ``job_id`` until a terminal status or ``timeout_s``; returns the last status."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        state = _status(client, run_id, address)
+        state = _status(client, run_id, job_id, address)
         if state in TERMINAL_STATUSES:
             return state
         if deadline is not None:

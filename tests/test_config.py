@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import pickle
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -519,6 +520,33 @@ def test_redacted_dict() -> None:
     assert red["output"]["uri"] == "out/"
     assert "s3cr3t" not in repr(red) and "bkt" not in repr(red)
     assert red["generation"] == cfg.generation.model_dump(mode="json")
+
+
+def test_redacted_dict_masks_userinfo_and_query_strings_of_literal_uris() -> None:
+    """Literal URIs (not only interpolated ones) lose their userinfo and query strings; paths and
+    plain URIs stay as written."""
+    text = with_(
+        input={"uri": "s3://AKIA1:s3cr3t@bucket/in/*.jsonl?versionId=v9", "format": "jsonl"},
+        model={"checkpoint": "https://hf.example/ckpt?token=t0k"},
+        output={"uri": "gs://out/nightly/"},
+        run={"checkpoint_uri": "/abs/ckpt"},
+        prompts={"generate": "See https://u:pw@wiki.example/page. {prompt}"},
+    )
+    red = redacted_dict(load(text))
+    assert red["input"]["uri"] == "s3://***@bucket/in/*.jsonl?versionId=***"
+    assert red["model"]["checkpoint"] == "https://hf.example/ckpt?token=***"
+    assert red["prompts"]["generate"] == "See https://***@wiki.example/page. {prompt}"
+    assert (red["output"]["uri"], red["run"]["checkpoint_uri"]) == (
+        "gs://out/nightly/",
+        "/abs/ckpt",
+    )
+    assert not {"AKIA1", "s3cr3t", "v9", "t0k", "pw"} & set(re.split(r"\W+", repr(red)))
+
+
+def test_error_messages_mask_the_uris_they_quote() -> None:
+    message = error_of(with_(output={"uri": "out/", "format": "https://u:pw@h/x?sig=s1g"}))
+    assert "(got 'https://***@h/x?sig=***')" in message
+    assert "pw" not in message and "s1g" not in message
 
 
 # Files and preflight ----------------------------------------------------------------------------

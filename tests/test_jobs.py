@@ -83,26 +83,52 @@ def no_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class FakeClient:
-    """Records submissions; get_job_info answers 404 until a job with that id was 'submitted'."""
+    """Records submissions; get_job_info answers 404 until a job with that id was 'submitted'.
+    ``known`` maps submission ids to statuses (a job put there by a test has the metadata a
+    submission by pipeline.jobs would have: its run id is the id without an attempt suffix)."""
 
     def __init__(self, address: str, *, race: bool = False) -> None:
         self.address = address
         self.environ_seen = {name: os.environ.get(name) for name in jobs._ADDRESS_VARIABLES}
         self.submitted: list[dict[str, Any]] = []
         self.known: dict[str, str] = {}
+        self.metadata: dict[str, dict[str, str]] = {}
+        self.stopped: list[str] = []
         self.race = race
+
+    def _metadata(self, job_id: str) -> dict[str, str]:
+        return self.metadata.get(job_id, {"run_id": job_id.split("--a")[0]})
 
     def get_job_info(self, job_id: str) -> SimpleNamespace:
         if job_id not in self.known:
             raise RuntimeError(f"Request failed with status code 404: Job {job_id} does not exist.")
-        return SimpleNamespace(status=self.known[job_id])
+        return SimpleNamespace(
+            submission_id=job_id, status=self.known[job_id], metadata=self._metadata(job_id)
+        )
+
+    def list_jobs(self) -> list[SimpleNamespace]:
+        return [self.get_job_info(job_id) for job_id in self.known]
+
+    def get_job_logs(self, job_id: str) -> str:
+        self.get_job_info(job_id)
+        return f"logs of {job_id}\n"
+
+    def stop_job(self, job_id: str) -> bool:
+        self.get_job_info(job_id)
+        self.stopped.append(job_id)
+        self.known[job_id] = "STOPPED"
+        return True
 
     def submit_job(self, **kwargs: Any) -> str:
+        if kwargs["submission_id"] in self.known:
+            raise RuntimeError("Request failed with status code 400: ... already exists.")
         if self.race:  # another submitter got the id between our lookup and our submit
             self.known[kwargs["submission_id"]] = "RUNNING"
+            self.metadata[kwargs["submission_id"]] = kwargs["metadata"]
             raise RuntimeError("Request failed with status code 400: ... already exists.")
         self.submitted.append(kwargs)
         self.known[kwargs["submission_id"]] = "PENDING"
+        self.metadata[kwargs["submission_id"]] = kwargs["metadata"]
         return kwargs["submission_id"]
 
 
@@ -318,6 +344,151 @@ def test_submit_is_idempotent_and_survives_a_race(
     assert clients[0].submitted == []
 
 
+@pytest.mark.parametrize(
+    ("item", "shown"),
+    [
+        # under storage_options: only a pure ${VAR} reference
+        ("output.storage_options.secret=${S:-hunter2}", "output.storage_options.secret=***"),
+        ("output.storage_options.secret=pre-${S}", "output.storage_options.secret=***"),
+        ("input.storage_options={anon: true}", "input.storage_options=***"),
+        # a default that looks like a credential, anywhere
+        ("toxicity.checkpoint=${DETOX:-ghp_0123456789abcdefghijKLMNOP}", "${DETOX:-***}"),
+        ("model.checkpoint=${CKPT:-/m/AKIAIOSFODNN7EXAMPLE}", "${CKPT:-***}"),
+        ("prompts.generate=${API_TOKEN:-hunter2} {prompt}", "${API_TOKEN:-***}"),
+        ("run.auth_header=${H:-hunter2}", "${H:-***}"),
+        # a URI with userinfo or a query string, anywhere (defaults included)
+        ("input.uri=s3://AKIA123:hunter2@bucket/in/*.jsonl", "input.uri=s3://***@bucket/in/"),
+        ("input.uri=https://host/in.jsonl?X-Amz-Signature=hunter2", "?X-Amz-Signature=***"),
+        ("model.checkpoint=${C:-https://u:hunter2@host/ckpt}", "--set model.checkpoint="),
+        ("input.passthrough=[a, 'https://h/x?token=hunter2']", "https://h/x?token=***"),
+    ],
+)
+def test_set_refuses_literal_secrets_everywhere(
+    project: Path, tmp_path: Path, no_cluster: None, item: str, shown: str
+) -> None:
+    path = write_config(project, tiny_text(tmp_path))
+    with pytest.raises(ConfigError) as info:
+        jobs.submit(path, address=DEAD_ADDRESS, project_dir=project, overrides=[item])
+    message = str(info.value)
+    assert message.startswith(f"--set {item.partition('=')[0]}")
+    assert shown in message and "${" in message
+    assert "hunter2" not in message and "AKIA" not in message and "ghp_" not in message
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "output.storage_options.secret=${RGBATCH_TEST_SECRET}",
+        "input.storage_options={key: '${K}', secret: '${S}'}",
+        "output.uri=${RGBATCH_TEST_OUT:-/data/out}",
+        "model.checkpoint=${RGBATCH_TEST_CKPT:-/models/rg/2b-it}",
+        "output.uri=s3://bucket/{date}/out",
+        "generation.max_new_tokens=8",
+    ],
+)
+def test_set_accepts_references_and_plain_values(
+    project: Path, tmp_path: Path, no_cluster: None, item: str
+) -> None:
+    path = write_config(project, tiny_text(tmp_path))
+    with reaches_cluster():
+        jobs.submit(path, address=DEAD_ADDRESS, project_dir=project, overrides=[item])
+
+
+def fake_cluster(monkeypatch: pytest.MonkeyPatch, known: dict[str, str]) -> FakeClient:
+    """One FakeClient, shared by every JobSubmissionClient the code under test makes."""
+    import ray.job_submission
+
+    client = FakeClient(DEAD_ADDRESS)
+    client.known.update(known)
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: client)
+    return client
+
+
+@pytest.mark.parametrize("ended", ["FAILED", "STOPPED"])
+def test_a_failed_or_stopped_run_is_resubmitted_as_a_new_attempt(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ended: str
+) -> None:
+    path = write_config(project, tiny_text(tmp_path))
+    client = fake_cluster(monkeypatch, {"2026-11-26": ended, "other": "FAILED"})
+    submit = dict(address=DEAD_ADDRESS, project_dir=project, run_id="2026-11-26")
+    result = jobs.submit(path, **submit)
+    assert result == jobs.SubmitResult("2026-11-26", "2026-11-26--a2", True, "PENDING", 2)
+    (second,) = client.submitted
+    argv = shlex.split(second["entrypoint"])
+    assert argv[argv.index("--run-id") + 1] == "2026-11-26"  # same run id: the run resumes
+    assert second["metadata"]["run_id"] == "2026-11-26"
+
+    # status / logs / stop act on the latest attempt
+    assert jobs.status("2026-11-26", address=DEAD_ADDRESS) == "PENDING"
+    assert jobs.logs("2026-11-26", address=DEAD_ADDRESS) == "logs of 2026-11-26--a2\n"
+    client.known["2026-11-26--a2"] = "RUNNING"
+    again = jobs.submit(path, **submit)  # running: not duplicated
+    assert again == jobs.SubmitResult("2026-11-26", "2026-11-26--a2", False, "RUNNING", 2)
+    assert jobs.stop("2026-11-26", address=DEAD_ADDRESS) == "STOPPED"
+    assert client.stopped == ["2026-11-26--a2"] and client.known["2026-11-26"] == ended
+
+    third = jobs.submit(path, **submit)
+    assert (third.submission_id, third.created, third.attempt) == ("2026-11-26--a3", True, 3)
+    client.known["2026-11-26--a3"] = "SUCCEEDED"
+    done = jobs.submit(path, **submit)  # succeeded: never again
+    assert done == jobs.SubmitResult("2026-11-26", "2026-11-26--a3", False, "SUCCEEDED", 3)
+    assert len(client.submitted) == 2
+
+
+def test_attempts_belong_to_their_run_only(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A job named like an attempt but submitted for another run id is not an attempt of this
+    run; the run "r--a2" is a run of its own."""
+    path = write_config(project, tiny_text(tmp_path))
+    client = fake_cluster(monkeypatch, {"r": "FAILED", "r--a5": "RUNNING", "r--a2": "SUCCEEDED"})
+    client.metadata["r--a5"] = {"run_id": "someone-else"}
+    client.metadata["r--a2"] = {"run_id": "r--a2"}
+    assert jobs.status("r", address=DEAD_ADDRESS) == "FAILED"
+    assert jobs.status("r--a2", address=DEAD_ADDRESS) == "SUCCEEDED"
+    with pytest.raises(jobs.JobsError, match="r--a2"):  # the next attempt's id is taken
+        jobs.submit(path, address=DEAD_ADDRESS, project_dir=project, run_id="r")
+
+
+AUTH_MESSAGE = (
+    "Authentication required: Unauthorized: missing or invalid token\n\n"
+    "Token authentication is enabled but no authentication token was found"
+)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["submit", "JOB", "--run-id", "r1"],
+        ["submit", "JOB", "--run-id", "r1", "--wait"],
+        ["status", "r1"],
+        ["logs", "r1"],
+        ["stop", "r1"],
+    ],
+)
+def test_auth_errors_print_a_token_hint(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, argv: list[str]
+) -> None:
+    import ray.job_submission
+    from ray.exceptions import AuthenticationError
+
+    from pipeline.cli import main as cli_main
+
+    class Refusing(FakeClient):
+        def list_jobs(self, *args: Any) -> list[SimpleNamespace]:
+            raise AuthenticationError(AUTH_MESSAGE)
+
+        get_job_info = list_jobs  # type: ignore[assignment]
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Refusing)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    argv = [str(REPO / "jobs" / "nightly-summarize.yaml") if a == "JOB" else a for a in argv]
+    assert cli_main([*argv, "--address", "http://user:hunter2@head:8265"]) == 1
+    err = capsys.readouterr().err
+    assert "RAY_AUTH_MODE=token" in err and "RAY_AUTH_TOKEN" in err and "~/.ray/auth_token" in err
+    assert "hunter2" not in err and "http://***@head:8265" in err
+
+
 def test_cluster_unreachable_is_a_jobs_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with pytest.raises(jobs.JobsError, match=r"cannot reach the Ray Jobs API at http://127\.0"):
@@ -335,14 +506,18 @@ def free_ports(n: int) -> list[int]:
         return [s.getsockname()[1] for s in sockets]
 
 
-def wait_for_dashboard(url: str, head: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+def wait_for_dashboard(
+    url: str, head: subprocess.Popen, log_path: Path, timeout_s: float, token: str | None = None
+) -> None:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"{url}/api/version", headers=headers)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if head.poll() is not None:
             raise RuntimeError(f"ray start exited {head.returncode}:\n{log_path.read_text()}")
         with (
             contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{url}/api/version", timeout=5) as response,
+            urllib.request.urlopen(request, timeout=5) as response,
         ):
             if response.status == 200:
                 return
@@ -370,18 +545,21 @@ def shut_down(head: subprocess.Popen) -> None:
     psutil.wait_procs(tree, timeout=10)
 
 
-@pytest.fixture(scope="module")
-def ray_head() -> Iterator[str]:
+@contextlib.contextmanager
+def head_process(auth: dict[str, str], num_cpus: int = 8) -> Iterator[str]:
     """A Ray head with the dashboard on free local ports and its own temp dir (so ray.init()
-    elsewhere never finds it); yields the dashboard URL."""
+    elsewhere never finds it), its RAY_AUTH_* variables set to ``auth``; yields the dashboard
+    URL and stops the head by its own pid."""
     temp_dir = Path(tempfile.mkdtemp(prefix="rgj-", dir="/tmp"))  # short: socket paths
     gcs, dashboard, client, agent = free_ports(4)
     bin_dir = Path(sys.executable).parent
-    env = {k: v for k, v in os.environ.items() if k not in jobs._ADDRESS_VARIABLES}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in jobs._ADDRESS_VARIABLES and not k.startswith("RAY_AUTH_")
+    }
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # `python` in the entrypoint
-    # Ray 2.60 turns token auth on for new clusters, with the token in the shared ~/.ray: this
-    # loopback-only test head runs without it rather than touch that file or this process's env.
-    env["RAY_AUTH_MODE"] = "disabled"
+    env.update(auth)
     log_path = temp_dir / "head.log"
     command = [
         str(bin_dir / "ray"),
@@ -392,7 +570,7 @@ def ray_head() -> Iterator[str]:
         f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}",
         f"--dashboard-agent-listen-port={agent}",
-        "--num-cpus=8",
+        f"--num-cpus={num_cpus}",
         "--include-dashboard=true",
         f"--object-store-memory={300 * 2**20}",
         f"--temp-dir={temp_dir}",
@@ -401,11 +579,19 @@ def ray_head() -> Iterator[str]:
         head = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{dashboard}"
     try:
-        wait_for_dashboard(url, head, log_path, timeout_s=180)
+        wait_for_dashboard(url, head, log_path, timeout_s=180, token=auth.get("RAY_AUTH_TOKEN"))
         yield url
     finally:
         shut_down(head)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def ray_head() -> Iterator[str]:
+    # Ray 2.60 turns token auth on for new clusters, with the token in the shared ~/.ray: this
+    # loopback-only test head runs without it rather than touch that file or this process's env.
+    with head_process({"RAY_AUTH_MODE": "disabled"}) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -535,3 +721,111 @@ def test_stop_a_running_job(ray_head: str, cluster_job: dict[str, Any]) -> None:
     assert jobs.stop(run_id, address=ray_head, timeout_s=60) == "STOPPED"
     assert jobs.status(run_id, address=ray_head) == "STOPPED"
     assert not (root / "out-long" / run_id / "_SUCCESS").exists()
+    # The driver unwound on SIGTERM and released its lease: the stopped run resumes at once as
+    # attempt 2 (a lease left behind would refuse it for run.lease_timeout_s).
+    assert not (root / "out-long" / run_id / "_lease.json").exists()
+    resumed = jobs.submit(config, address=ray_head, project_dir=project, run_id=run_id)
+    assert (resumed.submission_id, resumed.created) == (f"{run_id}--a2", True)
+    deadline = time.monotonic() + 180
+    while "input files" not in jobs.logs(run_id, address=ray_head):
+        state = jobs.status(run_id, address=ray_head)
+        if state not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
+            pytest.fail(f"{state}\n{jobs.logs(run_id, address=ray_head)[-4000:]}")
+        time.sleep(1)
+    assert jobs.stop(run_id, address=ray_head, timeout_s=60) == "STOPPED"
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """An HTTP endpoint that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_resumed_by_a_new_attempt(
+    ray_head: str, cluster_job: dict[str, Any], silent_endpoint: str
+) -> None:
+    """Attempt 1 fails (its input storage never answers within the 1 s preflight); submitting
+    the run again starts attempt 2 of the same run id, which status / logs / stop then follow."""
+    root, project = cluster_job["root"], cluster_job["project"]
+    options = {"anon": True, "client_kwargs": {"endpoint_url": silent_endpoint}}
+    text = job_yaml(
+        cluster_job["fixtures"],
+        task="summarize",
+        input_uri="s3://rgbatch-silent/in/*.jsonl",
+        output_uri=str(root / "out-retry"),
+        extra={"input": {"storage_options": options}, "run": {"preflight_timeout_s": 1}},
+    )
+    config = write_config(project, text, "retry.yaml")
+    run_id = f"jobs-retry-{uuid.uuid4().hex[:8]}"
+    submit = dict(address=ray_head, project_dir=project, run_id=run_id)
+    first = jobs.submit(config, **submit, wait=True, timeout_s=180)
+    assert first == jobs.SubmitResult(run_id, run_id, True, "FAILED"), jobs.logs(run_id, **submit)
+    assert "no answer from storage within 1 s" in jobs.logs(run_id, address=ray_head)
+
+    # Attempt 2 waits up to 300 s for the same storage: it stays RUNNING until stopped.
+    patient = ["run.preflight_timeout_s=300"]
+    second = jobs.submit(config, **submit, overrides=patient)
+    attempt = f"{run_id}--a2"
+    assert (second.submission_id, second.created, second.attempt) == (attempt, True, 2)
+    info = sdk(ray_head).get_job_info(attempt)
+    argv = shlex.split(info.entrypoint)
+    assert argv[argv.index("--run-id") + 1] == run_id and info.metadata["run_id"] == run_id
+
+    deadline = time.monotonic() + 180
+    while f"Running entrypoint for job {attempt}" not in jobs.logs(run_id, address=ray_head):
+        state = jobs.status(run_id, address=ray_head)
+        if state not in ("PENDING", "RUNNING") or time.monotonic() > deadline:
+            pytest.fail(f"{state}\n{jobs.logs(run_id, address=ray_head)[-4000:]}")
+        time.sleep(1)
+    assert jobs.status(run_id, address=ray_head) == "RUNNING"
+    assert jobs._status_value(sdk(ray_head).get_job_info(run_id)) == "FAILED"
+    again = jobs.submit(config, **submit, overrides=patient)  # running: not duplicated
+    assert again == jobs.SubmitResult(run_id, attempt, False, "RUNNING", 2)
+    assert jobs.stop(run_id, address=ray_head, timeout_s=60) == "STOPPED"
+    assert jobs._status_value(sdk(ray_head).get_job_info(attempt)) == "STOPPED"
+    assert jobs._status_value(sdk(ray_head).get_job_info(run_id)) == "FAILED"
+
+
+def run_cli(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *argv],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.slow
+def test_a_token_cluster_without_a_token_gets_a_hint(tmp_path: Path) -> None:
+    """Against a head with token auth (Ray 2.60's default), a client without RAY_AUTH_MODE=token
+    is told how to give the token; with it, the same call reaches the Jobs API."""
+    token = uuid.uuid4().hex * 2
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    home = tmp_path / "home"  # no ~/.ray/auth_token there
+    home.mkdir()
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in jobs._ADDRESS_VARIABLES and not k.startswith("RAY_AUTH_")
+    }
+    base["HOME"] = str(home)
+    with head_process(auth, num_cpus=1) as url:
+        nightly = str(REPO / "jobs" / "nightly-summarize.yaml")
+        for argv in (["status", "r1"], ["submit", nightly, "--run-id", "r1", "--wait"]):
+            refused = run_cli([*argv, "--address", url], base)
+            assert refused.returncode == 1, refused.stderr
+            assert "RAY_AUTH_MODE=token" in refused.stderr, refused.stderr
+            assert "RAY_AUTH_TOKEN" in refused.stderr and "~/.ray/auth_token" in refused.stderr
+        allowed = run_cli(["status", "r1", "--address", url], {**base, **auth})
+        assert allowed.returncode == 2, allowed.stderr
+        assert "no job with run id 'r1'" in allowed.stderr
+        assert "RAY_AUTH_MODE" not in allowed.stderr

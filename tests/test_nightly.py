@@ -142,3 +142,31 @@ def test_cron_line_submits_the_same_command() -> None:
     assert argv[0].endswith("rgbatch") and argv[1] == "submit"
     args = build_parser().parse_args(argv[1:])
     assert (REPO / args.config).resolve() == NIGHTLY.resolve() and args.wait
+
+
+def test_submitting_a_failed_date_again_resumes_it(monkeypatch, capsys) -> None:
+    """`rgbatch submit --date D` of a date whose job failed submits attempt 2 of the same run
+    (the same --run-id, so the run resumes); a date whose latest attempt succeeded is left alone."""
+    import ray.job_submission
+    from test_jobs import FakeClient
+
+    for name, value in ENV.items():
+        monkeypatch.setenv(name, value)
+    client = FakeClient("http://head:8265")
+    client.known["2026-11-26"] = "FAILED"
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", lambda address: client)
+    argv = ["submit", str(NIGHTLY), "--date", "2026-11-26", "--address", "http://head:8265"]
+
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "run 2026-11-26: attempt 2 submitted as 2026-11-26--a2 (resumes the run)" in out
+    (submitted,) = client.submitted
+    command = shlex.split(submitted["entrypoint"])
+    assert command[command.index("--run-id") + 1] == "2026-11-26"
+    assert command[command.index("--date") + 1] == "2026-11-26"
+
+    client.known["2026-11-26--a2"] = "SUCCEEDED"
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "already on the cluster as 2026-11-26--a2, not resubmitted; status SUCCEEDED" in out
+    assert len(client.submitted) == 1

@@ -19,6 +19,7 @@ import yaml
 from pydantic import ValidationError
 
 from pipeline.config.schema import ROOT, ConfigError, JobConfig
+from pipeline.secrets import mask_text
 
 MASK = "***"
 _ENV_PATTERN = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -161,7 +162,7 @@ def _pydantic_errors(exc: ValidationError, hidden: set[str]) -> list[tuple[str, 
             value = err.get("input")
             secret = path in hidden or "storage_options" in err["loc"]
             if not secret and isinstance(value, str | int | float | bool) and len(repr(value)) < 80:
-                message += f" (got {value!r})"
+                message += f" (got {mask_text(repr(value))})"
         out.append((path, message))
     return out
 
@@ -180,8 +181,9 @@ def _deep_copy(node: Any) -> Any:
 def redacted_dict(config: JobConfig) -> dict[str, Any]:
     """The config as JSON-ready data with secrets masked as ``"***"``.
 
-    Masked: every leaf under any ``storage_options`` (keys kept, nested mappings walked) and
-    every value that came from ``${...}`` interpolation.
+    Masked: every leaf under any ``storage_options`` (keys kept, nested mappings walked), every
+    value that came from ``${...}`` interpolation, and the userinfo and query string of every
+    URI in any other string (:func:`pipeline.secrets.mask_text`: ``s3://***@bucket/x?sig=***``).
     """
     hidden = config.interpolated_paths
 
@@ -197,6 +199,8 @@ def redacted_dict(config: JobConfig) -> dict[str, Any]:
             return MASK
         if isinstance(node, list):
             return [walk(v, (*path, str(i)), under_options) for i, v in enumerate(node)]
+        if isinstance(node, str):
+            return mask_text(node)
         return node
 
     return walk(config.model_dump(mode="json"), (), False)

@@ -30,6 +30,7 @@ from pipeline.report.svg import (
     _ticks,
     _y_top,
 )
+from pipeline.secrets import mask_text, mask_uri
 from pipeline.summary import EXAMPLE_CHARS, RunSummary
 
 MAX_TIME_BINS = 60
@@ -226,10 +227,10 @@ def _threshold(manifest: dict[str, Any]) -> float | None:
 def _models(manifest: dict[str, Any]) -> str:
     model = manifest.get("model")
     if isinstance(model, list):
-        return ", ".join(str(m) for m in model) or "–"
+        return mask_text(", ".join(str(m) for m in model)) or "–"
     if model:
-        return str(model)
-    return str(_get(manifest, "config", "model", "checkpoint") or "–")
+        return mask_text(str(model))
+    return mask_text(str(_get(manifest, "config", "model", "checkpoint") or "–"))
 
 
 def _header(manifest: dict[str, Any], summary: RunSummary) -> str:
@@ -320,7 +321,7 @@ def _errors_section(summary: RunSummary) -> str:
     else:
         rows = "".join(
             f"<tr><td><code>{_e(kind)}</code></td><td class=n>{count:,}</td>"
-            f'<td><div class="text">{_e(_clip(summary.error_examples.get(kind, ""), EXAMPLE_CHARS))}</div></td></tr>'
+            f'<td><div class="text">{_e(_clip(mask_text(summary.error_examples.get(kind, "")), EXAMPLE_CHARS))}</div></td></tr>'
             for kind, count in sorted(summary.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))
         )
         body = f"<table><thead><tr><th>Kind</th><th class=n>Rows</th><th>Example message</th></tr></thead><tbody>{rows}</tbody></table>"
@@ -353,13 +354,13 @@ def _samples_section(summary: RunSummary) -> str:
 
 def _config_section(manifest: dict[str, Any]) -> str:
     config = manifest.get("config")
-    text = (
+    text = mask_text(
         json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False, default=str)
         if config is not None
         else "{}"
     )
     files = manifest.get("input_files") or []
-    listing = "".join(f"<li class=mono>{_e(f)}</li>" for f in files[:200])
+    listing = "".join(f"<li class=mono>{_e(mask_uri(str(f)))}</li>" for f in files[:200])
     if len(files) > 200:
         listing += f"<li>… and {len(files) - 200:,} more</li>"
     inputs = (
@@ -399,7 +400,7 @@ def render(
         _errors_section(summary),
         _samples_section(summary),
         _config_section(manifest),
-        f"<footer>rg-batch report for <span class=mono>{_e(run_dir)}</span> · {summary.rows:,} rows "
+        f"<footer>rg-batch report for <span class=mono>{_e(mask_uri(run_dir))}</span> · {summary.rows:,} rows "
         f"in {summary.parts:,} parts ({summary.rejected:,} rejected) · built "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC</footer>",
     ]
