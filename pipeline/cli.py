@@ -83,17 +83,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     import ray
 
+    from pipeline.config import ConfigError
     from pipeline.runner import run_job
 
     config = _load_config(args)
     if config.run.ray_address:
         ray.init(address=config.run.ray_address)
     else:
+        # A Ray of this run's own, whatever else runs here: "local" never joins a head started
+        # earlier on the machine (or named by a stale /tmp/ray/ray_current_cluster).
         ray.init(
-            num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1), include_dashboard=False
+            address="local",
+            num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1),
+            include_dashboard=False,
         )
     try:
         result = run_job(config)
+    except ConfigError:  # the run id is taken (another config, a live driver): exit 2
+        raise
     except Exception:
         logging.getLogger("rgbatch").exception("run %s failed", config.run_id)
         return EXIT_FAILED

@@ -31,6 +31,7 @@ import fsspec
 
 from model.storage import content_identity, filesystem
 from pipeline.config import ConfigError, JobConfig
+from pipeline.secrets import mask_text, mask_uri
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
         "input.question_column": inp.question_column,
         "input.prompt_column": inp.prompt_column,
         "input.passthrough": list(inp.passthrough),
-        "model.checkpoint": model.checkpoint,
+        "model.checkpoint": mask_uri(model.checkpoint),
         "model.content": content_identity(model.checkpoint, model.storage_options),
         "model.dtype": model.dtype,
         "model.chat_template": model.use_chat_template,
@@ -73,7 +74,10 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
         identity[f"generation.{name}"] = getattr(gen, name)
     if tox.enabled:
         for name in ("model", "checkpoint", "threshold", "action", "score_inputs"):
-            identity[f"toxicity.{name}"] = getattr(tox, name)
+            value = getattr(tox, name)
+            identity[f"toxicity.{name}"] = (
+                mask_uri(value) if name == "checkpoint" and value else value
+            )
         identity["toxicity.redaction_text"] = tox.redaction_text if tox.action == "redact" else None
         if tox.checkpoint is not None:
             identity["toxicity.content"] = content_identity(tox.checkpoint, tox.storage_options)
@@ -94,7 +98,10 @@ def check_identity(
             [
                 (
                     name,
-                    f"run {run_id} was started with {recorded.get(name)!r}, now {identity.get(name)!r}",
+                    mask_text(
+                        f"run {run_id} was started with {recorded.get(name)!r}, "
+                        f"now {identity.get(name)!r}"
+                    ),
                 )
                 for name in differ
             ]

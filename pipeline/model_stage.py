@@ -27,6 +27,7 @@ from model.engine import Engine, GenerationRequest, GenerationResult, enable_com
 from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
+from pipeline.secrets import mask_uri
 from pipeline.stage import PlanContext, Stage
 
 if TYPE_CHECKING:
@@ -189,7 +190,7 @@ class ModelStage:
             enable_compilation_cache()
         ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
         if ckpt.tokenizer_path is None:
-            raise FileNotFoundError(f"no tokenizer.model found beside {checkpoint}")
+            raise FileNotFoundError(f"no tokenizer.model found beside {mask_uri(checkpoint)}")
         self.tokenizer = Tokenizer.load(ckpt.tokenizer_path)
         chat = ckpt.variant.endswith("-it") if chat is None else chat
         self.stop_ids = stop_ids_for(self.tokenizer, chat)

@@ -15,7 +15,8 @@ ERROR_KINDS has no id-specific kind), the id is derived::
 
     sha256(source + "\\n" + str(position) + "\\n" + content).hexdigest()[:24]
 
-``source`` is the file URI exactly as the caller passed it, ``position`` the 0-based line number
+``source`` is the file URI as the caller passed it, with any userinfo and query string masked
+(:func:`pipeline.secrets.mask_uri`: the ``source`` column never carries a credential), ``position`` the 0-based line number
 in the (decompressed) JSONL file, blank lines included, or the 0-based row number in the Parquet
 file, and ``content`` the raw bytes of the JSONL line (without its line break) or the canonical
 JSON (sorted keys, compact) of the Parquet row: all of the file's columns when no ``id_column``
@@ -63,6 +64,7 @@ from pipeline.schema import (
     SOURCE,
     TEXT,
 )
+from pipeline.secrets import mask_uri
 
 DEFAULT_BATCH_ROWS = 4096
 DEFAULT_MAX_ROW_BYTES = 32 << 20
@@ -93,7 +95,7 @@ class _Spec:
         fmt = self.fmt or infer_format(uri)
         if fmt not in INPUT_FORMATS:
             raise ValueError(
-                f"cannot tell the format of {uri!r}: pass fmt= one of {INPUT_FORMATS}"
+                f"cannot tell the format of {mask_uri(uri)!r}: pass fmt= one of {INPUT_FORMATS}"
                 if fmt is None
                 else f"unknown format {fmt!r}: expected one of {INPUT_FORMATS}"
             )
@@ -334,7 +336,7 @@ def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | No
         arrays = {name: pa.array(values, pa.string()) for name, values in passthrough.items()}
         return rows.table(arrays), rows.id_keys
 
-    rows = _Rows(uri)
+    rows = _Rows(mask_uri(uri))
     passthrough: dict[str, list[Any]] = {name: [] for name in spec.passthrough}
     with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
         for position, raw, too_large in _lines(f, spec.max_row_bytes):
@@ -345,7 +347,7 @@ def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | No
             _add_jsonl_row(rows, spec, raw, position, passthrough, too_large)
             if len(rows) >= spec.batch_rows:
                 yield flush()
-                rows = _Rows(uri)
+                rows = _Rows(mask_uri(uri))
                 passthrough = {name: [] for name in spec.passthrough}
     if len(rows):
         yield flush()
@@ -451,14 +453,14 @@ def _iter_parquet(
         start = 0
         for batch in parquet.iter_batches(batch_size=spec.batch_rows, columns=columns):
             if batch.num_rows:
-                yield _parquet_table(batch, spec, uri, start)
+                yield _parquet_table(batch, spec, mask_uri(uri), start)
                 start += batch.num_rows
         if start == 0 and keep_empty:
             schema = parquet.schema_arrow
             if columns is not None:
                 schema = pa.schema([schema.field(name) for name in columns])
             empty = pa.RecordBatch.from_pylist([], schema=schema)
-            yield _parquet_table(empty, spec, uri, 0)
+            yield _parquet_table(empty, spec, mask_uri(uri), 0)
 
 
 # ---------------------------------------------------------------------------------- public
@@ -477,7 +479,7 @@ def _iter_keyed(
         yield keyed
     if keep_empty and not produced:
         arrays = {name: pa.array([], pa.string()) for name in spec.passthrough}
-        yield _Rows(uri).table(arrays), []
+        yield _Rows(mask_uri(uri)).table(arrays), []
 
 
 def _iter_batches(uri: str, spec: _Spec, keep_empty: bool = False) -> Iterator[pa.Table]:
@@ -571,10 +573,10 @@ def _read_files(
         for index, (table, id_keys) in enumerate(_iter_keyed(uri, spec)):
             rows += table.num_rows
             if ledger is not None and spec.id_column is not None:
-                ledger.batch(uri, index, id_keys)
+                ledger.batch(mask_uri(uri), index, id_keys)
             yield table
         if ledger is not None:
-            ledger.done(uri, rows, size)
+            ledger.done(mask_uri(uri), rows, size)
 
 
 def _group(count: int, groups: int, sizes: Sequence[int] | None) -> list[range]:

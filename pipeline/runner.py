@@ -33,6 +33,7 @@ from pipeline.contract import Lease, check_identity, record_identity, run_identi
 from pipeline.plan import build_dataset
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
+from pipeline.secrets import mask_text, mask_uri
 from pipeline.stage import PlanContext
 from pipeline.summary import RunSummary
 from pipeline.writer import (
@@ -82,7 +83,7 @@ def run_job(config: JobConfig) -> RunResult:
     identity = run_identity(config)
     recorded = check_identity(fs, run_dir, config.run_id, identity)
     if is_complete(fs, run_dir):
-        log.info("run %s already complete at %s: nothing to do", config.run_id, run_uri)
+        log.info("run %s already complete at %s: nothing to do", config.run_id, mask_uri(run_uri))
         manifest = json.loads(fs.cat_file(posixpath.join(run_dir, MANIFEST)))
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
     fs.makedirs(run_dir, exist_ok=True)
@@ -112,7 +113,7 @@ def _run(
     out = config.output
     files = config.input_files()
     sizes = file_sizes(files, config.input.storage_options)
-    log.info("run %s: %d input files -> %s", config.run_id, len(files), run_uri)
+    log.info("run %s: %d input files -> %s", config.run_id, len(files), mask_uri(run_uri))
     counter = ProgressCounter.remote()
     context = PlanContext(tokenizer=_driver_tokenizer(config), progress=counter)
     ledger = InputLedger(run_uri, out.storage_options, progress=counter)
@@ -131,7 +132,7 @@ def _run(
     operators = operator_seconds(dataset)
     ray.data.DataContext.get_current().checkpoint_config = None  # the counts below are not resumed
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
-    per_file = check_rows(files, rows_in, summary)
+    per_file = check_rows([mask_uri(f) for f in files], rows_in, summary)
     repeats = count_repeats(run_dir, pa_fs) if config.input.id_column and summary.rows else {}
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
@@ -179,7 +180,7 @@ def _report(
         path = write_report(fs, run_dir, manifest, summary, samples)
     except Exception as exc:
         log.exception("report.html could not be built; the run's data and manifest stand")
-        return {"status": "missing", "error": f"{type(exc).__name__}: {exc}"}
+        return {"status": "missing", "error": mask_text(f"{type(exc).__name__}: {exc}")}
     return {"status": "written", "path": posixpath.basename(path)}
 
 
@@ -225,7 +226,7 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
     path = find_tokenizer(config.model.checkpoint, config.model.storage_options)
     if path is None:
         raise FileNotFoundError(
-            f"model.checkpoint: no tokenizer.model in or beside {config.model.checkpoint}"
+            f"model.checkpoint: no tokenizer.model in or beside {mask_uri(config.model.checkpoint)}"
         )
     return Tokenizer.load(path)
 

@@ -43,6 +43,7 @@ import ray
 from model.storage import is_local, localize
 from pipeline import schema
 from pipeline.config.schema import TOXICITY_ACTIONS
+from pipeline.secrets import mask_text, mask_uri
 from pipeline.stage import PlanContext, Stage
 
 if TYPE_CHECKING:
@@ -186,7 +187,7 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
         table = _mark_errors(
             table,
             pa.array(has_text, pa.bool_()),
-            f"toxicity scoring failed: {type(exc).__name__}: {exc}",
+            mask_text(f"toxicity scoring failed: {type(exc).__name__}: {exc}"),
         )
         texts = [None] * len(texts)
     n = table.num_rows
@@ -267,7 +268,9 @@ def _detoxify_from_checkpoint(uri: str, storage_options: dict[str, Any] | None, 
     args = dict(checkpoint["config"]["arch"]["args"])
     model_dir = _model_dir_beside(uri, str(args["model_type"]), storage_options)
     if model_dir is not None:
-        log.info("detoxify model_type %r rewritten to %s", args["model_type"], model_dir)
+        log.info(
+            "detoxify model_type %r rewritten to %s", args["model_type"], mask_uri(str(model_dir))
+        )
         args["model_type"] = str(model_dir)
     model, tokenizer = get_model_and_tokenizer(**args, state_dict=checkpoint["state_dict"])
     classes = checkpoint["config"]["dataset"]["args"]["classes"]
@@ -293,7 +296,7 @@ def _load_weights_only(uri: str, storage_options: dict[str, Any] | None) -> dict
     except pickle.UnpicklingError as exc:
         found = re.search(r"WeightsUnpickler error: (.*?)(?: Please use|\n|$)", str(exc))
         raise ValueError(
-            f"detoxify checkpoint {uri} is not a weights-only checkpoint "
+            f"detoxify checkpoint {mask_uri(uri)} is not a weights-only checkpoint "
             f"({found.group(1).rstrip('.') if found else exc}). Only weights-only checkpoints are loaded "
             "(dicts, lists, strings, numbers and tensors), because unpickling anything else runs "
             "code from the file. Re-save it on a trusted machine as torch.save({'config': "
@@ -304,7 +307,9 @@ def _load_weights_only(uri: str, storage_options: dict[str, Any] | None) -> dict
         for depth, key in enumerate(keys):
             if not isinstance(node, dict) or key not in node:
                 where = "".join(f"[{k!r}]" for k in keys[: depth + 1])
-                raise ValueError(f"detoxify checkpoint {uri} has no {where}; expected {_LAYOUT}")
+                raise ValueError(
+                    f"detoxify checkpoint {mask_uri(uri)} has no {where}; expected {_LAYOUT}"
+                )
             node = node[key]
     return loaded
 

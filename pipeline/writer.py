@@ -44,6 +44,7 @@ from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
 from model.storage import filesystem
 from pipeline import schema as S
+from pipeline.secrets import mask_text
 from pipeline.summary import DROP, RunSummary
 
 SUCCESS = "_SUCCESS"
@@ -157,7 +158,9 @@ class RunDatasink(BlockBasedFileDatasink):
                 stream.write(data)
 
         call_with_retry(
-            put, description=f"write {path!r}", match=self._data_context.retried_io_errors
+            put,
+            description=f"write {mask_text(path)!r}",
+            match=self._data_context.retried_io_errors,
         )
 
 

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 import pipeline.config
+from model.engine_config import EngineConfig
 from pipeline.config import (
     INPUT_FORMATS,
     OUTPUT_FORMATS,
@@ -83,13 +84,15 @@ def test_minimal_config_and_defaults() -> None:
     g = cfg.generation
     assert (g.max_new_tokens, g.max_prompt_tokens, g.truncation) == (256, 8192, "head")
     assert (g.temperature, g.top_k, g.top_p, g.seed) == (0.0, 0, 1.0, 0)
-    assert (g.max_slots, g.prefill_batch, g.prefill_chunk, g.decode_steps, g.batch_size) == (
-        64,
-        8,
-        512,
-        16,
-        256,
+    # The engine's limits have one default: the engine's own (model.engine_config).
+    engine = EngineConfig()
+    assert (g.max_slots, g.prefill_batch, g.prefill_chunk, g.decode_steps) == (
+        engine.max_slots,
+        engine.prefill_batch,
+        engine.prefill_chunk,
+        engine.decode_steps,
     )
+    assert g.batch_size == 256 and m.tensor_parallel is None and m.replica_devices == 1
     assert cfg.prompts.summarize == "Summarize the following text.\n\n{text}\n\nSummary:"
     assert cfg.prompts.generate == "{prompt}"
     assert cfg.prompt_template() == cfg.prompts.summarize
@@ -569,7 +572,7 @@ def test_preflight_local(tmp_path: Path) -> None:
     data = tmp_path / "data"
     (data / "2024-01-02").mkdir(parents=True)
     for name in ("b.jsonl", "a.jsonl", "skip.parquet"):
-        (data / "2024-01-02" / name).write_text("{}\n")
+        (data / "2024-01-02" / name).write_text('{"text": "x"}\n')
     cfg = local_job(tmp_path, str(data / "{date}" / "*.jsonl"))
     preflight(cfg)
     assert cfg.input_files() == [
@@ -600,7 +603,7 @@ def test_preflight_local_directory_and_single_file(tmp_path: Path) -> None:
 
 
 def test_preflight_missing_checkpoints(tmp_path: Path) -> None:
-    (tmp_path / "a.jsonl").write_text("{}\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "x"}\n')
     cfg = local_job(
         tmp_path,
         str(tmp_path / "a.jsonl"),
@@ -634,8 +637,8 @@ def test_preflight_s3(s3_bucket: tuple[str, dict[str, Any]]) -> None:
     fs = s3fs.S3FileSystem(**options)
     fs.pipe(
         {
-            f"{bucket}/in/2024-01-02/b.jsonl": b"{}\n",
-            f"{bucket}/in/2024-01-02/a.jsonl": b"{}\n",
+            f"{bucket}/in/2024-01-02/b.jsonl": b'{"text": "x"}\n',
+            f"{bucket}/in/2024-01-02/a.jsonl": b'{"text": "x"}\n',
             f"{bucket}/models/2b/_METADATA": b"{}",
         }
     )

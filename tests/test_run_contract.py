@@ -4,7 +4,11 @@ columns and locations, the error policy, one configuration per run id, one drive
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -173,3 +177,47 @@ def test_one_driver_at_a_time_and_a_dead_drivers_lease_is_taken_over(
     (run_dir / LEASE).write_text(json.dumps(lease))
     assert run_job(job_config(text, run_id="leased")).status == "succeeded"
     assert not (run_dir / LEASE).exists()  # released at the end
+
+
+@pytest.mark.slow
+def test_no_ray_address_means_a_ray_of_the_runs_own(tmp_path, fixtures) -> None:
+    """A stale /tmp/ray/ray_current_cluster (left by an earlier `ray start --head`) is not joined."""
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_for(fixtures, tmp_path, toxicity={"enabled": False}))
+    marker = Path("/tmp/ray/ray_current_cluster")
+    saved = marker.read_bytes() if marker.exists() else None
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text("127.0.0.1:9")  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-id", "own"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    finally:
+        if saved is None:
+            marker.unlink(missing_ok=True)
+        else:
+            marker.write_bytes(saved)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "own" / "_SUCCESS").exists()
+
+
+def test_a_refused_run_exits_2_and_a_failed_one_exits_1(tmp_path, fixtures, monkeypatch) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml_for(fixtures, tmp_path))
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    for error, code in ((RunRefused.at("run_id", "held"), 2), (RunFailed("too many errors"), 1)):
+
+        def refuse(config, error=error):
+            raise error
+
+        monkeypatch.setattr(pipeline.runner, "run_job", refuse)
+        assert cli_main(["run", str(config), "--run-id", "x"]) == code

@@ -45,9 +45,10 @@ from pipeline.config.loading import (
     new_run_id,
     redacted_dict,
 )
-from pipeline.config.preflight import list_files, preflight
+from pipeline.config.preflight import configured_columns, input_columns, list_files, preflight
 from pipeline.config.schema import (
     DTYPES,
+    FORMAT_BY_SUFFIX,
     INPUT_FORMATS,
     OUTPUT_FORMATS,
     PROMPT_PLACEHOLDERS,
@@ -79,6 +80,7 @@ from pipeline.config.schema import (
 
 __all__ = [
     "DTYPES",
+    "FORMAT_BY_SUFFIX",
     "INPUT_FORMATS",
     "MASK",
     "OUTPUT_FORMATS",
@@ -107,7 +109,9 @@ __all__ = [
     "ToxicitySection",
     "Truncation",
     "apply_overrides",
+    "configured_columns",
     "infer_format",
+    "input_columns",
     "interpolate_env",
     "list_files",
     "load_job_config",

@@ -24,6 +24,7 @@ from pipeline.config.schema import (
     ConfigError,
     JobConfig,
 )
+from pipeline.secrets import mask_text, mask_uri
 
 
 def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
@@ -77,7 +78,7 @@ def preflight(config: JobConfig) -> None:
     60 s read timeout per attempt) is reported as failed and left to finish in the background.
     No per-filesystem timeouts are changed.
     """
-    checks: dict[str, Check] = {}
+    checks: dict[str, _Check] = {}
     checks["input.uri"] = functools.partial(_input_check, config)
     checks["output.uri"] = functools.partial(_outside_input_check, config)
     checks["model.checkpoint"] = _exists_check(
@@ -91,11 +92,11 @@ def preflight(config: JobConfig) -> None:
         raise ConfigError(errors)
 
 
-Check = Callable[[], "str | list[tuple[str, str]] | None"]
+_Check = Callable[[], "str | list[tuple[str, str]] | None"]
 """A preflight check: None when fine, else a message (for its own path) or (path, message)s."""
 
-JSONL_SNIFF_LINES = 100
-JSONL_SNIFF_BYTES = 1 << 20
+_JSONL_SNIFF_LINES = 100
+_JSONL_SNIFF_BYTES = 1 << 20
 
 
 def configured_columns(config: JobConfig) -> list[tuple[str, str]]:
@@ -122,7 +123,7 @@ def input_columns(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> set
             return set(pq.ParquetFile(handle).schema_arrow.names)
     found: set[str] = set()
     with fsspec.open(uri, "rb", compression="infer", **storage_options) as handle:
-        lines = handle.read(JSONL_SNIFF_BYTES).splitlines()[:JSONL_SNIFF_LINES]
+        lines = handle.read(_JSONL_SNIFF_BYTES).splitlines()[:_JSONL_SNIFF_LINES]
     for line in lines:
         try:
             obj = json.loads(line)
@@ -136,12 +137,12 @@ def input_columns(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> set
 def _input_check(config: JobConfig) -> str | list[tuple[str, str]] | None:
     files = config.input_files()
     if not files:
-        return f"no files match {config.input.uri}"
+        return f"no files match {mask_uri(config.input.uri)}"
     first = files[0]
     found = input_columns(first, config.input.format or "jsonl", config.input.storage_options)
     shown = ", ".join(sorted(found)) or "none"
     return [
-        (path, f"column {name!r} is not in {first} (columns found: {shown})")
+        (path, f"column {name!r} is not in {mask_uri(first)} (columns found: {shown})")
         for path, name in configured_columns(config)
         if name not in found
     ] or None
@@ -163,7 +164,7 @@ def _outside_input_check(config: JobConfig) -> list[tuple[str, str]] | None:
             errors.append(
                 (
                     path,
-                    f"{uri} is inside the input location {config.input.uri}: a later run "
+                    f"{mask_uri(uri)} is inside the input location {mask_uri(config.input.uri)}: a later run "
                     "would read the outputs as input; write somewhere else",
                 )
             )
@@ -192,23 +193,23 @@ def _within(path: str, base: str) -> bool:
     return path == base or path.startswith(base + "/") or base == ""
 
 
-def _exists_check(uri: str, storage_options: Mapping[str, Any]) -> Check:
+def _exists_check(uri: str, storage_options: Mapping[str, Any]) -> _Check:
     def check() -> str | None:
-        return None if _exists(uri, storage_options) else f"not found: {uri}"
+        return None if _exists(uri, storage_options) else f"not found: {mask_uri(uri)}"
 
     return check
 
 
-def _run_with_deadline(checks: Mapping[str, Check], timeout_s: float) -> Iterator[tuple[str, str]]:
+def _run_with_deadline(checks: Mapping[str, _Check], timeout_s: float) -> Iterator[tuple[str, str]]:
     results: dict[str, str | list[tuple[str, str]] | None] = {}
 
-    def runner(path: str, check: Check) -> None:
+    def runner(path: str, check: _Check) -> None:
         try:
             results[path] = check()
         except ConfigError as exc:
             results[path] = "; ".join(m for _, m in exc.errors)
         except Exception as exc:
-            results[path] = f"cannot check ({type(exc).__name__}: {exc})"
+            results[path] = mask_text(f"cannot check ({type(exc).__name__}: {exc})")
 
     threads = {
         path: threading.Thread(
