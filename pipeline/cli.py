@@ -223,6 +223,63 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    """The devices JAX sees and the memory plan of a model on them: whether it fits."""
+    import jax
+
+    from model.config import ModelConfig
+    from model.memory import (
+        MemoryPlanError,
+        device_memory_limit,
+        max_slots_that_fit,
+        plan_memory,
+    )
+    from pipeline.config import load_job_config
+
+    devices = jax.local_devices()
+    print(f"jax {jax.__version__}, backend {jax.default_backend()}, {len(devices)} local devices:")
+    for device in devices:
+        limit = device_memory_limit(device)
+        memory = f"{limit / 2**30:.1f} GiB" if limit else "no memory limit reported"
+        print(f"  {device} ({device.device_kind}): {memory}")
+    gen, model, preset = None, None, args.preset
+    if args.config:
+        config = load_job_config(args.config, overrides=args.set)
+        gen, model = config.generation, config.model
+        preset = preset or Path(model.checkpoint.rstrip("/")).name
+    if preset not in ModelConfig.presets():
+        print(
+            f"error: pass --preset ({', '.join(ModelConfig.presets())}): "
+            f"{preset!r} is not a preset",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    shapes = dict(
+        dtype=args.dtype or (model.dtype if model else "bfloat16"),
+        prefill_batch=gen.prefill_batch if gen else 8,
+        prefill_chunk=gen.prefill_chunk if gen else 128,
+        tensor_parallel=args.tensor_parallel or (model.replica_devices if model else 1),
+        device_bytes=int(args.device_memory_gb * 1e9) if args.device_memory_gb else None,
+        headroom=model.memory_headroom if model else 0.1,
+    )
+    slots = args.max_slots or (gen.max_slots if gen else 32)
+    model_config = ModelConfig.from_preset(preset)
+    try:
+        if slots == "auto":
+            slots = max_slots_that_fit(model_config, **shapes)
+            print(f"max_slots auto: {slots}")
+        plan = plan_memory(model_config, max_slots=int(slots), **shapes)
+    except (MemoryPlanError, ValueError) as exc:
+        print(f"{preset}: {exc}")
+        return EXIT_FAILED
+    print(f"{preset}: {plan.summary()}")
+    if plan.limit_bytes is None:
+        print("fits: unknown (no device memory limit; pass --device-memory-gb to plan for one)")
+        return EXIT_OK
+    print("fits: yes" if plan.fits else f"fits: NO. {plan.advice}")
+    return EXIT_OK if plan.fits else EXIT_FAILED
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rgbatch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -286,6 +343,22 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "stop":
             cmd.add_argument("--no-wait", action="store_true", help="return without waiting")
         cmd.set_defaults(func=func)
+
+    doctor = sub.add_parser(
+        "doctor", help="the devices JAX sees and whether a model's memory plan fits them"
+    )
+    doctor.add_argument("config", nargs="?", help="a job config (its model and engine settings)")
+    doctor.add_argument("--set", action="append", default=[], metavar="a.b=value")
+    doctor.add_argument("--preset", help="model shapes: 2b, 2b-it, 9b, 9b-it")
+    doctor.add_argument("--dtype", choices=("bfloat16", "float32"))
+    doctor.add_argument("--tensor-parallel", type=int, help="devices per replica")
+    doctor.add_argument(
+        "--max-slots", type=lambda v: v if v == "auto" else int(v), help="a number or auto"
+    )
+    doctor.add_argument(
+        "--device-memory-gb", type=float, help="plan for devices of this size (default: this one)"
+    )
+    doctor.set_defaults(func=_cmd_doctor)
 
     report = sub.add_parser("report", help="print a run's summary and rebuild its report.html")
     report.add_argument("run_uri", help="<output uri>/<run id>, local or any fsspec URI")

@@ -79,3 +79,33 @@ def test_tensor_parallel_follows_the_devices_a_replica_is_given(tmp_path, fixtur
     assert stage.ray_args["runtime_env"] == {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}}
     cpu = actor_env(cfg(tensor_parallel=2))
     assert "--xla_force_host_platform_device_count=2" in cpu["env_vars"]["XLA_FLAGS"]
+
+
+def test_doctor_prints_devices_and_whether_the_plan_fits(capsys) -> None:
+    from pipeline.cli import main as cli_main
+
+    args = ["doctor", "--preset", "9b", "--device-memory-gb", "16", "--max-slots", "16"]
+    assert cli_main(args) == 1
+    out = capsys.readouterr().out
+    assert "local devices:" in out and "cpu" in out
+    assert "9b: 18.41 GB per device at tensor_parallel=1" in out
+    assert "fits: NO" in out and "tensor_parallel=2: 9.55 GB per device" in out
+    assert cli_main([*args, "--tensor-parallel", "2"]) == 0
+    assert "fits: yes" in capsys.readouterr().out
+    assert (
+        cli_main(
+            [
+                "doctor",
+                "--preset",
+                "9b",
+                "--device-memory-gb",
+                "16",
+                "--max-slots",
+                "auto",
+                "--tensor-parallel",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert "max_slots auto: " in capsys.readouterr().out

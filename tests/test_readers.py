@@ -432,3 +432,24 @@ def test_ids_keep_their_type_and_row_keys_are_unique(tmp_path: Path) -> None:
     keys = table.column(ROW_KEY).to_pylist()
     assert len(set(keys)) == len(lines)
     assert keys == [row_key(str(path), i) for i in range(len(lines))]
+
+
+def test_the_source_column_never_carries_a_credential() -> None:
+    import fsspec
+
+    uri = "memory://bucket/signed.jsonl?X-Amz-Signature=s3cr3tsignature"
+    with fsspec.open(uri, "wb") as handle:
+        handle.write(b'{"id": "a", "text": "hi"}\n{"text": "no id"}\n')
+    table = read_file_rows(uri, fmt="jsonl", id_column="id")
+    assert set(table.column(SOURCE).to_pylist()) == {
+        "memory://bucket/signed.jsonl?X-Amz-Signature=***"
+    }
+    assert "s3cr3t" not in json.dumps(table.to_pylist())
+    # Ids and resume keys follow the masked URI: a re-signed URL keeps them.
+    resigned = "memory://bucket/signed.jsonl?X-Amz-Signature=another"
+    fsspec.filesystem("memory").pipe(
+        resigned.removeprefix("memory://"), fsspec.open(uri).open().read()
+    )
+    again = read_file_rows(resigned, fmt="jsonl", id_column="id")
+    assert again.column(ID).to_pylist() == table.column(ID).to_pylist()
+    assert again.column(ROW_KEY).to_pylist() == table.column(ROW_KEY).to_pylist()
