@@ -36,7 +36,7 @@ from pipeline import jobs
 from pipeline import schema as S
 from pipeline.config import ConfigError
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 LOCAL = fsspec.filesystem("file")
 FAKE_FIXTURES = {"checkpoint": "/nowhere/tiny-it", "detoxify": "/nowhere/detox.ckpt"}
 DEAD_ADDRESS = "http://127.0.0.1:9"  # nothing listens there

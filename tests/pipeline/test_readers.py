@@ -32,7 +32,7 @@ from pipeline.schema import (
     TEXT,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLE_JSONL = sorted(str(p) for p in SAMPLE.glob("part-*.jsonl"))
 SAMPLE_PARQUET = str(SAMPLE / "parquet" / "part-000.parquet")
 

@@ -17,7 +17,7 @@ from pipeline.cli import build_parser, resolve_date, resolve_run_id
 from pipeline.cli import main as cli_main
 from pipeline.config import load_job_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NIGHTLY = REPO / "jobs" / "nightly-summarize.yaml"
 ENV = {
     "RGBATCH_CORPUS_URI": "s3://corpora/news",
