@@ -1,8 +1,8 @@
 """Storage: local paths and fsspec URIs, for model/ and pipeline/ alike.
 
-One place for opening a URI as a filesystem (:func:`filesystem`), its Arrow view for Ray Data's
-readers, writers and checkpoints (:func:`arrow_filesystem`), and copying remote files to local disk
-(:func:`localize`).
+One place for opening a URI as a filesystem (:func:`filesystem`), listing files (:func:`list_files`),
+its Arrow view for Ray Data's readers, writers and checkpoints (:func:`arrow_filesystem`), content
+identities (:func:`content_identity`) and copying remote files to local disk (:func:`localize`).
 
 Remote checkpoints are copied into a local cache directory (``$RGBATCH_CACHE_DIR``, default
 ``~/.cache/rg-batch``) and read from there: Orbax and safetensors want local files, and an actor
@@ -25,17 +25,19 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import hashlib
 import logging
 import os
 import posixpath
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +58,39 @@ def filesystem(
 def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> Any:
     """A pyarrow filesystem over an fsspec one (what Ray Data's writers and checkpoints take)."""
     import pyarrow.fs as pafs
-    from fsspec.implementations.local import LocalFileSystem
 
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem()
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def list_files(
+    uri: str, suffixes: tuple[str, ...], storage_options: Mapping[str, Any] | None = None
+) -> list[str]:
+    """Sorted, fully qualified files matched by ``uri``: a glob's matches, a file itself, or the
+    files below a directory whose names end in one of ``suffixes`` (case-insensitive), skipping
+    anything under a name starting with ``_`` or ``.`` (``_SUCCESS``, ``.staging``). Remote
+    paths come back with their protocol (``s3://bucket/key``), local ones as absolute paths."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    fs.invalidate_cache()
+    if glob.has_magic(path):
+        found = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
+    elif fs.isdir(path):
+        root = path.rstrip("/")
+        found = [
+            p
+            for p in fs.find(path)
+            if p.lower().endswith(suffixes)
+            and not any(
+                part.startswith(("_", ".")) for part in p[len(root) :].strip("/").split("/")
+            )
+        ]
+    elif fs.isfile(path):
+        found = [path]
+    else:
+        found = []
+    local = isinstance(fs, LocalFileSystem)
+    return sorted(p if local else fs.unstrip_protocol(p) for p in found)
 
 
 def cache_dir() -> Path:

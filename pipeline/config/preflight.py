@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 
+from model import storage
 from pipeline import schema as columns
 from pipeline.config.schema import (
     FORMAT_BY_SUFFIX,
@@ -28,34 +28,10 @@ from pipeline.secrets import mask_text, mask_uri
 
 
 def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
-    """Sorted, fully qualified files matched by ``uri`` (a glob, a directory or a file)."""
-    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
-    fs.invalidate_cache()
-    if _glob.has_magic(path):
-        found = [p for p, info in fs.glob(path, detail=True).items() if info["type"] == "file"]
-    elif fs.isdir(path):
-        suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX if fmt is None or f == fmt)
-        found = [
-            p
-            for p in fs.find(path)
-            if p.lower().endswith(suffixes)
-            and not any(part.startswith(("_", ".")) for part in _relative_parts(p, path))
-        ]
-    elif fs.isfile(path):
-        found = [path]
-    else:
-        found = []
-    return sorted(_qualify(fs, p) for p in found)
-
-
-def _relative_parts(path: str, root: str) -> list[str]:
-    return path[len(root.rstrip("/")) :].strip("/").split("/")
-
-
-def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if isinstance(fs, LocalFileSystem):
-        return path
-    return fs.unstrip_protocol(path)
+    """Sorted, fully qualified input files matched by ``uri`` (a glob, a directory or a file); a
+    directory lists the files with an extension of ``fmt`` (any input format when None)."""
+    suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX if fmt is None or f == fmt)
+    return storage.list_files(uri, suffixes, storage_options)
 
 
 def _exists(uri: str, storage_options: Mapping[str, Any]) -> bool:
