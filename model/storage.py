@@ -93,6 +93,25 @@ def list_files(
     return sorted(p if local else fs.unstrip_protocol(p) for p in found)
 
 
+def file_sizes(
+    files: list[str], storage_options: Mapping[str, Any] | None = None
+) -> list[int] | None:
+    """Sizes of ``files`` from one listing per directory (None when a size is unknown)."""
+    by_dir: dict[str, dict[str, int]] = {}
+    sizes = []
+    for uri in files:
+        fs, path = filesystem(uri, storage_options)
+        parent = posixpath.dirname(path)
+        if parent not in by_dir:
+            entries = fs.ls(parent, detail=True)
+            by_dir[parent] = {e["name"].rstrip("/"): int(e.get("size") or 0) for e in entries}
+        size = by_dir[parent].get(path)
+        if size is None:
+            return None
+        sizes.append(size)
+    return sizes
+
+
 def cache_dir() -> Path:
     root = os.environ.get("RGBATCH_CACHE_DIR") or os.path.join(
         os.path.expanduser("~"), ".cache", "rg-batch"

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray.data.checkpoint import CheckpointConfig
 
-from model.storage import arrow_filesystem, filesystem
+from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import JobConfig, redacted_dict
@@ -201,23 +201,6 @@ def operator_seconds(dataset: ray.data.Dataset) -> dict[str, float]:
 
 def _drops(config: JobConfig) -> bool:
     return config.toxicity.enabled and config.toxicity.action == "drop"
-
-
-def file_sizes(files: list[str], storage_options: dict[str, Any]) -> list[int] | None:
-    """Sizes of ``files`` from one listing per directory (None when a size is unknown)."""
-    by_dir: dict[str, dict[str, int]] = {}
-    sizes = []
-    for uri in files:
-        fs, path = filesystem(uri, storage_options)
-        parent = posixpath.dirname(path)
-        if parent not in by_dir:
-            entries = fs.ls(parent, detail=True)
-            by_dir[parent] = {e["name"].rstrip("/"): int(e.get("size") or 0) for e in entries}
-        size = by_dir[parent].get(path)
-        if size is None:
-            return None
-        sizes.append(size)
-    return sizes
 
 
 def _driver_tokenizer(config: JobConfig) -> Tokenizer:
