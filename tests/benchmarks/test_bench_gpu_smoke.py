@@ -18,7 +18,10 @@ import pytest
 
 from benchmarks import gpu_engine
 
-ROOT = Path(__file__).resolve().parents[1]
+# The repository root, wherever under tests/ this file sits.
+ROOT = next(
+    p for p in Path(__file__).resolve().parents if (p / "benchmarks" / "gpu_all.sh").is_file()
+)
 PARTS = ("preflight", "engine", "reference", "numerics", "engine9b")
 # gpu_all.sh reads these from the environment; the test must not inherit a caller's.
 SCRIPT_SETTINGS = (
