@@ -10,7 +10,8 @@ change speed but not outputs (replicas, slots, batch sizes) are not part of it.
 ``<run dir>/_lease.json`` names the driver working on the run (host, pid, since) and its last
 heartbeat. A second driver finds a live lease and is refused, naming the holder; a lease whose
 heartbeat stopped more than ``run.lease_timeout_s`` ago belonged to a driver that died, and is
-taken over, so a crash never blocks its own resume. Object stores have no atomic create: after
+taken over, so a crash never blocks its own resume. A holder on the same host whose process is
+gone (its pid no longer runs, or runs a process started at another time) is taken over at once. Object stores have no atomic create: after
 writing its lease a driver reads it back a moment later and proceeds only if it is still its
 own, so of two drivers starting together at most one goes on.
 """
@@ -123,7 +124,12 @@ class Lease:
         self.path = posixpath.join(run_dir, LEASE)
         self.timeout_s = timeout_s
         self.token = uuid.uuid4().hex
-        self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()}
+        self.holder = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _process_started(os.getpid()),
+            "since": time.time(),
+        }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="rgbatch-lease", daemon=True)
 
@@ -149,8 +155,8 @@ class Lease:
         if lease is None or lease.get("token") == self.token:
             return
         age = time.time() - float(lease.get("heartbeat_at", 0))
-        if age <= self.timeout_s:
-            holder = lease.get("holder", {})
+        holder = lease.get("holder", {})
+        if age <= self.timeout_s and not self._died_here(holder):
             since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(holder.get("since", 0)))
             raise RunRefused.at(
                 "run_id",
@@ -159,11 +165,19 @@ class Lease:
                 f"for {self.timeout_s:g} s (run.lease_timeout_s) is taken over",
             )
         log.warning(
-            "taking over the lease of %s (pid %s): no heartbeat for %.0f s",
-            lease.get("holder", {}).get("host"),
-            lease.get("holder", {}).get("pid"),
+            "taking over the lease of %s (pid %s): its process is gone or it sent no heartbeat "
+            "for %.0f s",
+            holder.get("host"),
+            holder.get("pid"),
             age,
         )
+
+    def _died_here(self, holder: dict[str, Any]) -> bool:
+        """The holder ran on this host and its process is gone: no need to wait for the timeout."""
+        if holder.get("host") != self.holder["host"] or not isinstance(holder.get("pid"), int):
+            return False
+        started = _process_started(holder["pid"])
+        return started is None or started != holder.get("started")
 
     def _read(self) -> dict[str, Any] | None:
         self.fs.invalidate_cache()
@@ -184,3 +198,13 @@ class Lease:
                 self._write()
             except Exception:  # one missed beat is not fatal; the timeout allows several
                 log.warning("could not renew the run lease", exc_info=True)
+
+
+def _process_started(pid: int) -> float | None:
+    """When process ``pid`` started (None if there is none): a pid reused later differs."""
+    import psutil
+
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None

@@ -148,7 +148,7 @@ def test_bad_rows_become_error_rows(tmp_path, fixtures, ray_cluster) -> None:
         task="summarize",
         input_uri=str(tmp_path / "in" / "rows.jsonl"),
         output_uri=str(tmp_path / "out"),
-        extra={"generation": {"truncation": "error"}},
+        extra={"generation": {"truncation": "error"}, "run": {"max_error_fraction": 0.9}},
     )
     result = run_job(job_config(text, run_id="bad-rows"))
     table = read_output(LOCAL, f"{tmp_path}/out/bad-rows", "parquet")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -173,10 +174,24 @@ def test_one_driver_at_a_time_and_a_dead_drivers_lease_is_taken_over(
         run_job(job_config(text, run_id="leased"))
     assert not (run_dir / "_SUCCESS").exists()
 
-    lease["heartbeat_at"] = time.time() - 31  # that driver died
-    (run_dir / LEASE).write_text(json.dumps(lease))
+    # A driver on this host that was killed a moment ago: its fresh lease is taken over at once.
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    here = {"host": socket.gethostname(), "pid": int(gone.stdout), "since": time.time()}
+    (run_dir / LEASE).write_text(json.dumps({**lease, "holder": here}))
     assert run_job(job_config(text, run_id="leased")).status == "succeeded"
     assert not (run_dir / LEASE).exists()  # released at the end
+
+    # A driver elsewhere that died: taken over once its heartbeat is older than the timeout.
+    stale_dir = tmp_path / "out" / "stale"
+    stale_dir.mkdir()
+    (stale_dir / LEASE).write_text(json.dumps({**lease, "heartbeat_at": time.time() - 31}))
+    assert run_job(job_config(text, run_id="stale")).status == "succeeded"
+    assert not (stale_dir / LEASE).exists()
 
 
 @pytest.mark.slow
