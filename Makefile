@@ -45,6 +45,7 @@ bench: setup
 	$(PY) -m benchmarks.pipeline_efficiency --json out/bench/pipeline.json
 	$(PY) -m benchmarks.pipeline_efficiency --compile-cache cold --json out/bench/pipeline_cold.json
 	$(PY) -m benchmarks.pipeline_scale --json out/bench/pipeline_scale.json
+	$(PY) -m benchmarks.prefix_reuse --json out/bench/prefix_reuse.json
 
 FIXTURES ?= .fixtures
 

@@ -5,6 +5,8 @@
   engine_vs_reference  our Engine against the official Sampler and HF generate (parts in engine/)
   pipeline_efficiency  end-to-end pipeline tokens/s over engine-only tokens/s
   pipeline_scale       the driver's memory and reads at two corpus sizes; rows/s per stage
+  prefix_reuse         many questions per document: prefilled tokens and rows/s with and without
+                       reusing the document's state
   gpu_engine           the Engine at full size on one accelerator, against the roofline
   gpu_reference        the same 2B workload through the official Sampler and HF generate
   gpu_numerics         bf16 logits against float32 on a short batch

@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ("prefill", "engine_vs_reference", "pipeline_efficiency", "gpu_engine")
+BENCHMARKS = (
+    "prefill",
+    "engine_vs_reference",
+    "pipeline_efficiency",
+    "pipeline_scale",
+    "prefix_reuse",
+    "gpu_engine",
+    "gpu_reference",
+    "gpu_numerics",
+)
 
 
 @pytest.mark.parametrize("name", BENCHMARKS)

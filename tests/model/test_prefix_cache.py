@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from model import RecurrentGemma
-from model.engine import Engine, GenerationRequest, GenerationResult
+from model.engine import Engine, EngineStats, GenerationRequest, GenerationResult
+from model.griffin import cache_bytes_per_sequence
 from model.prefix_cache import PrefixCache, tree_nbytes
 from model.testing import random_params, tiny_config
 
@@ -130,6 +131,13 @@ def questions(
     return out
 
 
+def fresh(engine: Engine) -> Engine:
+    """The shared engine with an empty prefix cache and zeroed stats."""
+    engine.prefix_cache.clear()
+    engine.stats = EngineStats()
+    return engine
+
+
 def without_prefix(requests: list[GenerationRequest]) -> list[GenerationRequest]:
     return [dataclasses.replace(r, prefix_len=0) for r in requests]
 
@@ -139,9 +147,7 @@ def test_reuse_gives_the_same_tokens_as_no_reuse(engine, reference) -> None:
     interleaved: 12 requests on 4 slots, 2 prefill rows."""
     docs = documents(0, (30, 13, 21))
     requests = questions(1, docs, per_doc=4)
-    engine.prefix_cache.clear()
-    engine.stats = type(engine.stats)()
-    reused = engine.generate(requests)
+    reused = fresh(engine).generate(requests)
     stats = dataclasses.replace(engine.stats)  # a copy: the engine counts on
     plain = engine.generate(without_prefix(requests))
     assert reused == plain
@@ -159,12 +165,12 @@ def test_reuse_gives_the_same_tokens_as_no_reuse(engine, reference) -> None:
     assert len(engine.prefix_cache) == len(docs)
 
 
-def test_stats_count_prefilled_and_reused_tokens(params) -> None:
+def test_stats_count_prefilled_and_reused_tokens(engine) -> None:
     """One 20-token document, three questions of 2, 3 and 4 tokens, one plain request."""
-    engine = Engine(CONFIG, params, **SHAPES)
+    fresh(engine)
     (doc,) = documents(2, (20,))
     requests = [
-        GenerationRequest([*doc, 5] * n, 2, stop_ids=(), prefix_len=20) for n in (2, 3, 4)
+        GenerationRequest([*doc, *[5] * n], 2, stop_ids=(), prefix_len=20) for n in (2, 3, 4)
     ] + [GenerationRequest([7] * 6, 2, stop_ids=())]
     engine.generate(requests)
     s = engine.stats
@@ -177,29 +183,49 @@ def test_stats_count_prefilled_and_reused_tokens(params) -> None:
     assert s.prompt_tokens == 20 + 2 + 3 + 4 + 6 + 2 + 3
 
 
-def test_a_small_budget_evicts_least_recent_and_stays_exact(params) -> None:
+def test_queued_prefixes_share_a_prefill_batch(engine) -> None:
+    """Four 16-token documents (2 chunks of 8) with two 3-token questions each, in document
+    order, 2 prefill rows: the first admission prefills documents 0 and 1 together, the third
+    2 and 3; each suffix batch takes one chunk. 2 x 32 + 4 x 16 token slots, where prefilling
+    each document alone would take 4 x 32 + 4 x 16."""
+    fresh(engine)
+    docs = documents(11, (16, 16, 16, 16))
+    requests = [
+        GenerationRequest([*doc, 7 + q, 8, 9], 2, stop_ids=(), prefix_len=16)
+        for doc in docs
+        for q in range(2)
+    ]
+    engine.generate(requests)
+    s = engine.stats
+    assert s.prefill_token_slots == 2 * 2 * 8 * 2 + 4 * 8 * 2
+    assert s.prompt_tokens == 4 * 16 + 8 * 3
+    assert (s.prefix_cache_misses, s.prefix_cache_hits) == (4, 4)
+
+
+def test_a_small_budget_evicts_least_recent_and_stays_exact(params, engine) -> None:
     """Room for two states, five documents interleaved: states are evicted and recomputed,
     tokens do not change, the bytes held never exceed the budget."""
-    probe = Engine(CONFIG, params, **SHAPES)
-    budget = 2 * probe.prefix_entry_bytes + probe.prefix_entry_bytes // 2
-    engine = Engine(CONFIG, params, prefix_cache_bytes=budget, **SHAPES)
+    entry = cache_bytes_per_sequence(CONFIG, np.float32)
+    assert engine.prefix_entry_bytes == entry
+    budget = 2 * entry + entry // 2
+    small = Engine(CONFIG, params, prefix_cache_bytes=budget, **SHAPES)
     docs = documents(3, (11, 17, 9, 25, 14))
     requests = questions(4, docs, per_doc=3)
     held = []
     for index, request in enumerate(requests):
-        engine.submit(index, request)
+        small.submit(index, request)
     results: dict[int, GenerationResult] = {}
-    while engine.busy:
-        results.update(engine.step())
-        held.append(engine.prefix_cache.nbytes)
-    plain = Engine(CONFIG, params, prefix_cache_bytes=0, **SHAPES).generate(requests)
+    while small.busy:
+        results.update(small.step())
+        held.append(small.prefix_cache.nbytes)
+    plain = engine.generate(without_prefix(requests))
     assert [results[i] for i in range(len(requests))] == plain
-    assert max(held) <= budget and len(engine.prefix_cache) <= 2
-    assert engine.prefix_cache.evictions > 0
-    assert engine.stats.prefix_cache_hits > 0 and engine.stats.prefix_cache_misses > len(docs)
+    assert max(held) <= budget and len(small.prefix_cache) <= 2
+    assert small.prefix_cache.evictions > 0
+    assert small.stats.prefix_cache_hits > 0 and small.stats.prefix_cache_misses > len(docs)
 
 
-def test_reuse_off_when_disabled_or_too_small(params, caplog) -> None:
+def test_reuse_off_when_disabled_or_too_small(params, engine, caplog) -> None:
     docs = documents(5, (12,))
     requests = questions(6, docs, per_doc=3)
     assert Engine(CONFIG, params, prefix_cache_bytes=0, **SHAPES).prefix_cache is None
@@ -208,7 +234,7 @@ def test_reuse_off_when_disabled_or_too_small(params, caplog) -> None:
     results = tiny.generate(requests)
     assert tiny.stats.prompt_tokens == sum(len(r.prompt_ids) for r in requests)
     assert tiny.stats.reused_prompt_tokens == tiny.stats.prefix_cache_hits == 0
-    assert results == Engine(CONFIG, params, **SHAPES).generate(requests)
+    assert results == engine.generate(requests)
     with pytest.raises(ValueError, match="prefix_cache_bytes must be >= 0"):
         Engine(CONFIG, params, prefix_cache_bytes=-1, **SHAPES)
 
