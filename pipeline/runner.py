@@ -133,7 +133,9 @@ def _run(
     ray.data.DataContext.get_current().checkpoint_config = None  # the counts below are not resumed
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
     per_file = check_rows([mask_uri(f) for f in files], rows_in, summary)
-    repeats = count_repeats(run_dir, pa_fs) if config.input.id_column and summary.rows else {}
+    repeats = {}
+    if config.input.id_column:
+        repeats = count_repeats(run_uri, out.storage_options, pa_fs, summary.rows)
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
     manifest["operator_task_s"] = operators

@@ -26,6 +26,7 @@ summary: its size does not grow with the number of rows.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 import json
@@ -206,20 +207,48 @@ class InputLedger:
             self.progress.file_read.remote(rows, size)
 
 
-def count_repeats(run_dir: str, pa_fs: Any) -> dict[str, int]:
+SMALL_ID_COUNT = 2_000_000  # up to this many ids, one task counts them (~200 MB at most)
+IDS_PER_PARTITION = 1_000_000
+
+
+def count_repeats(
+    run_uri: str, storage_options: dict[str, Any], pa_fs: Any, rows: int
+) -> dict[str, int]:
     """Ids that occur more than once in the input, and the rows that hold them.
 
-    Counted on the cluster (a Ray Data group-by over the id keys the readers recorded): the
-    driver receives two numbers. Call it only for a run with rows and an id column.
+    Counted on the cluster from the id keys the readers recorded, never on the driver, which
+    receives two numbers: up to :data:`SMALL_ID_COUNT` rows by one task, above that by a Ray Data
+    group-by with a partition per million ids. Call it only for a run with an id column.
     """
-    ids_dir = posixpath.join(run_dir, IDS_DIR)
-    counts = ray.data.read_parquet(ids_dir, filesystem=pa_fs).groupby("key").count()
+    if rows <= SMALL_ID_COUNT:
+        return ray.get(_count_repeats_small.remote(run_uri, storage_options))
+    ids_dir = posixpath.join(filesystem(run_uri, storage_options)[1], IDS_DIR)
+    partitions = max(1, rows // IDS_PER_PARTITION)
+    counts = (
+        ray.data.read_parquet(ids_dir, filesystem=pa_fs)
+        .groupby("key", num_partitions=partitions)
+        .count()
+    )
     totals = counts.map_batches(_repeat_totals, batch_format="pyarrow").sum(["ids", "rows"])
     totals = totals or {"sum(ids)": 0, "sum(rows)": 0}  # no id at all: an empty dataset
     return {
-        "ids_repeated": int(totals["sum(ids)"]),
-        "rows_with_repeated_ids": int(totals["sum(rows)"]),
+        "ids_repeated": int(totals["sum(ids)"] or 0),
+        "rows_with_repeated_ids": int(totals["sum(rows)"] or 0),
     }
+
+
+@ray.remote
+def _count_repeats_small(run_uri: str, storage_options: dict[str, Any]) -> dict[str, int]:
+    fs, run_dir = filesystem(run_uri, storage_options)
+    paths = _listing(fs, posixpath.join(run_dir, IDS_DIR), ".parquet")
+    seen: collections.Counter = collections.Counter()
+    for i in range(0, len(paths), MERGE_GROUP):
+        for raw in fs.cat(paths[i : i + MERGE_GROUP]).values():
+            if isinstance(raw, Exception):
+                raise raw
+            seen.update(pq.read_table(io.BytesIO(raw)).column("key").to_pylist())
+    repeated = [n for n in seen.values() if n > 1]
+    return {"ids_repeated": len(repeated), "rows_with_repeated_ids": sum(repeated)}
 
 
 def _repeat_totals(table: pa.Table) -> pa.Table:
@@ -261,10 +290,10 @@ def _collect(
     return total.to_json(), ray.get(counts_ref)
 
 
-def _listing(fs: fsspec.AbstractFileSystem, directory: str) -> list[str]:
+def _listing(fs: fsspec.AbstractFileSystem, directory: str, suffix: str = ".json") -> list[str]:
     if not fs.exists(directory):
         return []
-    return sorted(p for p in fs.find(directory) if p.endswith(".json"))
+    return sorted(p for p in fs.find(directory) if p.endswith(suffix))
 
 
 @ray.remote

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import fsspec
+import pyarrow.fs as pafs
 import pytest
 import ray
 from pipeline_helpers import (
@@ -24,6 +25,7 @@ from pipeline_helpers import (
 )
 
 import pipeline.runner
+import pipeline.writer
 from pipeline import schema as S
 from pipeline.cli import main as cli_main
 from pipeline.contract import LEASE, RunRefused
@@ -79,6 +81,11 @@ def test_repeated_ids_never_wedge_a_run_or_lose_a_row(
     assert counts["rows"] == 5
     # "a" repeats; 42 and "42" are different ids.
     assert counts["ids_repeated"] == 1 and counts["rows_with_repeated_ids"] == 2
+    # Past the one-task size the count is a Ray Data group-by: the same figures.
+    monkeypatch.setattr(pipeline.writer, "SMALL_ID_COUNT", 0)
+    run_uri = str(tmp_path / "out" / "dup")
+    by_shuffle = pipeline.writer.count_repeats(run_uri, {}, pafs.LocalFileSystem(), rows=5)
+    assert by_shuffle == {"ids_repeated": 1, "rows_with_repeated_ids": 2}
 
 
 def test_a_line_nested_too_deep_is_an_error_row(tmp_path, fixtures, ray_cluster) -> None:
