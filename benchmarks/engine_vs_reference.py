@@ -48,7 +48,7 @@ from benchmarks import harness
 from benchmarks.engine import ceiling, compare, memory, ours, references
 from benchmarks.engine.report import format_report
 from benchmarks.engine.workload import make_workload, workload_fields
-from model.testing import random_params
+from testkit.tiny_model import random_params
 
 PARTS: tuple[str, ...] = ("ours", "official", "hf", "ceiling", "memory")
 

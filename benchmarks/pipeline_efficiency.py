@@ -43,7 +43,6 @@ import yaml
 
 from benchmarks import harness
 from model.engine import Engine, GenerationRequest, enable_compilation_cache
-from model.testing import random_params, tiny_config, write_kaggle_checkpoint
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import load_job_config
@@ -51,6 +50,7 @@ from pipeline.model_stage import stop_ids_for
 from pipeline.prompts import PromptBuilder
 from pipeline.readers import read_file_rows
 from pipeline.runner import run_job
+from testkit.tiny_model import random_params, tiny_config, write_kaggle_checkpoint
 
 SAMPLE = harness.REPO_ROOT / "data" / "sample"
 
@@ -133,7 +133,7 @@ def measure(
     checkpoint = write_kaggle_checkpoint(root / "ckpt", random_params(config, 0), config)
     detox = None
     if args.toxicity:
-        from pipeline.detox_fixture import build_tiny_detoxify
+        from testkit.tiny_detoxify import build_tiny_detoxify
 
         detox = build_tiny_detoxify(root / "detoxify")
     config_dict = job(args, root, checkpoint, detox)

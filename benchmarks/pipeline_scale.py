@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(child(*args.child)))
         return {}
 
-    from model.testing import build_tiny_checkpoint
+    from testkit.tiny_model import build_tiny_checkpoint
 
     env = harness.environment()
     with tempfile.TemporaryDirectory(prefix="rgbatch-scale-") as tmp:

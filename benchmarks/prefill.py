@@ -45,7 +45,8 @@ import numpy as np
 
 from benchmarks import harness
 from model import ModelConfig, RecurrentGemma
-from model.testing import official_griffin_config, random_params
+from testkit.tiny_model import random_params
+from tests.oracle import official_griffin_config
 
 IMPLS: tuple[str, ...] = (
     "ours-linear",

@@ -44,7 +44,7 @@ import numpy as np
 
 from benchmarks import harness
 from model.engine import Engine, EngineStats, GenerationRequest
-from model.testing import random_params
+from testkit.tiny_model import random_params
 
 BOS_ID = 2
 TARGETS = dict(prefilled_tokens_ratio=4.0, rows_per_s_ratio=2.0)

@@ -21,8 +21,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
-    from model.testing import build_tiny_checkpoint
-    from pipeline.detox_fixture import build_tiny_detoxify
+    from testkit.tiny_detoxify import build_tiny_detoxify
+    from testkit.tiny_model import build_tiny_checkpoint
 
     variant_dir = build_tiny_checkpoint(args.dir)
     detox = build_tiny_detoxify(Path(args.dir) / "detoxify")

@@ -13,9 +13,9 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import yaml
 
-from model.testing import build_tiny_checkpoint
 from pipeline.config import JobConfig, load_job_config
-from pipeline.detox_fixture import build_tiny_detoxify
+from testkit.tiny_detoxify import build_tiny_detoxify
+from testkit.tiny_model import build_tiny_checkpoint
 
 WORDS = [
     "the",

@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks import harness
 from model import ModelConfig, cache_bytes_per_sequence
 from model.engine import Engine, GenerationRequest
-from model.testing import random_params
+from testkit.tiny_model import random_params
 
 # glibc settings for the memory subprocesses: freed memory stays mapped (no trimming, no mmap for
 # blocks under 32 MiB, two arenas), so the peak RSS of a run is its peak live use, not the

@@ -34,7 +34,7 @@ import numpy as np
 
 from benchmarks.engine.workload import BOS_ID, EOS_ID, PAD_ID, batches, left_pad
 from model import ModelConfig
-from model.testing import official_griffin_config
+from tests.oracle import official_griffin_config
 
 # A pass over the batches: (seconds, greedy tokens per request, token slots computed).
 Pass = tuple[float, list[list[int]], int]

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from model.engine import Engine, GenerationRequest
-from model.testing import random_params, tiny_config
+from testkit.tiny_model import random_params, tiny_config
 
 CONFIG = tiny_config()  # 4 heads, widths 64 (lru) and 96 (MLP), vocab 512: all divide by 4
 SHAPES = dict(max_slots=4, prefill_batch=2, prefill_chunk=8, decode_steps=3)

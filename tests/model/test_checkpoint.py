@@ -27,8 +27,8 @@ from model.checkpoint import (
     load_params,
     save_params,
 )
-from model.testing import random_params, tiny_config, write_kaggle_checkpoint
 from model.tokenizer import Tokenizer
+from testkit.tiny_model import random_params, tiny_config, write_kaggle_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 from model import RecurrentGemma
 from model.engine import Engine, GenerationRequest, GenerationResult
-from model.testing import random_params, tiny_config
+from testkit.tiny_model import random_params, tiny_config
 
 CONFIG = tiny_config()  # window 8
 REF_LEN = 64  # the reference runs every sequence left-padded to this length: one compile

@@ -15,12 +15,12 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+from oracle import official_griffin_config
 from safetensors import safe_open
 from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
 
 from model import RecurrentGemma, hf
 from model.config import ModelConfig
-from model.testing import official_griffin_config
 
 BLOCK_TYPES = ("recurrent", "attention", "recurrent", "recurrent", "attention")
 WINDOW = 6  # ours / the official code's; HF's is WINDOW + 1

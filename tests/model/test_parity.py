@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import recurrentgemma.jax as official
+from oracle import official_griffin_config
 
 from model import ModelConfig, RecurrentGemma, count_params
 from model.griffin import fuse_params
-from model.testing import left_padded_batch, official_griffin_config, random_params, tiny_config
+from testkit.tiny_model import left_padded_batch, random_params, tiny_config
 
 CONFIGS = {
     "mixed-5": tiny_config(),

@@ -17,7 +17,7 @@ from model import RecurrentGemma
 from model.engine import Engine, EngineStats, GenerationRequest, GenerationResult
 from model.griffin import cache_bytes_per_sequence
 from model.prefix_cache import PrefixCache, tree_nbytes
-from model.testing import random_params, tiny_config
+from testkit.tiny_model import random_params, tiny_config
 
 CONFIG = tiny_config()  # window 8
 SHAPES = dict(max_slots=4, prefill_batch=2, prefill_chunk=8, decode_steps=3)
@@ -288,7 +288,7 @@ import json, sys
 import numpy as np
 sys.path.insert(0, {root!r})
 from model.engine import Engine, GenerationRequest
-from model.testing import random_params, tiny_config
+from testkit.tiny_model import random_params, tiny_config
 config = tiny_config()
 params = random_params(config, seed=21)
 rng = np.random.default_rng(0)

@@ -19,7 +19,7 @@ import pytest
 from model.config import ModelConfig
 from model.engine import Engine
 from model.sharding import check_tensor_parallel, make_mesh
-from model.testing import random_params, tiny_config
+from testkit.tiny_model import random_params, tiny_config
 
 HELPER = Path(__file__).with_name("_tp_check.py")
 ROOT = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ import fsspec
 import numpy as np
 import pytest
 
-from model._tiny_tokenizer import train_tiny_tokenizer
 from model.tokenizer import Tokenizer
+from testkit.tiny_tokenizer import train_tiny_tokenizer
 
 TEXTS = [
     "The council voted 7 to 2 on Tuesday to expand the bus network.",

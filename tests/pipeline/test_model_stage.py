@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from model.engine import Engine, GenerationRequest
-from model.testing import random_params, tiny_config
 from pipeline.model_stage import EngineWorker, row_seed
+from testkit.tiny_model import random_params, tiny_config
 
 CONFIG = tiny_config()
 

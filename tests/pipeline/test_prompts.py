@@ -8,7 +8,6 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from model._tiny_tokenizer import train_tiny_tokenizer
 from model.tokenizer import Tokenizer
 from pipeline.prompts import (
     DEFAULT_TEMPLATES,
@@ -28,6 +27,7 @@ from pipeline.schema import (
     TASK,
     TEXT,
 )
+from testkit.tiny_tokenizer import train_tiny_tokenizer
 
 SUMMARIZE = "Summarize the text.\n{text}\nSummary:"
 QA = "Text: {text}\nQuestion: {question}\nAnswer:"

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import schema
-from pipeline.detox_fixture import build_tiny_detoxify
 from pipeline.toxicity import ToxicityScorer, ToxicityStage, apply_policy
+from testkit.tiny_detoxify import build_tiny_detoxify
 
 LABELS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
 OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

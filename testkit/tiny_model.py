@@ -1,4 +1,4 @@
-"""Tiny, offline stand-ins for real checkpoints, shared by the tests and ``make run-local``.
+"""The tiny model: offline stand-ins for real checkpoints, shared by the tests and ``make run-local``.
 
 Everything here goes through the same code paths as a released checkpoint: the params are written
 in the Kaggle Orbax layout with ``tokenizer.model`` beside them, and loaded back with
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model._tiny_tokenizer import train_tiny_tokenizer
 from model.checkpoint import TOKENIZER_FILE, Params, save_params
 from model.config import ModelConfig
 from model.griffin import RecurrentGemma
+from testkit.tiny_tokenizer import train_tiny_tokenizer
 
 TINY_VOCAB = 512
 TINY_VARIANT = "tiny-it"
@@ -107,32 +107,3 @@ def left_padded_batch(sequences: list[list[int]], pad_id: int = 0) -> tuple[np.n
             tokens[row, t - len(seq) :] = seq
             positions[row, t - len(seq) :] = np.arange(len(seq))
     return tokens, positions
-
-
-def official_griffin_config(config: ModelConfig, scan: str = "linear") -> Any:
-    """The official ``recurrentgemma`` GriffinConfig for ``config``: the oracle the tests and
-    benchmarks compare against (``recurrentgemma`` is a test-only dependency, imported here)."""
-    from recurrentgemma import common
-
-    if config.conv1d_temporal_width != 4:
-        raise ValueError("the official Griffin hard-codes conv width 4")
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    scan_types = {
-        "linear": common.ScanType.LINEAR_NATIVE,  # what AUTO picks off TPU
-        "associative": common.ScanType.ASSOCIATIVE_NATIVE,
-    }
-    return common.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_expanded_width,
-        num_heads=config.num_heads,
-        block_types=tuple(kinds[k] for k in config.block_types),
-        embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
-        attention_window_size=config.attention_window_size,
-        logits_soft_cap=config.logits_soft_cap,
-        lru_width=config.lru_width,
-        scan_type=scan_types[scan],
-    )
