@@ -137,10 +137,10 @@ def test_too_few_devices_names_how_many_jax_sees() -> None:
     seen = len(jax.devices())
     with pytest.raises(ValueError, match=rf"needs {seen + 1} devices, but JAX sees {seen} "):
         make_mesh(seen + 1)
-    config = tiny_config(num_heads=8)  # 8 heads, widths 64 and 96, vocab 512: 8 divides all
-    if seen >= 8:
-        pytest.skip("this process sees 8 devices")
+    # A power of two above the devices seen divides the tiny widths (64, 96, 512) up to 32.
+    n = 2 ** max(1, seen.bit_length())
+    config = tiny_config(num_heads=n)
     with pytest.raises(
-        ValueError, match=rf"tensor_parallel=8 needs 8 devices, but JAX sees {seen}"
+        ValueError, match=rf"tensor_parallel={n} needs {n} devices, but JAX sees {seen}"
     ):
-        Engine(config, random_params(config), tensor_parallel=8)
+        Engine(config, random_params(config), tensor_parallel=n)
