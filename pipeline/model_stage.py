@@ -209,10 +209,16 @@ class ModelStage:
         prompts = table.column(S.PROMPT_IDS).to_pylist()
         errors = table.column(S.ERROR).to_pylist()
         kinds = table.column(S.ERROR_KIND).to_pylist()
+        shared = (
+            table.column(S.PREFIX_LEN).to_pylist()
+            if S.PREFIX_LEN in table.column_names
+            else [0] * table.num_rows
+        )
         todo = [i for i, err in enumerate(errors) if err is None]
         requests = [
             GenerationRequest(
                 prompts[i],
+                prefix_len=shared[i] or 0,
                 max_new_tokens=self.max_new_tokens,
                 stop_ids=self.stop_ids,
                 seed=row_seed(self.seed, ids[i]),
@@ -231,7 +237,8 @@ class ModelStage:
             else:
                 text[i] = self.tokenizer.decode(result.token_ids)
                 n_out[i] = result.output_tokens
-        table = table.drop_columns([S.PROMPT_IDS, S.ERROR, S.ERROR_KIND])
+        drop = [S.PROMPT_IDS, S.PREFIX_LEN, S.ERROR, S.ERROR_KIND]
+        table = table.drop_columns([c for c in drop if c in table.column_names])
         columns = {
             S.OUTPUT_TEXT: pa.array(text, pa.string()),
             S.OUTPUT_TOKENS: pa.array(n_out, pa.int32()),
@@ -248,13 +255,15 @@ class ModelStage:
         w, stats = self.worker, self.worker.engine_stats
         log.debug(
             "model stage: %d rows; engine busy %.1f s, idle %.1f s of %.1f s; prefill fill "
-            "%.0f%%, decode fill %.0f%%",
+            "%.0f%%, decode fill %.0f%%; prompt tokens prefilled %d, reused %d",
             n,
             w.busy_s,
             w.idle_s,
             time.perf_counter() - w.started,
             100 * stats.prefill_fill,
             100 * stats.decode_fill(w.max_slots),
+            stats.prompt_tokens,
+            stats.reused_prompt_tokens,
         )
         return table
 
@@ -282,7 +291,7 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
         fn=ModelStage,
         requires=(S.ID, S.PROMPT_IDS, S.ERROR, S.ERROR_KIND),
         adds=MODEL_ADDS,
-        drops=(S.PROMPT_IDS,),
+        drops=(S.PROMPT_IDS, S.PREFIX_LEN),
         constructor_kwargs=dict(
             checkpoint=model.checkpoint,
             storage_options=model.storage_options,
@@ -300,6 +309,7 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
                 decode_steps=gen.decode_steps,
                 max_prompt_tokens=gen.max_prompt_tokens,
                 tensor_parallel=model.replica_devices,
+                prefix_cache_bytes=gen.prefix_cache_bytes,
             ),
             compilation_cache=model.compilation_cache,
             memory_headroom=model.memory_headroom,

@@ -30,19 +30,21 @@ INPUT_TEXT = (S.TEXT, S.QUESTION, S.PROMPT)
 
 
 def output_stage(config: JobConfig, context: PlanContext) -> Stage:
-    """The documented output row: stamps the run id; drops input text still in the plan."""
+    """The documented output row: stamps the run id; drops input text still in the plan (a qa
+    row keeps its question)."""
+    drop = tuple(c for c in INPUT_TEXT if not (config.task == "qa" and c == S.QUESTION))
     return Stage(
         name="output",
         fn=stamp_run_id,
         requires=(S.ID, S.SOURCE),
         adds=(S.RUN_ID,),
-        drops=INPUT_TEXT,
-        fn_kwargs={"run_id": config.run_id},
+        drops=drop,
+        fn_kwargs={"run_id": config.run_id, "drop": drop},
     )
 
 
-def stamp_run_id(table: pa.Table, run_id: str) -> pa.Table:
-    table = table.drop_columns([c for c in INPUT_TEXT if c in table.column_names])
+def stamp_run_id(table: pa.Table, run_id: str, drop: Sequence[str] = INPUT_TEXT) -> pa.Table:
+    table = table.drop_columns([c for c in drop if c in table.column_names])
     return table.append_column(S.RUN_ID, pa.array([run_id] * table.num_rows, pa.string()))
 
 
@@ -105,6 +107,7 @@ def build_dataset(
         file_sizes=sizes,
         ledger=ledger,
         max_row_bytes=inp.max_row_bytes,
+        expand_questions=config.task == "qa",
     )
     dataset = ray.data.read_datasource(source)
     if inp.num_blocks:

@@ -23,6 +23,19 @@ from what one tokenization of the whole string would pick (SentencePiece never m
 chat markers, which are user-defined symbols, so with ``chat=True`` the outer boundaries match).
 With ``truncation="error"``, or when the template alone does not fit, the row fails with
 ``prompt_too_long``.
+
+Shared prefixes (qa)
+--------------------
+Many questions about one document share everything up to the end of the document. When the qa
+template's text before ``{text}`` uses no ``{question}`` (the default template), a qa prompt is
+tokenized as two segments, ``[BOS] + ids(head + document) + ids(rest)``, and ``prefix_len``
+says how many leading ids (BOS, head and document) are shared: every question about the same
+document gets the same prefix ids, so the engine prefills the document once and reuses its
+state (``GenerationRequest.prefix_len``). The split can differ from one tokenization of the
+whole prompt only in the pieces at the document's end. A document cut to fit is cut to leave
+room for :data:`SHARED_SUFFIX_TOKENS` after it (or its own question's, if longer), so that
+questions of different lengths still share it. Other tasks, and qa templates that put the
+question first, have ``prefix_len`` 0.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from pipeline.config.schema import PROMPT_PLACEHOLDERS, TASKS, TRUNCATIONS, Prom
 from pipeline.schema import (
     ERROR,
     ERROR_KIND,
+    PREFIX_LEN,
     PROMPT,
     PROMPT_IDS,
     PROMPT_TOKENS,
@@ -62,6 +76,9 @@ DEFAULT_TEMPLATES = {task: PromptsSection.model_fields[task].default for task in
 """The job config's default templates (``prompts.<task>``): defined there, once."""
 
 _SENTINEL = "\x00"
+SHARED_SUFFIX_TOKENS = 64
+"""qa with a shared prefix: a document cut to fit leaves this many tokens (at most a quarter
+of ``max_prompt_tokens``) for the text after it, so questions up to that long share its ids."""
 
 
 # ------------------------------------------------------------------------------ templates
@@ -202,6 +219,9 @@ class PromptBuilder:
             raise ValueError(f"a {task} template must use {{{'}, {'.join(missing)}}}")
         # Every field the template uses is needed: a null would be formatted as "None".
         self._needed = tuple(name for name in TEMPLATE_FIELDS if name in fields)
+        # qa: the document and what precedes it may be shared by many questions (see module doc).
+        head_fields = {name for _, name, _, _ in string.Formatter().parse(self._prefix) if name}
+        self.shared_prefix = task == "qa" and QUESTION not in head_fields
         self._chat_head, self._chat_tail = (
             Tokenizer.chat_prompt(_SENTINEL).split(_SENTINEL) if chat else ("", "")
         )
@@ -237,7 +257,14 @@ class PromptBuilder:
         tok, limit, chars = self.tokenizer, self.max_prompt_tokens, self._piece_chars
         prefixes = _encode_unique(tok, [pieces[i][0] for i in rows])
         suffixes = _encode_unique(tok, [pieces[i][2] for i in rows])
-        budgets = [limit - 1 - len(p) - len(s) for p, s in zip(prefixes, suffixes, strict=True)]
+        # Shared prefixes: a cut document leaves room for a question of up to `reserve` tokens
+        # whatever this row's question, so all questions about it keep the same document ids.
+        reserve = min(SHARED_SUFFIX_TOKENS, limit // 4) if self.shared_prefix else 0
+        budgets = []
+        for p, s in zip(prefixes, suffixes, strict=True):
+            exact = limit - 1 - len(p) - len(s)
+            even = limit - 1 - len(p) - max(len(s), reserve)
+            budgets.append(even if even >= 0 else exact)
         docs = []
         for i, budget in zip(rows, budgets, strict=True):
             # No token covers more than `chars` characters, so this slice holds >= budget tokens
@@ -257,7 +284,24 @@ class PromptBuilder:
                 continue
             kept = truncate_ids(doc_ids[k], budget, self.truncation)
             cut = len(kept) < len(doc_ids[k]) or len(docs[k]) < len(pieces[i][1])
-            out.set(i, [tok.bos_id, *prefixes[k], *kept, *suffixes[k]], truncated=cut)
+            shared = 1 + len(prefixes[k]) + len(kept) if self.shared_prefix else 0
+            out.set(
+                i, [tok.bos_id, *prefixes[k], *kept, *suffixes[k]], truncated=cut, prefix=shared
+            )
+
+    def _encode_whole(
+        self, rows: list[int], pieces: dict[int, tuple[str, str, str]]
+    ) -> tuple[list[list[int]], list[int]]:
+        """Each row's prompt ids, untruncated, and how many of them form its shared prefix."""
+        tok = self.tokenizer
+        if not self.shared_prefix:
+            encoded = tok.encode_batch(["".join(pieces[i]) for i in rows], add_bos=True)
+            return encoded, [0] * len(rows)
+        # Each distinct document (with the head before it) is tokenized once per batch.
+        heads = _encode_unique(tok, [pieces[i][0] + pieces[i][1] for i in rows])
+        tails = _encode_unique(tok, [pieces[i][2] for i in rows])
+        encoded = [[tok.bos_id, *h, *t] for h, t in zip(heads, tails, strict=True)]
+        return encoded, [1 + len(h) for h in heads]
 
     def _encode(self, rows: list[int], values: dict[str, list[Any]], out: _Outputs) -> None:
         limit = self.max_prompt_tokens
@@ -267,10 +311,10 @@ class PromptBuilder:
         bound = limit * self._piece_chars
         whole = [i for i in rows if len(texts[i]) <= bound]
         over = [i for i in rows if len(texts[i]) > bound]
-        encoded = self.tokenizer.encode_batch([texts[i] for i in whole], add_bos=True)
-        for i, ids in zip(whole, encoded, strict=True):
+        encoded, shared = self._encode_whole(whole, pieces)
+        for i, ids, prefix in zip(whole, encoded, shared, strict=True):
             if len(ids) <= limit:
-                out.set(i, ids, truncated=False)
+                out.set(i, ids, truncated=False, prefix=prefix)
             elif self.truncation == "error":
                 out.fail(
                     i, "prompt_too_long", f"{len(ids)} prompt tokens, over the limit of {limit}"
@@ -319,11 +363,14 @@ class _Outputs:
         self.kinds = kinds
         self.ids: list[list[int]] = [[] for _ in range(n)]
         self.truncated = [False] * n
+        self.prefix = [0] * n
         self.failed: set[int] = set()
 
-    def set(self, i: int, ids: list[int], *, truncated: bool) -> None:
+    def set(self, i: int, ids: list[int], *, truncated: bool, prefix: int = 0) -> None:
         self.ids[i] = ids
         self.truncated[i] = truncated
+        # The engine needs at least one prompt id after the shared prefix.
+        self.prefix[i] = prefix if 0 < prefix < len(ids) else 0
 
     def fail(self, i: int, kind: str, message: str) -> None:
         self.errors[i], self.kinds[i] = message, kind
@@ -338,6 +385,7 @@ class _Outputs:
             PROMPT_IDS: pa.array(self.ids, pa.list_(pa.int32())),
             PROMPT_TOKENS: pa.array([len(ids) for ids in self.ids], pa.int32()),
             PROMPT_TRUNCATED: pa.array(self.truncated, pa.bool_()),
+            PREFIX_LEN: pa.array(self.prefix, pa.int32()),
         }
         for name, array in columns.items():
             table = set_column(table, name, array)
@@ -346,16 +394,27 @@ class _Outputs:
 
 # -------------------------------------------------------------------------------- stage
 
-_PROMPT_ADDS = (ERROR, ERROR_KIND, TASK, PROMPT_IDS, PROMPT_TOKENS, PROMPT_TRUNCATED)
+_PROMPT_ADDS = (
+    ERROR,
+    ERROR_KIND,
+    TASK,
+    PROMPT_IDS,
+    PROMPT_TOKENS,
+    PROMPT_TRUNCATED,
+    PREFIX_LEN,
+)
 
 
 def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
     """Prompt building: an autoscaling pool of CPU actors, each with its own tokenizer copy.
 
-    The input text leaves the plan here, unless the toxicity stage scores it.
+    The input text leaves the plan here, unless the toxicity stage scores it; a qa row's
+    question stays (it tells the answers to several questions about one document apart).
     """
     gen, tox = config.generation, config.toxicity
-    keep = (TEXT, PROMPT) if tox.enabled and tox.score_inputs else ()
+    keep: tuple[str, ...] = (TEXT, PROMPT) if tox.enabled and tox.score_inputs else ()
+    if config.task == "qa":
+        keep = (*keep, QUESTION)
     drop = tuple(c for c in TEMPLATE_FIELDS if c not in keep)
     return Stage(
         name="prompt",

@@ -1,7 +1,9 @@
 """Readers: Parquet and JSONL corpora (local or any fsspec URI) into rows of ``READ_SCHEMA``.
 
 Each input row becomes exactly one output row with the columns of
-:data:`pipeline.schema.READ_SCHEMA` followed by the configured passthrough columns. A row that
+:data:`pipeline.schema.READ_SCHEMA` followed by the configured passthrough columns, except with
+``expand_questions`` (the qa task) where a question column holding a list becomes one row per
+question, ids ``<id>/q<k>``, next to each other. A row that
 cannot be read properly (a JSONL line that is not UTF-8 or not a JSON object, a mapped column
 holding something other than a string) still comes out, with ``error`` / ``error_kind`` set.
 Blank JSONL lines are the one exception: they are not rows and are skipped.
@@ -90,6 +92,7 @@ class _Spec:
     storage_options: dict[str, Any] = field(default_factory=dict)
     batch_rows: int = DEFAULT_BATCH_ROWS
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
+    expand_questions: bool = False  # a list in the question column: one row per question
 
     def format_of(self, uri: str) -> str:
         fmt = self.fmt or infer_format(uri)
@@ -112,6 +115,7 @@ def _make_spec(
     storage_options: dict[str, Any] | None,
     batch_rows: int,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    expand_questions: bool = False,
 ) -> _Spec:
     if fmt is not None and fmt not in INPUT_FORMATS:
         raise ValueError(f"unknown format {fmt!r}: expected one of {INPUT_FORMATS}")
@@ -129,7 +133,9 @@ def _make_spec(
     if max_row_bytes < 1:
         raise ValueError(f"max_row_bytes must be >= 1, got {max_row_bytes}")
     options = dict(storage_options or {})
-    return _Spec(fmt, id_column, columns, names, options, batch_rows, max_row_bytes)
+    return _Spec(
+        fmt, id_column, columns, names, options, batch_rows, max_row_bytes, expand_questions
+    )
 
 
 # ------------------------------------------------------------------------------ row pieces
@@ -200,6 +206,7 @@ class _Rows:
         self.mapped: dict[str, list[str | None]] = {name: [] for name in _MAPPED}
         self.errors: list[str | None] = []
         self.kinds: list[str | None] = []
+        self.question_lists: dict[int, list[Any]] = {}  # row -> its questions, when a list
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -220,6 +227,58 @@ class _Rows:
             arrays.append(array)
             fields.append(pa.field(name, array.type))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    def keyed(self, passthrough: dict[str, pa.Array]) -> tuple[pa.Table, list[str | None]]:
+        """The batch's table and typed id keys, rows holding a list of questions expanded."""
+        return _expand_questions(self.table(passthrough), self.id_keys, self.question_lists)
+
+
+def _expand_questions(
+    table: pa.Table, id_keys: list[str | None], lists: dict[int, list[Any]]
+) -> tuple[pa.Table, list[str | None]]:
+    """One row per question for the rows in ``lists``, in place of the row and in list order.
+
+    Question ``k`` of row ``id`` gets id ``<id>/q<k>`` (0-based) and row key ``<row key>/q<k>``,
+    and copies every other column. A non-string question gets a ``not_a_string`` error; an empty
+    list leaves the row as it is with an ``empty_text`` error.
+    """
+    if not lists:
+        return table, id_keys
+    ids, keys = table.column(ID).to_pylist(), table.column(ROW_KEY).to_pylist()
+    questions = table.column(QUESTION).to_pylist()
+    errors, kinds = table.column(ERROR).to_pylist(), table.column(ERROR_KIND).to_pylist()
+    take: list[int] = []
+    out: dict[str, list[Any]] = {name: [] for name in (ID, ROW_KEY, QUESTION, ERROR, ERROR_KIND)}
+    out_keys: list[str | None] = []
+
+    def emit(i: int, suffix: str, question: Any, problem: tuple[str, str] | None) -> None:
+        take.append(i)
+        out[ID].append(ids[i] + suffix)
+        out[ROW_KEY].append(keys[i] + suffix)
+        out_keys.append(None if id_keys[i] is None else id_keys[i] + suffix)
+        out[QUESTION].append(question)
+        found = [(kinds[i], errors[i])] if errors[i] is not None else []
+        error, kind = _join_errors([*found, *([problem] if problem else [])])
+        out[ERROR].append(error)
+        out[ERROR_KIND].append(kind)
+
+    for i in range(table.num_rows):
+        items = lists.get(i)
+        if items is None:
+            emit(i, "", questions[i], None)
+        elif not items:
+            emit(i, "", None, ("empty_text", "the question column holds an empty list"))
+        for k, item in enumerate(items or ()):
+            if isinstance(item, str):
+                emit(i, f"/q{k}", item, None)
+            else:
+                message = f"question {k} of the list holds {type(item).__name__}, not a string"
+                emit(i, f"/q{k}", None, ("not_a_string", message))
+    expanded = table.take(pa.array(take, pa.int64()))
+    for name, values in out.items():
+        index = expanded.schema.get_field_index(name)
+        expanded = expanded.set_column(index, name, pa.array(values, READ_SCHEMA.field(name).type))
+    return expanded, out_keys
 
 
 def _missing_id(id_column: str) -> tuple[str, str]:
@@ -287,6 +346,9 @@ def _add_jsonl_row(
     obj = parsed or {}
     for out_name, in_name in spec.columns.items():
         value = obj.get(in_name)
+        if out_name == QUESTION and spec.expand_questions and isinstance(value, list):
+            rows.question_lists[len(rows.ids)] = value
+            value = None
         if value is not None and not isinstance(value, str):
             errors.append(
                 ("not_a_string", f"column {in_name!r} holds {type(value).__name__}, not a string")
@@ -334,7 +396,7 @@ def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
 def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | None]]]:
     def flush() -> tuple[pa.Table, list[str | None]]:
         arrays = {name: pa.array(values, pa.string()) for name, values in passthrough.items()}
-        return rows.table(arrays), rows.id_keys
+        return rows.keyed(arrays)
 
     rows = _Rows(mask_uri(uri))
     passthrough: dict[str, list[Any]] = {name: [] for name in spec.passthrough}
@@ -414,6 +476,15 @@ def _parquet_table(
     rows = _Rows(source)
     errors: list[list[tuple[str, str]]] = [[] for _ in range(batch.num_rows)]
     for out_name, in_name in spec.columns.items():
+        column = batch.column(in_name) if in_name in batch.schema.names else None
+        listed = column is not None and (
+            pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+        )
+        if out_name == QUESTION and spec.expand_questions and listed:
+            values = column.to_pylist()
+            rows.question_lists = {i: v for i, v in enumerate(values) if v is not None}
+            rows.mapped[out_name] = [None] * batch.num_rows
+            continue
         rows.mapped[out_name] = _mapped_from_parquet(batch, in_name, errors)
     rows.ids = _ids_from_parquet(batch, spec, source, start, errors)
     rows.keys = [row_key(source, start + i) for i in range(batch.num_rows)]
@@ -433,7 +504,7 @@ def _parquet_table(
         )
         for name in spec.passthrough
     }
-    return rows.table(passthrough), rows.id_keys
+    return rows.keyed(passthrough)
 
 
 def _parquet_columns(file_schema: pa.Schema, spec: _Spec) -> list[str] | None:
@@ -499,12 +570,15 @@ def iter_file_batches(
     storage_options: dict[str, Any] | None = None,
     batch_rows: int = DEFAULT_BATCH_ROWS,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    expand_questions: bool = False,
 ) -> Iterator[pa.Table]:
     """Reads one file as tables of at most ``batch_rows`` rows (none for a file without rows).
 
     ``fmt`` is ``"jsonl"`` or ``"parquet"``, or None to infer it from the name. ``*_column`` name
     the input columns mapped to ``text`` / ``question`` / ``prompt``; ``passthrough`` columns are
-    copied after the ``READ_SCHEMA`` columns. ``storage_options`` go to fsspec.
+    copied after the ``READ_SCHEMA`` columns. ``storage_options`` go to fsspec. With
+    ``expand_questions`` (the qa task), a question column holding a list of strings gives one
+    row per question (ids ``<id>/q<k>``, adjacent, see :func:`_expand_questions`).
     """
     spec = _make_spec(
         fmt,
@@ -516,6 +590,7 @@ def iter_file_batches(
         storage_options,
         batch_rows,
         max_row_bytes,
+        expand_questions,
     )
     return _iter_batches(uri, spec)
 
@@ -531,6 +606,7 @@ def read_file_rows(
     passthrough: Sequence[str] = (),
     storage_options: dict[str, Any] | None = None,
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+    expand_questions: bool = False,
 ) -> pa.Table:
     """Reads one whole file into a table (see :func:`iter_file_batches` for the arguments)."""
     spec = _make_spec(
@@ -543,6 +619,7 @@ def read_file_rows(
         storage_options,
         DEFAULT_BATCH_ROWS,
         max_row_bytes,
+        expand_questions,
     )
     tables = list(_iter_batches(uri, spec, keep_empty=True))
     return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
@@ -612,6 +689,7 @@ class CorpusDatasource(Datasource):
     files through fsspec with them. ``ledger`` (a :class:`FileLedger`) hears, in the read
     tasks, of each batch's id keys and of each file read in full. A JSONL line over
     ``max_row_bytes`` becomes an error row (``row_too_large``) without being held in memory.
+    ``expand_questions`` turns a list of questions into one row per question.
     """
 
     def __init__(
@@ -629,6 +707,7 @@ class CorpusDatasource(Datasource):
         file_sizes: Sequence[int] | None = None,
         ledger: FileLedger | None = None,
         max_row_bytes: int = DEFAULT_MAX_ROW_BYTES,
+        expand_questions: bool = False,
     ) -> None:
         super().__init__()
         self._ledger = ledger
@@ -648,6 +727,7 @@ class CorpusDatasource(Datasource):
             storage_options,
             batch_rows,
             max_row_bytes,
+            expand_questions,
         )
         for uri in self._files:
             self._spec.format_of(uri)  # fail on the driver, not in a task

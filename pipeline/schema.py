@@ -23,6 +23,7 @@ TASK = "task"
 PROMPT_IDS = "prompt_ids"  # list<int32>: tokenized prompt, BOS included (empty on error)
 PROMPT_TOKENS = "prompt_tokens"  # int32
 PROMPT_TRUNCATED = "prompt_truncated"  # bool
+PREFIX_LEN = "prefix_len"  # int32: leading prompt ids shared with other rows (qa: the document)
 
 # Set by the model stage --------------------------------------------------------------------------
 OUTPUT_TEXT = "output_text"  # str | null

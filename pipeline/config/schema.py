@@ -26,6 +26,7 @@ from pydantic import (
     model_validator,
 )
 
+from model import prefix_cache
 from model.engine_config import EngineConfig
 from pipeline import schema as columns
 
@@ -169,7 +170,11 @@ class InputSection(_Section):
     text_column: str = Field(
         default="text", description="Column with the document (summarize) or the context (qa)."
     )
-    question_column: str = Field(default="question", description="Column with the question (qa).")
+    question_column: str = Field(
+        default="question",
+        description="Column with the question (qa). A list of questions gives one output row "
+        "per question, id <row id>/q<k> (k from 0), the question in the `question` column.",
+    )
     prompt_column: str = Field(default="prompt", description="Column with the prompt (generate).")
     passthrough: list[str] = Field(
         default_factory=list, description="Input columns copied unchanged to the output rows."
@@ -374,6 +379,14 @@ class GenerationSection(_Section):
         "prefill_batch slots are free and prompts are waiting).",
     )
     batch_size: int = Field(default=256, ge=1, description="Rows per model-stage batch.")
+    prefix_cache_bytes: int = Field(
+        default=prefix_cache.DEFAULT_PREFIX_CACHE_BYTES,
+        ge=0,
+        description="Host memory (bytes) per replica for the states after shared prompt "
+        "prefixes (qa: one per document, reused by every question about it; least recently "
+        "used evicted first). Each state is the model's fixed per-sequence size (17.2 MB for 2B "
+        "in bfloat16, so the 1 GiB default holds ~60 documents); 0 turns reuse off.",
+    )
 
     @field_validator("max_slots")
     @classmethod
