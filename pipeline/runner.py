@@ -217,7 +217,8 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
 
 
 def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> CheckpointConfig:
-    """Ray Data's resume, keyed on the row id: in the user's location or under the run."""
+    """Ray Data's resume, keyed on the row key (unique even when ids repeat): in the user's
+    location or under the run."""
     if config.run.checkpoint_uri:
         return CheckpointConfig(
             id_column=S.ROW_KEY,
@@ -225,7 +226,7 @@ def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> Checkpoin
             delete_checkpoint_on_success=False,
         )
     return CheckpointConfig(
-        id_column=S.ID,
+        id_column=S.ROW_KEY,
         checkpoint_path=posixpath.join(run_dir, CHECKPOINT_DIR),
         override_filesystem=pa_fs,
         delete_checkpoint_on_success=False,

@@ -1,5 +1,5 @@
 """Resume: SIGKILL the driver mid-run, rerun the same run id; every row ends up exactly once and
-rows committed before the kill are not generated again."""
+rows committed before the kill are not generated again, repeated ids included."""
 
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ LOCAL = fsspec.filesystem("file")
 ROWS = 160
 
 
-def committed_ids(checkpoint_dir: Path) -> set[str]:
-    """Ids Ray Data's checkpoint recorded as written (parquet files with the id column).
+def committed_keys(checkpoint_dir: Path) -> set[str]:
+    """Row keys Ray Data's checkpoint recorded as written (parquet files with the key column).
 
     Its writes are two-phase: a ``*.pending.parquet`` checkpoint is written before the data file
     and renamed once the data file is complete. A rerun rolls pending ones back (their rows are
@@ -37,7 +37,8 @@ def committed_ids(checkpoint_dir: Path) -> set[str]:
         if path.name.endswith(".pending.parquet"):
             continue
         try:
-            ids.update(pq.read_table(io.BytesIO(path.read_bytes())).column(S.ID).to_pylist())
+            table = pq.read_table(io.BytesIO(path.read_bytes()))
+            ids.update(table.column(S.ROW_KEY).to_pylist())
         except Exception:  # a file cut off by the kill was never committed
             continue
     return ids
@@ -69,6 +70,10 @@ def run_cli(config: Path, run_id: str) -> subprocess.Popen:
 def test_sigkill_then_rerun_writes_every_row_exactly_once(tmp_path) -> None:
     fixtures = build_fixtures(tmp_path / "fixtures")
     rows = corpus_rows(ROWS)
+    # Every fourth row of the second half repeats an id of the first: resume must go by row
+    # key, or a copy whose twin was committed would be filtered out and lost.
+    for k, row in enumerate(rows[ROWS // 2 :: 4]):
+        row["id"] = rows[k]["id"]
     write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=8)
     config = tmp_path / "job.yaml"
     config.write_text(
@@ -90,12 +95,12 @@ def test_sigkill_then_rerun_writes_every_row_exactly_once(tmp_path) -> None:
     first = run_cli(config, "r1")
     deadline = time.time() + 600
     while time.time() < deadline and first.poll() is None:
-        if len(committed_ids(checkpoint_dir)) >= 16:
+        if len(committed_keys(checkpoint_dir)) >= 16:
             break
         time.sleep(0.5)
     assert first.poll() is None, "the first run ended before it could be killed"
     kill_tree(first)
-    committed = committed_ids(checkpoint_dir)
+    committed = committed_keys(checkpoint_dir)
     assert 16 <= len(committed) < ROWS
     assert not (run_dir / "_SUCCESS").exists()
     files_before = {p.name: p.read_bytes() for p in run_dir.glob("part-*.parquet")}
@@ -112,7 +117,7 @@ def test_sigkill_then_rerun_writes_every_row_exactly_once(tmp_path) -> None:
     new_files = [p for p in run_dir.glob("part-*.parquet") if p.name not in files_before]
     regenerated = set()
     for path in new_files:
-        regenerated.update(pq.read_table(path).column(S.ID).to_pylist())
+        regenerated.update(pq.read_table(path).column(S.ROW_KEY).to_pylist())
     assert not regenerated & committed
     kept = {p.name for p in run_dir.glob("part-*.parquet")} & set(files_before)
     for name in kept:
@@ -122,4 +127,5 @@ def test_sigkill_then_rerun_writes_every_row_exactly_once(tmp_path) -> None:
     assert manifest["counts"]["rows"] == len(rows)
     assert manifest["counts"]["output_tokens"] == sum(table.column(S.OUTPUT_TOKENS).to_pylist())
     assert all(c["rows_in"] == c["rows_out"] for c in manifest["inputs"].values())
+    assert manifest["counts"]["ids_repeated"] == ROWS // 8
     assert len(list((run_dir / "_stats").iterdir())) == len(list(run_dir.glob("part-*.parquet")))
