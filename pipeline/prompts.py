@@ -32,7 +32,10 @@ tokenized as two segments, ``[BOS] + ids(head + document) + ids(rest)``, and ``p
 says how many leading ids (BOS, head and document) are shared: every question about the same
 document gets the same prefix ids, so the engine prefills the document once and reuses its
 state (``GenerationRequest.prefix_len``). The split can differ from one tokenization of the
-whole prompt only in the pieces at the document's end. A document cut to fit is cut to leave
+whole prompt only in the pieces at the document's end. Only prefixes that at least two rows
+of the batch share are marked: for a document asked once, prefilling its prefix and then the
+rest as two calls costs more than one (~1.5x the time on the CPU benchmark model), and
+reuse cannot win it back. A document cut to fit is cut to leave
 room for :data:`SHARED_SUFFIX_TOKENS` after it (or its own question's, if longer), so that
 questions of different lengths still share it. Other tasks, and qa templates that put the
 question first, have ``prefix_len`` 0.
@@ -41,6 +44,7 @@ question first, have ``prefix_len`` 0.
 from __future__ import annotations
 
 import string
+from collections import Counter
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -344,6 +348,8 @@ class PromptBuilder:
             else:
                 out.fail(i, *problem)
         self._encode(rows, values, out)
+        if self.shared_prefix:
+            out.keep_repeated_prefixes()
         table = out.apply(table, self.task)
         return table.drop_columns([c for c in self.drop if c in table.column_names])
 
@@ -371,6 +377,15 @@ class _Outputs:
         self.truncated[i] = truncated
         # The engine needs at least one prompt id after the shared prefix.
         self.prefix[i] = prefix if 0 < prefix < len(ids) else 0
+
+    def keep_repeated_prefixes(self) -> None:
+        """Unmarks the prefixes no other row of the batch shares: reuse would not pay for the
+        second prefill call (prefix, then the rest) such a row costs."""
+        keys = {i: tuple(self.ids[i][:n]) for i, n in enumerate(self.prefix) if n}
+        counts = Counter(keys.values())
+        for i, key in keys.items():
+            if counts[key] < 2:
+                self.prefix[i] = 0
 
     def fail(self, i: int, kind: str, message: str) -> None:
         self.errors[i], self.kinds[i] = message, kind
