@@ -63,6 +63,8 @@ def run_identity(config: JobConfig) -> dict[str, Any]:
         "output.format": config.output.format,
         "toxicity.enabled": tox.enabled,
     }
+    if inp.format == "openai_batch":  # requests, not columns: only then (older records lack it)
+        identity["input.format"] = inp.format
     for name in (
         "max_new_tokens",
         "max_prompt_tokens",

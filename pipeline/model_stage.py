@@ -27,6 +27,7 @@ from model.engine import Engine, GenerationRequest, GenerationResult, enable_com
 from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
+from pipeline.openai_batch import RequestSettings
 from pipeline.secrets import mask_uri
 from pipeline.stage import PlanContext, Stage
 
@@ -60,6 +61,10 @@ class EngineWorker:
     @property
     def max_slots(self) -> int:
         return self._engine.engine_config.max_slots
+
+    @property
+    def max_stop_ids(self) -> int:
+        return self._engine.engine_config.max_stop_ids
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -226,6 +231,10 @@ class ModelStage:
             )
             for i in todo
         ]
+        # Per-row settings of OpenAI batch requests (req_* columns), when the rows carry them.
+        per_row = RequestSettings.of(table, self.tokenizer, self.worker.max_stop_ids)
+        if per_row is not None:
+            requests = [per_row.apply(i, r) for i, r in zip(todo, requests, strict=True)]
         n = table.num_rows
         text: list[str | None] = [None] * n
         n_out = [0] * n
@@ -237,6 +246,10 @@ class ModelStage:
             else:
                 text[i] = self.tokenizer.decode(result.token_ids)
                 n_out[i] = result.output_tokens
+                if per_row is not None:
+                    text[i], n_out[i], reasons[i] = per_row.finish(
+                        i, result.token_ids, text[i], n_out[i], result.finish_reason
+                    )
         drop = [S.PROMPT_IDS, S.PREFIX_LEN, S.ERROR, S.ERROR_KIND]
         table = table.drop_columns([c for c in drop if c in table.column_names])
         columns = {

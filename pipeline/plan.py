@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import ray
 
+from pipeline import openai_batch
 from pipeline import schema as S
 from pipeline.model_stage import model_stage
 from pipeline.prompts import prompt_stage
@@ -63,7 +64,10 @@ TASK_STAGES: dict[str, tuple[str, ...]] = {
 
 
 def source_columns(config: JobConfig) -> list[str]:
-    """What the reader provides: the read schema and the passthrough columns."""
+    """What the reader provides: the read schema and the passthrough columns (the request
+    columns for OpenAI batch files)."""
+    if config.input.format == openai_batch.FORMAT:
+        return [*S.READ_SCHEMA.names, *openai_batch.REQUEST_SCHEMA.names]
     return [*S.READ_SCHEMA.names, *config.input.passthrough]
 
 
@@ -73,6 +77,8 @@ def sink_columns(config: JobConfig) -> tuple[str, ...]:
     needs = (S.ID, S.ROW_KEY, S.SOURCE)
     if config.toxicity.enabled and config.toxicity.action == "drop":
         needs += (S.TOXICITY_DECISION,)
+    if config.output.format == openai_batch.FORMAT:
+        needs += tuple(c for c in openai_batch.SINK_COLUMNS if c not in needs)
     return needs
 
 

@@ -427,6 +427,11 @@ def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
     question stays (it tells the answers to several questions about one document apart).
     """
     gen, tox = config.generation, config.toxicity
+    template, chat, truncation = config.prompt_template(), config.model.use_chat_template, None
+    if config.input.format == "openai_batch":
+        # Requests arrive as finished prompts (chat already in Gemma's markers): no template,
+        # no second chat wrapping, and no cutting (it would cut the chat markers off).
+        template, chat, truncation = "{prompt}", False, "error"
     keep: tuple[str, ...] = (TEXT, PROMPT) if tox.enabled and tox.score_inputs else ()
     if config.task == "qa":
         keep = (*keep, QUESTION)
@@ -440,10 +445,10 @@ def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
         constructor_kwargs=dict(
             tokenizer=context.tokenizer,
             task=config.task,
-            template=config.prompt_template(),
-            chat=config.model.use_chat_template,
+            template=template,
+            chat=chat,
             max_prompt_tokens=gen.max_prompt_tokens,
-            truncation=gen.truncation,
+            truncation=truncation or gen.truncation,
             drop=drop,
         ),
         ray_args=dict(

@@ -6,7 +6,9 @@ Each input row becomes exactly one output row with the columns of
 question, ids ``<id>/q<k>``, next to each other. A row that
 cannot be read properly (a JSONL line that is not UTF-8 or not a JSON object, a mapped column
 holding something other than a string) still comes out, with ``error`` / ``error_kind`` set.
-Blank JSONL lines are the one exception: they are not rows and are skipped.
+Blank JSONL lines are the one exception: they are not rows and are skipped. OpenAI batch files
+(``fmt="openai_batch"``, JSONL of requests) follow the same line rules, with the columns and ids
+of :mod:`pipeline.openai_batch` (``custom_id`` is the id; no id column or passthrough).
 
 Ids
 ---
@@ -54,6 +56,7 @@ import pyarrow.parquet as pq
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline import openai_batch
 from pipeline.config.schema import INPUT_FORMATS, infer_format
 from pipeline.schema import (
     ERROR,
@@ -73,7 +76,7 @@ DEFAULT_MAX_ROW_BYTES = 32 << 20
 ID_HEX_CHARS = 24
 
 # Rough in-memory size per on-disk byte, for Ray's block-size planning.
-_INMEMORY_FACTOR = {"jsonl": 1.0, "jsonl.gz": 5.0, "parquet": 3.0}
+_INMEMORY_FACTOR = {"jsonl": 1.0, "jsonl.gz": 5.0, "parquet": 3.0, openai_batch.FORMAT: 1.0}
 _RESERVED = frozenset(READ_SCHEMA.names)
 _MAPPED = (TEXT, QUESTION, PROMPT)
 
@@ -121,6 +124,10 @@ def _make_spec(
         raise ValueError(f"unknown format {fmt!r}: expected one of {INPUT_FORMATS}")
     if isinstance(passthrough, str):
         raise TypeError("passthrough must be a sequence of column names, not a string")
+    if fmt == openai_batch.FORMAT and (id_column is not None or passthrough):
+        raise ValueError(
+            "openai_batch input takes no id_column (custom_id is the id) or passthrough"
+        )
     names = tuple(passthrough)
     clash = sorted(_RESERVED.intersection(names))
     if clash:
@@ -415,6 +422,34 @@ def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | No
         yield flush()
 
 
+def _iter_openai_batch(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | None]]]:
+    """An OpenAI batch file: one row per non-blank line (see :mod:`pipeline.openai_batch`)."""
+    source = mask_uri(uri)
+    rows = openai_batch.RequestRows(source)
+    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
+        for position, raw, too_large in _lines(f, spec.max_row_bytes):
+            if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark
+            if too_large is None and not raw.strip():
+                continue
+            if too_large is not None:
+                obj, kind = None, "row_too_large"
+                message = f"line {position + 1} has {too_large} bytes, over input.max_row_bytes"
+            else:
+                obj, kind, message = _parse_line(raw, position)
+            rows.add(
+                obj,
+                (kind, message) if obj is None else None,
+                derived_id=derive_id(source, position, raw),
+                key=row_key(source, position),
+                position=position,
+            )
+            if len(rows) >= spec.batch_rows:
+                yield rows.flush()
+    if len(rows):
+        yield rows.flush()
+
+
 # --------------------------------------------------------------------------------- Parquet
 
 
@@ -541,8 +576,17 @@ def _iter_keyed(
     uri: str, spec: _Spec, keep_empty: bool = False
 ) -> Iterator[tuple[pa.Table, list[str | None]]]:
     """(table, typed id key of each row) batches of one file."""
-    if spec.format_of(uri) == "parquet":
+    fmt = spec.format_of(uri)
+    if fmt == "parquet":
         yield from _iter_parquet(uri, spec, keep_empty)
+        return
+    if fmt == openai_batch.FORMAT:
+        produced = False
+        for keyed in _iter_openai_batch(uri, spec):
+            produced = True
+            yield keyed
+        if keep_empty and not produced:
+            yield openai_batch.RequestRows(mask_uri(uri)).flush()
         return
     produced = False
     for keyed in _iter_jsonl(uri, spec):
@@ -649,7 +693,7 @@ def _read_files(
         rows = 0
         for index, (table, id_keys) in enumerate(_iter_keyed(uri, spec)):
             rows += table.num_rows
-            if ledger is not None and spec.id_column is not None:
+            if ledger is not None and (spec.id_column or spec.fmt == openai_batch.FORMAT):
                 ledger.batch(mask_uri(uri), index, id_keys)
             yield table
         if ledger is not None:
@@ -741,7 +785,7 @@ class CorpusDatasource(Datasource):
             return None
         uri = self._files[index]
         fmt = self._spec.format_of(uri)
-        if fmt == "jsonl" and uri.lower().endswith(".gz"):
+        if fmt in ("jsonl", openai_batch.FORMAT) and uri.lower().endswith(".gz"):
             fmt = "jsonl.gz"
         return math.ceil(self._sizes[index] * _INMEMORY_FACTOR[fmt])
 

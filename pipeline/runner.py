@@ -134,7 +134,7 @@ def _run(
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
     per_file = check_rows([mask_uri(f) for f in files], rows_in, summary)
     repeats = {}
-    if config.input.id_column:
+    if config.input.id_column or config.input.format == "openai_batch":  # custom_id: the id
         repeats = count_repeats(run_uri, out.storage_options, pa_fs, summary.rows)
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)

@@ -18,6 +18,16 @@ PROMPT = "prompt"  # str | null (generate)
 ERROR = "error"  # str | null: what went wrong with this row
 ERROR_KIND = "error_kind"  # str | null: one of ERROR_KINDS
 
+# Set by the openai_batch reader (pipeline/openai_batch.py), null where a request leaves them out -
+REQUEST_PREFIX = "req_"  # every request column starts with it (reserved)
+REQ_CUSTOM_ID = "req_custom_id"  # str | null: the line's custom_id as given
+REQ_ENDPOINT = "req_endpoint"  # "chat" | "completions" | null (the line is no valid request)
+REQ_MAX_TOKENS = "req_max_tokens"  # int32 | null: capped at generation.max_new_tokens
+REQ_TEMPERATURE = "req_temperature"  # float64 | null: replaces generation.temperature
+REQ_TOP_P = "req_top_p"  # float64 | null: replaces generation.top_p
+REQ_SEED = "req_seed"  # int64 | null: replaces the row's derived seed
+REQ_STOP = "req_stop"  # list<str> | null: stop strings
+
 # Set by prompt building --------------------------------------------------------------------------
 TASK = "task"
 PROMPT_IDS = "prompt_ids"  # list<int32>: tokenized prompt, BOS included (empty on error)
@@ -48,6 +58,7 @@ ERROR_KINDS = (
     "empty_text",  # only whitespace
     "invalid_utf8",  # a JSONL line that is not UTF-8
     "invalid_json",  # a JSONL line that does not parse as an object (or nests too deep)
+    "invalid_request",  # an OpenAI batch line that is no valid, supported request
     "row_too_large",  # a JSONL line over input.max_row_bytes
     "prompt_too_long",  # over the prompt limit with truncation off
     "generation",  # the engine rejected or failed the request

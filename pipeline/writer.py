@@ -44,6 +44,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
 from model.storage import filesystem
+from pipeline import openai_batch
 from pipeline import schema as S
 from pipeline.secrets import mask_text
 from pipeline.summary import DROP, RunSummary
@@ -56,7 +57,7 @@ STATS_DIR = "_stats"
 INPUTS_DIR = "_inputs"
 IDS_DIR = "_ids"
 CHECKPOINT_DIR = "_checkpoint"
-EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl"}
+EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", openai_batch.FORMAT: "jsonl"}
 MERGE_GROUP = 256  # summaries merged per task
 
 
@@ -80,7 +81,10 @@ class PartFilenames(FilenameProvider):
 
 
 def encode_part(table: pa.Table, fmt: str) -> bytes:
-    """A part file's bytes: Parquet, or JSONL with one object per row (UTF-8, not ASCII-escaped)."""
+    """A part file's bytes: Parquet, or JSONL with one object per row (UTF-8, not ASCII-escaped),
+    or OpenAI batch response lines (:func:`pipeline.openai_batch.encode_lines`)."""
+    if fmt == openai_batch.FORMAT:
+        return openai_batch.encode_lines(table)
     buffer = io.BytesIO()
     if fmt == "parquet":
         pq.write_table(table, buffer)

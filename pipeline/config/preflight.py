@@ -30,7 +30,8 @@ from pipeline.secrets import mask_text, mask_uri
 def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
     """Sorted, fully qualified input files matched by ``uri`` (a glob, a directory or a file); a
     directory lists the files with an extension of ``fmt`` (any input format when None)."""
-    suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX if fmt is None or f == fmt)
+    listed = "jsonl" if fmt == "openai_batch" else fmt  # OpenAI batch files are JSONL files
+    suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX if listed is None or f == listed)
     return storage.list_files(uri, suffixes, storage_options)
 
 
@@ -78,6 +79,8 @@ _JSONL_SNIFF_BYTES = 1 << 20
 def configured_columns(config: JobConfig) -> list[tuple[str, str]]:
     """(config path, input column) of every column the job reads."""
     inp = config.input
+    if inp.format == "openai_batch":
+        return []  # request lines, checked line by line: a bad one is an error line
     by_field = {
         columns.TEXT: ("input.text_column", inp.text_column),
         columns.QUESTION: ("input.question_column", inp.question_column),

@@ -21,10 +21,12 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    ValidationError,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model import prefix_cache
 from model.engine_config import EngineConfig
@@ -33,8 +35,8 @@ from pipeline import schema as columns
 # Allowed values: one Literal per set, the tuples derived from it ---------------------------------
 
 Task = Literal["summarize", "qa", "generate"]
-InputFormat = Literal["jsonl", "parquet"]
-OutputFormat = Literal["parquet", "jsonl"]
+InputFormat = Literal["jsonl", "parquet", "openai_batch"]
+OutputFormat = Literal["parquet", "jsonl", "openai_batch"]
 Dtype = Literal["bfloat16", "float32"]
 Truncation = Literal["head", "tail", "error"]
 ToxicityAction = Literal["annotate", "drop", "redact"]
@@ -90,7 +92,11 @@ _RESERVED_COLUMNS = frozenset(
         columns.RUN_ID,
     }
 )
-_RESERVED_PREFIXES = (columns.TOXICITY_PREFIX, columns.INPUT_TOXICITY_PREFIX)
+_RESERVED_PREFIXES = (
+    columns.TOXICITY_PREFIX,
+    columns.INPUT_TOXICITY_PREFIX,
+    columns.REQUEST_PREFIX,
+)
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -158,8 +164,10 @@ class InputSection(_Section):
         default=None,
         validate_default=True,
         description=(
-            "jsonl | parquet. When omitted, inferred from the URI's extension: .jsonl, .json, "
-            ".ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet."
+            "jsonl | parquet | openai_batch. When omitted, inferred from the URI's extension: "
+            ".jsonl, .json, .ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet. "
+            "openai_batch (OpenAI Batch API / vllm run-batch request lines, JSONL files) is "
+            "never inferred: set it; it needs task generate."
         ),
     )
     id_column: str | None = Field(
@@ -493,7 +501,11 @@ class OutputSection(_Section):
         description="Output directory (local path or fsspec URI); the run writes under "
         "<uri>/<run id>/. May contain {date} and {run_id}.",
     )
-    format: OutputFormat = Field(default="parquet", description="Format of the part files.")
+    format: OutputFormat = Field(
+        default="parquet",
+        description="Format of the part files: parquet, jsonl (one row per line), or "
+        "openai_batch (OpenAI batch response lines, .jsonl; needs input.format openai_batch).",
+    )
     rows_per_file: int = Field(
         default=1024,
         ge=1,
@@ -574,6 +586,19 @@ class JobConfig(_Section):
     output: OutputSection = Field(description="Where results go.")
     run: RunSection = Field(default_factory=RunSection, description="Cluster and run settings.")
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _openai_batch(cls, data: Any, handler: Any) -> JobConfig:
+        """The openai_batch formats' needs, each error at the field to change."""
+        config = handler(data)
+        errors = [
+            InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
+            for loc, message in _openai_batch_problems(config)
+        ]
+        if errors:
+            raise ValidationError.from_exception_data(cls.__name__, errors)
+        return config
+
     _templates: dict[str, str | None] | None = PrivateAttr(default=None)
     _run_id: str | None = PrivateAttr(default=None)
     _date: str | None = PrivateAttr(default=None)
@@ -645,6 +670,28 @@ class JobConfig(_Section):
                 "input.uri", "has {date}/{run_id} placeholders: render the config first"
             )
         return list_files(uri, self.input.format, self.input.storage_options)
+
+
+def _openai_batch_problems(config: JobConfig) -> list[tuple[tuple[str, ...], str]]:
+    problems: list[tuple[tuple[str, ...], str]] = []
+    inp = config.input
+    if inp.format == "openai_batch":
+        if config.task != "generate":
+            problems.append((("task",), "input.format openai_batch needs task generate"))
+        if inp.id_column is not None:
+            message = "not used with input.format openai_batch: custom_id is the id"
+            problems.append((("input", "id_column"), message))
+        if inp.passthrough:
+            message = "not supported with input.format openai_batch (the request is the row)"
+            problems.append((("input", "passthrough"), message))
+        prompts = config.prompts
+        if prompts.generate != PromptsSection.model_fields["generate"].default:
+            message = "not used with input.format openai_batch: each request is its own prompt"
+            problems.append((("prompts", "generate"), message))
+    elif config.output.format == "openai_batch":
+        message = "openai_batch output needs input.format openai_batch (it answers custom_ids)"
+        problems.append((("output", "format"), message))
+    return problems
 
 
 def _check_date(date: str | dt.date | None) -> str:

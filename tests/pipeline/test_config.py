@@ -166,8 +166,8 @@ def test_rows_per_file() -> None:
     ("path", "allowed", "expected"),
     [
         ("task", TASKS, ("summarize", "qa", "generate")),
-        ("input.format", INPUT_FORMATS, ("jsonl", "parquet")),
-        ("output.format", OUTPUT_FORMATS, ("parquet", "jsonl")),
+        ("input.format", INPUT_FORMATS, ("jsonl", "parquet", "openai_batch")),
+        ("output.format", OUTPUT_FORMATS, ("parquet", "jsonl", "openai_batch")),
         ("generation.truncation", TRUNCATIONS, ("head", "tail", "error")),
         ("toxicity.action", TOXICITY_ACTIONS, ("annotate", "drop", "redact")),
         (
@@ -182,7 +182,9 @@ def test_allowed_value_tuples_are_what_the_fields_accept(
 ) -> None:
     assert allowed == expected
     for value in allowed:
-        cfg = load(overrides=[f"{path}={value}"])
+        # OpenAI batch files answer generate requests and only they give custom_ids to answer.
+        needs = ["task=generate", "input.format=openai_batch"] if value == "openai_batch" else []
+        cfg = load(overrides=[*needs, f"{path}={value}"])
         node: Any = cfg
         for part in path.split("."):
             node = getattr(node, part)

@@ -1,0 +1,574 @@
+"""OpenAI batch files: request lines in, response lines out (``input/output.format: openai_batch``).
+
+The format is the one OpenAI's Batch API and ``vllm run-batch`` read and write. A request line::
+
+    {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions",
+     "body": {"model": "...", "messages": [...], "max_tokens": 64, "temperature": 0.7}}
+
+(``url: /v1/completions`` with ``body.prompt`` for plain completions). A response line::
+
+    {"id": "batch_req_...", "custom_id": "q1",
+     "response": {"status_code": 200, "request_id": "req_...", "body": <chat.completion |
+                  text_completion object, usage filled in>},
+     "error": null,
+     "rgbatch": {"row_id": ..., "toxicity": {label: score}, "toxic": ..., ...}}
+
+Reading (:class:`RequestRows`, driven by :mod:`pipeline.readers`): every non-blank line is one
+row. A valid request becomes a ``generate`` row whose ``prompt`` is the text to continue (chat
+messages rendered with Gemma's chat markers by :func:`render_chat`, so the prompt stage must not
+wrap them again; a completions ``prompt`` as is) plus the ``req_*`` columns of
+:mod:`pipeline.schema` for the honoured body parameters. A line that is not a valid, supported
+request is still a row, with ``error`` / ``error_kind`` set (``invalid_request``, or the reader's
+``invalid_json`` / ``invalid_utf8`` / ``row_too_large``), and becomes an error line.
+
+Ids: a row's ``id`` is its ``custom_id``. A line without a usable custom_id (missing, blank, not
+a string) and every repeat of a custom_id already seen earlier in the same file get the reader's
+derived id (hash of file, line number and line bytes) and an ``invalid_request`` error, so ids stay
+unique within a file whatever the file holds (Ray Data's resume and the exactly-once check need
+that). The set of custom_ids seen lives in the read task, one file at a time. Repeats across
+files are not errors; the reader records each custom_id in the run's id ledger, so the manifest
+counts them (``ids_repeated``), as it does for ``input.id_column``.
+
+Generation (:class:`RequestSettings`, used by the model stage): ``max_tokens`` (or
+``max_completion_tokens``) is capped at ``generation.max_new_tokens``; ``temperature`` and
+``top_p`` replace the job's for that row (``generation.top_k`` still applies); ``seed`` replaces
+the row's derived seed (taken modulo 2**31, the engine's seed range); chat requests also stop at
+Gemma's ``<end_of_turn>``. ``stop`` strings: a stop string that is exactly one piece of the
+vocabulary also becomes an engine stop id (while the engine's ``max_stop_ids`` allows), so
+generation ends as soon as it is drawn; the engine drops a stop id from the output. Every stop
+string is then also looked for in the decoded text, since the model can spell it with other
+tokens: the text is cut before the first occurrence, ``finish_reason`` becomes ``stop`` and
+``completion_tokens`` counts the tokens up to the one that completed the stop string (generation
+past it, up to the token limit, is wasted work but not reported).
+
+Unsupported parameters that would change the answer are errors, never silently ignored: ``n`` or
+``best_of`` other than 1, ``stream: true``, ``logprobs`` / ``top_logprobs`` / ``echo``, tools and
+functions, a ``response_format`` other than text, non-zero ``presence_penalty`` /
+``frequency_penalty``, a non-empty ``logit_bias``, ``suffix``. Other body fields (``model``,
+``user``, ``metadata``, ``store``, ``stream_options``, ...) are ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+
+from model.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
+from pipeline import schema as S
+
+if TYPE_CHECKING:
+    from model.engine import GenerationRequest  # imports JAX: only for the type
+
+FORMAT = "openai_batch"
+CHAT = "chat"
+COMPLETIONS = "completions"
+ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+SEED_RANGE = 1 << 31  # seeds are taken modulo this (the engine's int32 seed)
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        pa.field(S.REQ_CUSTOM_ID, pa.string()),
+        pa.field(S.REQ_ENDPOINT, pa.string()),
+        pa.field(S.REQ_MAX_TOKENS, pa.int32()),
+        pa.field(S.REQ_TEMPERATURE, pa.float64()),
+        pa.field(S.REQ_TOP_P, pa.float64()),
+        pa.field(S.REQ_SEED, pa.int64()),
+        pa.field(S.REQ_STOP, pa.list_(pa.string())),
+    ]
+)
+"""The columns the reader adds after ``READ_SCHEMA`` for openai_batch input."""
+
+# What the writer needs to build response lines.
+SINK_COLUMNS = (
+    S.ID,
+    S.REQ_CUSTOM_ID,
+    S.REQ_ENDPOINT,
+    S.PROMPT_TOKENS,
+    S.OUTPUT_TEXT,
+    S.OUTPUT_TOKENS,
+    S.FINISH_REASON,
+    S.ERROR,
+    S.ERROR_KIND,
+    S.MODEL,
+    S.RUN_ID,
+)
+
+# Body fields that change the answer, with the one value (or values) we can honour.
+_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "stream": (False,),
+    "logprobs": (False, None),
+    "top_logprobs": (0, None),
+    "echo": (False,),
+    "tools": ((), None),
+    "functions": ((), None),
+    "tool_choice": ("none", "auto", None),
+    "function_call": ("none", None),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "logit_bias": ({}, None),
+    "suffix": (None, ""),
+    "prediction": (None,),
+    "audio": (None,),
+    "modalities": (None, ("text",)),
+}
+_SYSTEM_ROLES = ("system", "developer")
+_GEMMA_ROLES = {"user": "user", "assistant": "model"}
+
+
+class RequestError(ValueError):
+    """A request line that is not a valid, supported request (the message says why)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One parsed request: the prompt to continue and the honoured body parameters."""
+
+    endpoint: str  # CHAT | COMPLETIONS
+    prompt: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] | None = None
+
+
+# ------------------------------------------------------------------------------- parsing
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or a list of text parts joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for k, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise RequestError(f"{where}.content[{k}] is a {kind!r} part; only text parts")
+            if not isinstance(part.get("text"), str):
+                raise RequestError(f"{where}.content[{k}].text must be a string")
+            texts.append(part["text"])
+        return "".join(texts)
+    raise RequestError(f"{where}.content must be a string or a list of text parts")
+
+
+def render_chat(messages: Any) -> str:
+    """Gemma's chat format for OpenAI ``messages``, ending where the model's turn begins.
+
+    Gemma has no system role: leading system / developer messages are joined with blank lines
+    and put before the first user turn's text. Then user and assistant messages must alternate,
+    starting with a user message (roles user -> ``user``, assistant -> ``model``). A single user
+    message renders exactly as :meth:`model.tokenizer.Tokenizer.chat_prompt`.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("body.messages must be a non-empty list")
+    system: list[str] = []
+    turns: list[tuple[str, str]] = []
+    for k, message in enumerate(messages):
+        where = f"body.messages[{k}]"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where} must be an object")
+        role = message.get("role")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise RequestError(f"{where} holds tool calls, which are not supported")
+        if role in _SYSTEM_ROLES:
+            if turns:
+                raise RequestError(f"{where}: a {role} message must come before the others")
+            system.append(_text_of(message.get("content"), where))
+            continue
+        if role not in _GEMMA_ROLES:
+            raise RequestError(f"{where}.role {role!r} is not supported (system, user, assistant)")
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise RequestError(
+                f"{where}: roles must alternate user / assistant starting with user, "
+                f"expected {expected}, got {role}"
+            )
+        turns.append((_GEMMA_ROLES[role], _text_of(message.get("content"), where)))
+    if not turns:
+        raise RequestError("body.messages holds no user message")
+    if system:
+        turns[0] = ("user", "\n\n".join([*system, turns[0][1]]))
+    parts = [f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n" for role, text in turns]
+    return "".join(parts) + f"{START_OF_TURN}model\n"
+
+
+def _completion_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise RequestError("body.prompt must be a string (or a list of one string)")
+    return prompt
+
+
+def _check_unsupported(body: dict[str, Any]) -> None:
+    for name, allowed in _UNSUPPORTED.items():
+        if name not in body:
+            continue
+        value = body[name]
+        if value is None:
+            continue  # null is the default of every one of them
+        value = tuple(value) if isinstance(value, list) else value
+        if value not in allowed:
+            raise RequestError(f"body.{name}={json.dumps(body[name])[:60]} is not supported")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise RequestError("body.response_format: only {'type': 'text'} is supported")
+
+
+def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    names = ("max_completion_tokens", "max_tokens") if endpoint == CHAT else ("max_tokens",)
+    for name in names:
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < 1:
+            raise RequestError(f"body.{name} must be an integer >= 1, got {value!r}")
+        out.setdefault("max_tokens", value)
+    for name, low, high, low_open in (("temperature", 0, 2, False), ("top_p", 0, 1, True)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or value > high or value < low or (low_open and value == low):
+            bounds = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+            raise RequestError(f"body.{name} must be a number in {bounds}, got {value!r}")
+        out[name] = float(value)
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed):
+            raise RequestError(f"body.seed must be an integer, got {seed!r}")
+        out["seed"] = seed
+    stop = body.get("stop")
+    if stop is not None:
+        stops = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise RequestError("body.stop must be a string or a list of strings")
+        if len(stops) > MAX_STOP_STRINGS:
+            raise RequestError(f"body.stop holds {len(stops)} strings, at most {MAX_STOP_STRINGS}")
+        kept = tuple(dict.fromkeys(s for s in stops if s))
+        if kept:
+            out["stop"] = kept
+    return out
+
+
+def parse_request(line: dict[str, Any]) -> Request:
+    """The request of a parsed line (its ``custom_id`` is checked apart); raises RequestError."""
+    method = line.get("method")
+    if method != "POST":
+        raise RequestError(f"method must be 'POST', got {method!r}")
+    url = line.get("url")
+    endpoint = ENDPOINTS.get(url) if isinstance(url, str) else None
+    if endpoint is None:
+        raise RequestError(f"url {url!r} is not supported; expected one of {list(ENDPOINTS)}")
+    body = line.get("body")
+    if not isinstance(body, dict):
+        raise RequestError("body must be an object")
+    _check_unsupported(body)
+    if endpoint == CHAT:
+        if "messages" not in body:
+            raise RequestError("body.messages is missing")
+        prompt = render_chat(body["messages"])
+    else:
+        if "prompt" not in body:
+            raise RequestError("body.prompt is missing")
+        prompt = _completion_prompt(body["prompt"])
+    return Request(endpoint, prompt, **_params(body, endpoint))
+
+
+def custom_id_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a custom_id, or None."""
+    if value is None:
+        return "custom_id is missing"
+    if not isinstance(value, str):
+        return f"custom_id must be a string, got {type(value).__name__}"
+    if not value.strip():
+        return "custom_id is blank"
+    return None
+
+
+# ------------------------------------------------------------------------------- reading
+
+
+class RequestRows:
+    """Rows of one openai_batch file, in batches; remembers the custom_ids seen in the file.
+
+    The reader hands each non-blank line over (:meth:`add`) with the parsed object, or the
+    reason it did not parse, and the line's derived id and row key.
+    """
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self._seen: set[str] = set()
+        self._reset()
+
+    def _reset(self) -> None:
+        names = [*S.READ_SCHEMA.names, *REQUEST_SCHEMA.names]
+        self._columns: dict[str, list[Any]] = {name: [] for name in names}
+        self.id_keys: list[str | None] = []
+
+    def __len__(self) -> int:
+        return len(self._columns[S.ID])
+
+    def add(
+        self,
+        line: dict[str, Any] | None,
+        problem: tuple[str, str] | None,
+        *,
+        derived_id: str,
+        key: str,
+        position: int,
+    ) -> None:
+        """One row: ``line`` is the parsed object, or None with ``problem`` (kind, message)."""
+        values: dict[str, Any] = {S.ID: derived_id, S.ROW_KEY: key, S.SOURCE: self.source}
+        errors: list[str] = []
+        kind, message = problem or (None, None)
+        id_key = None
+        if line is not None:
+            custom_id = line.get("custom_id")
+            issue = custom_id_problem(custom_id)
+            if issue is None:
+                values[S.REQ_CUSTOM_ID] = custom_id
+                id_key = "s:" + custom_id
+                if custom_id in self._seen:
+                    issue = f"custom_id {custom_id!r} repeats an earlier line of this file"
+                else:
+                    self._seen.add(custom_id)
+                    values[S.ID] = custom_id
+            if issue is not None:
+                errors.append(issue)
+            url = line.get("url")
+            values[S.REQ_ENDPOINT] = ENDPOINTS.get(url) if isinstance(url, str) else None
+            try:
+                request = parse_request(line)
+            except RequestError as err:
+                errors.append(str(err))
+            else:
+                values.update(_request_values(request))
+            if errors:
+                kind, message = "invalid_request", f"line {position + 1}: " + "; ".join(errors)
+        values[S.ERROR], values[S.ERROR_KIND] = message, kind
+        if values[S.ERROR] is not None:
+            values[S.PROMPT] = None
+        for name, column in self._columns.items():
+            column.append(values.get(name))
+        self.id_keys.append(id_key)
+
+    def flush(self) -> tuple[pa.Table, list[str | None]]:
+        """The rows added since the last flush (a READ_SCHEMA + REQUEST_SCHEMA table), and the
+        typed id key of each (``s:<custom_id>``, None without one) for the run's id ledger."""
+        schema = pa.schema([*S.READ_SCHEMA, *REQUEST_SCHEMA])
+        arrays = [pa.array(self._columns[f.name], f.type) for f in schema]
+        table = pa.Table.from_arrays(arrays, schema=schema)
+        keys = self.id_keys
+        self._reset()
+        return table, keys
+
+
+def _request_values(request: Request) -> dict[str, Any]:
+    return {
+        S.PROMPT: request.prompt,
+        S.REQ_ENDPOINT: request.endpoint,
+        S.REQ_MAX_TOKENS: request.max_tokens,
+        S.REQ_TEMPERATURE: request.temperature,
+        S.REQ_TOP_P: request.top_p,
+        S.REQ_SEED: request.seed,
+        S.REQ_STOP: list(request.stop) if request.stop else None,
+    }
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+def stop_ids_of(tokenizer: Tokenizer, stops: Sequence[str]) -> list[int]:
+    """The ids of the stop strings that are exactly one piece of the vocabulary."""
+    ids = []
+    for stop in stops:
+        idx = int(tokenizer.processor.piece_to_id(stop))
+        if idx != tokenizer.unk_id and tokenizer.processor.id_to_piece(idx) == stop:
+            ids.append(idx)
+    return ids
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the first stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+class RequestSettings:
+    """The per-row generation settings of a batch with ``req_*`` columns (see module docstring)."""
+
+    def __init__(self, table: pa.Table, tokenizer: Tokenizer, max_stop_ids: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_stop_ids = max_stop_ids
+        self.columns = {name: table.column(name).to_pylist() for name in REQUEST_SCHEMA.names}
+
+    @classmethod
+    def of(cls, table: pa.Table, tokenizer: Tokenizer, max_stop_ids: int) -> RequestSettings | None:
+        """The settings of ``table``, or None when it has no request columns."""
+        if not all(name in table.column_names for name in REQUEST_SCHEMA.names):
+            return None
+        return cls(table, tokenizer, max_stop_ids)
+
+    def apply(self, i: int, request: GenerationRequest) -> GenerationRequest:
+        """Row ``i``'s request: the job's ``request`` with the row's settings applied."""
+        col = self.columns
+        out: dict[str, Any] = {}
+        if col[S.REQ_MAX_TOKENS][i] is not None:
+            out["max_new_tokens"] = min(col[S.REQ_MAX_TOKENS][i], request.max_new_tokens)
+        if col[S.REQ_TEMPERATURE][i] is not None:
+            out["temperature"] = col[S.REQ_TEMPERATURE][i]
+        if col[S.REQ_TOP_P][i] is not None:
+            out["top_p"] = col[S.REQ_TOP_P][i]
+        if col[S.REQ_SEED][i] is not None:
+            out["seed"] = col[S.REQ_SEED][i] % SEED_RANGE
+        stop_ids = list(request.stop_ids)
+        extra = stop_ids_of(self.tokenizer, col[S.REQ_STOP][i] or ())
+        if col[S.REQ_ENDPOINT][i] == CHAT and self.tokenizer.end_of_turn_id is not None:
+            extra.insert(0, self.tokenizer.end_of_turn_id)
+        for idx in extra:
+            if idx not in stop_ids and len(stop_ids) < self.max_stop_ids:
+                stop_ids.append(idx)
+        out["stop_ids"] = tuple(stop_ids)
+        return dataclasses.replace(request, **out)
+
+    def finish(
+        self, i: int, token_ids: Sequence[int], text: str, tokens: int, reason: str
+    ) -> tuple[str, int, str]:
+        """(text, completion tokens, finish reason) of row ``i`` once its stop strings apply."""
+        stops = self.columns[S.REQ_STOP][i]
+        cut = cut_at_stop(text, stops) if stops else None
+        if cut is None:
+            return text, tokens, reason
+        # The fewest tokens whose text holds a stop string (their text only grows with more).
+        low, high = 1, len(token_ids)
+        while low < high:
+            mid = (low + high) // 2
+            if cut_at_stop(self.tokenizer.decode(token_ids[:mid]), stops) is None:
+                low = mid + 1
+            else:
+                high = mid
+        return text[:cut], high, "stop"
+
+
+# ------------------------------------------------------------------------------- writing
+
+_ERROR_CODES = {
+    "invalid_request": (400, "invalid_request"),
+    "invalid_json": (400, "invalid_json_line"),
+    "invalid_utf8": (400, "invalid_json_line"),
+    "row_too_large": (400, "request_too_large"),
+    "prompt_too_long": (400, "context_length_exceeded"),
+    "missing_text": (400, "invalid_request"),
+    "not_a_string": (400, "invalid_request"),
+    "empty_text": (400, "invalid_request"),
+    "generation": (500, "generation_failed"),
+    "toxicity": (500, "toxicity_scoring_failed"),
+}
+
+
+def _digest(run_id: str, row_id: str) -> str:
+    return hashlib.sha256(f"{run_id}\n{row_id}".encode()).hexdigest()[:24]
+
+
+def _extra(row: dict[str, Any]) -> dict[str, Any]:
+    """What rg-batch adds to a line: the row id, toxicity scores and decision, errors."""
+    scores = {
+        name[len(S.TOXICITY_PREFIX) :]: value
+        for name, value in row.items()
+        if name.startswith(S.TOXICITY_PREFIX) and name != S.TOXICITY_DECISION
+    }
+    extra = {
+        "row_id": row[S.ID],
+        "toxicity": scores,
+        "toxic": row.get(S.TOXIC),
+        "toxicity_decision": row.get(S.TOXICITY_DECISION),
+        "error_kind": row.get(S.ERROR_KIND),
+    }
+    if row.get(S.ERROR) is not None:
+        extra["error"] = row[S.ERROR]
+    return extra
+
+
+def _body(row: dict[str, Any], digest: str) -> dict[str, Any]:
+    chat = row[S.REQ_ENDPOINT] == CHAT
+    prompt, completion = int(row[S.PROMPT_TOKENS] or 0), int(row[S.OUTPUT_TOKENS] or 0)
+    choice: dict[str, Any] = {"index": 0, "finish_reason": row[S.FINISH_REASON], "logprobs": None}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": row[S.OUTPUT_TEXT], "refusal": None}
+    else:
+        choice["text"] = row[S.OUTPUT_TEXT]
+    return {
+        "id": ("chatcmpl-" if chat else "cmpl-") + digest,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(row.get(S.GENERATED_AT) or 0),
+        "model": row[S.MODEL] or "",
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        },
+    }
+
+
+def response_line(row: dict[str, Any]) -> dict[str, Any]:
+    """The output line of one row (a dict of the row's columns; see the module docstring).
+
+    A row with text and a stop / length finish is a 200 response (a toxicity scoring failure
+    under ``annotate`` keeps its text and shows in ``rgbatch``); any other row is an error line:
+    ``error: {code, message}`` and a response with status 400 (the request) or 500 (generation or
+    scoring failed) whose body is an OpenAI-style error object.
+    """
+    digest = _digest(row[S.RUN_ID] or "", row[S.ID])
+    line: dict[str, Any] = {"id": "batch_req_" + digest, "custom_id": row[S.REQ_CUSTOM_ID]}
+    request_id = "req_" + digest
+    ok = row[S.OUTPUT_TEXT] is not None and row[S.FINISH_REASON] in ("stop", "length")
+    if ok and row[S.REQ_ENDPOINT] in (CHAT, COMPLETIONS):
+        line["response"] = {
+            "status_code": 200,
+            "request_id": request_id,
+            "body": _body(row, digest),
+        }
+        line["error"] = None
+    else:
+        status, code = _ERROR_CODES.get(row[S.ERROR_KIND] or "", (500, "internal_error"))
+        message = row[S.ERROR] or "the request produced no output"
+        error = {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+        if status >= 500:
+            error["type"] = "server_error"
+        line["response"] = {
+            "status_code": status,
+            "request_id": request_id,
+            "body": {"error": error},
+        }
+        line["error"] = {"code": code, "message": message}
+    line["rgbatch"] = _extra(row)
+    return line
+
+
+def encode_lines(table: pa.Table) -> bytes:
+    """A part file of response lines (JSONL, UTF-8), one per row of ``table``."""
+    out = []
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            out.append(json.dumps(response_line(row), ensure_ascii=False))
+    return ("\n".join(out) + "\n").encode() if out else b""

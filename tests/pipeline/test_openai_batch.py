@@ -1,0 +1,549 @@
+"""OpenAI batch files: request parsing, Gemma chat rendering, per-row settings, response lines,
+config rules, and a whole run on a local Ray cluster whose lines parse with the openai types."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pytest
+import ray
+import yaml
+from openai.types import Completion
+from openai.types.chat import ChatCompletion
+from pipeline_helpers import build_fixtures, job_config, job_yaml
+
+from model.engine import GenerationRequest
+from model.tokenizer import Tokenizer
+from pipeline import openai_batch as ob
+from pipeline import schema as S
+from pipeline.config import ConfigError, load_job_config
+from pipeline.readers import read_file_rows
+from pipeline.runner import run_job
+from testkit.tiny_tokenizer import train_tiny_tokenizer
+
+LOCAL = fsspec.filesystem("file")
+
+
+def chat_line(custom_id: Any, content: Any = "Hello there", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {"model": "gemma", "messages": [{"role": "user", "content": content}], **body},
+    }
+
+
+def completion_line(custom_id: str, prompt: Any = "Once upon", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "gemma", "prompt": prompt, **body},
+    }
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    return Tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+
+
+# Chat rendering ---------------------------------------------------------------------------------
+
+
+def test_one_user_message_renders_as_the_tokenizer_chat_prompt() -> None:
+    rendered = ob.render_chat([{"role": "user", "content": "Hi"}])
+    assert rendered == Tokenizer.chat_prompt("Hi")
+
+
+def test_system_goes_into_the_first_user_turn_and_roles_map_to_gemma() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "developer", "content": [{"type": "text", "text": "No lists."}]},
+        {"role": "user", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]},
+        {"role": "assistant", "content": "C"},
+        {"role": "user", "content": "D"},
+    ]
+    assert ob.render_chat(messages) == (
+        "<start_of_turn>user\nBe brief.\n\nNo lists.\n\nAB<end_of_turn>\n"
+        "<start_of_turn>model\nC<end_of_turn>\n"
+        "<start_of_turn>user\nD<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "fragment"),
+    [
+        ([], "non-empty list"),
+        ("hi", "non-empty list"),
+        ([{"role": "system", "content": "x"}], "no user message"),
+        ([{"role": "assistant", "content": "x"}], "alternate"),
+        ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+        ([{"role": "tool", "content": "x"}], "'tool' is not supported"),
+        ([{"role": "user", "content": 3}], "string or a list of text parts"),
+        ([{"role": "user", "content": [{"type": "image_url"}]}], "'image_url' part"),
+        (
+            [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+            "must come before",
+        ),
+    ],
+)
+def test_bad_messages(messages: Any, fragment: str) -> None:
+    with pytest.raises(ob.RequestError, match=fragment):
+        ob.render_chat(messages)
+
+
+# Request parsing --------------------------------------------------------------------------------
+
+
+def test_parse_chat_and_completion_requests_with_params() -> None:
+    chat = ob.parse_request(
+        chat_line("a", max_completion_tokens=5, max_tokens=9, temperature=0.7, seed=3, stop="x")
+    )
+    assert chat == ob.Request("chat", Tokenizer.chat_prompt("Hello there"), 5, 0.7, None, 3, ("x",))
+    done = ob.parse_request(completion_line("b", ["Go"], max_tokens=2, top_p=0.5, stop=["a", ""]))
+    assert done == ob.Request("completions", "Go", 2, None, 0.5, None, ("a",))
+    # Fields that do not change the answer are ignored; inactive values of unsupported ones pass.
+    quiet = completion_line("c", user="u", metadata={"k": "v"}, n=1, stream=False, logprobs=None)
+    assert ob.parse_request(quiet).prompt == "Once upon"
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"method": "GET"}, "method must be 'POST'"),
+        ({"method": None}, "method must be 'POST'"),
+        ({"url": "/v1/embeddings"}, "url '/v1/embeddings' is not supported"),
+        ({"body": "x"}, "body must be an object"),
+        ({"body": {"model": "m"}}, "body.messages is missing"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "n": 2}}, "body.n=2"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "stream": True}}, "stream"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}}, "tools"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True}}, "logprobs"),
+        (
+            {"body": {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}},
+            "presence_penalty",
+        ),
+        (
+            {
+                "body": {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {"type": "json_object"},
+                }
+            },
+            "response_format",
+        ),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}}, ">= 1"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}}, ">= 1"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "temperature": 3}}, "[0, 2]"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "top_p": 0}}, "(0, 1]"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "seed": True}}, "seed"),
+        (
+            {"body": {"messages": [{"role": "user", "content": "x"}], "stop": list("abcde")}},
+            "at most 4",
+        ),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "stop": [1]}}, "stop must be"),
+    ],
+)
+def test_invalid_requests(change: dict[str, Any], fragment: str) -> None:
+    line = {**chat_line("a"), **change}
+    with pytest.raises(ob.RequestError) as info:
+        ob.parse_request(line)
+    assert fragment in str(info.value)
+
+
+def test_completion_prompt_must_be_one_string() -> None:
+    with pytest.raises(ob.RequestError, match=r"body\.prompt"):
+        ob.parse_request(completion_line("a", prompt=[1, 2, 3]))
+    with pytest.raises(ob.RequestError, match=r"body\.prompt is missing"):
+        ob.parse_request({**completion_line("a"), "body": {"model": "m"}})
+
+
+# Reading ----------------------------------------------------------------------------------------
+
+
+def write_lines(path: Path, lines: list[Any]) -> list[str]:
+    """Writes request lines (dicts as JSON, strings as they are); returns the raw lines."""
+    raw = [line if isinstance(line, str) else json.dumps(line) for line in lines]
+    path.write_text("\n".join(raw) + "\n")
+    return raw
+
+
+def test_reader_one_row_per_line_ids_unique_and_bad_lines_as_error_rows(tmp_path: Path) -> None:
+    path = tmp_path / "batch.jsonl"
+    write_lines(
+        path,
+        [
+            chat_line("c1", max_tokens=3, temperature=0.5, top_p=0.9, seed=7, stop=["\n"]),
+            completion_line("p1"),
+            "",  # blank: no row
+            "{not json",
+            {"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}},  # no custom_id
+            chat_line(42),  # not a string
+            chat_line("c1"),  # repeats c1
+            chat_line("bad", content=None),
+            {**chat_line("gone"), "url": "/v1/embeddings"},
+        ],
+    )
+    table = read_file_rows(str(path), fmt="openai_batch")
+    assert table.schema.names == [*S.READ_SCHEMA.names, *ob.REQUEST_SCHEMA.names]
+    rows = table.to_pylist()
+    assert len(rows) == 8
+    ids = [r[S.ID] for r in rows]
+    assert len(set(ids)) == 8 and ids[:2] == ["c1", "p1"] and "bad" in ids and "gone" in ids
+    first, second = rows[0], rows[1]
+    assert first[S.ERROR] is None and first[S.PROMPT] == Tokenizer.chat_prompt("Hello there")
+    assert (first[S.REQ_MAX_TOKENS], first[S.REQ_TEMPERATURE], first[S.REQ_TOP_P]) == (3, 0.5, 0.9)
+    assert (first[S.REQ_SEED], first[S.REQ_STOP], first[S.REQ_ENDPOINT]) == (7, ["\n"], "chat")
+    assert second[S.PROMPT] == "Once upon" and second[S.REQ_ENDPOINT] == "completions"
+    assert second[S.REQ_MAX_TOKENS] is None and second[S.REQ_STOP] is None
+    bad = rows[2:]
+    assert [r[S.ERROR_KIND] for r in bad] == ["invalid_json"] + ["invalid_request"] * 5
+    assert all(r[S.PROMPT] is None for r in bad)
+    messages = [r[S.ERROR] for r in bad]
+    assert "line 4" in messages[0]
+    assert "custom_id is missing" in messages[1] and "must be a string" in messages[2]
+    assert "repeats an earlier line" in messages[3] and bad[3][S.REQ_CUSTOM_ID] == "c1"
+    assert "content must be" in messages[4] and "not supported" in messages[5]
+    # Lines with no usable custom_id, and the repeat, get derived ids (24 hex characters).
+    assert all(len(r[S.ID]) == 24 for r in bad[:4])
+
+
+def test_reader_records_custom_ids_for_the_ledger(tmp_path: Path) -> None:
+    from pipeline.readers import _iter_keyed, _make_spec
+
+    path = tmp_path / "batch.jsonl"
+    write_lines(path, [chat_line("a"), chat_line("a"), "[1]", chat_line(None)])
+    spec = _make_spec("openai_batch", None, "text", "question", "prompt", (), None, 2)
+    keys = [k for _, batch_keys in _iter_keyed(str(path), spec) for k in batch_keys]
+    assert keys == ["s:a", "s:a", None, None]  # batches of 2: the repeat is seen across batches
+
+
+def test_reader_refuses_an_id_column_or_passthrough() -> None:
+    with pytest.raises(ValueError, match="custom_id is the id"):
+        read_file_rows("x.jsonl", fmt="openai_batch", id_column="id")
+
+
+# Per-row settings and stop strings ------------------------------------------------------------
+
+
+def settings_table(rows: list[dict[str, Any]]) -> pa.Table:
+    full = [{name: row.get(name) for name in ob.REQUEST_SCHEMA.names} for row in rows]
+    return pa.Table.from_pylist(full, schema=ob.REQUEST_SCHEMA)
+
+
+def test_request_settings_override_the_job_within_its_limits(tokenizer: Tokenizer) -> None:
+    assert ob.RequestSettings.of(pa.table({"x": [1]}), tokenizer, 4) is None
+    stop_piece = next(
+        tokenizer.processor.id_to_piece(i)
+        for i in range(10, tokenizer.vocab_size)
+        if "▁" not in tokenizer.processor.id_to_piece(i)
+        and not tokenizer.processor.id_to_piece(i).startswith("<")
+    )
+    table = settings_table(
+        [
+            {S.REQ_ENDPOINT: "chat", S.REQ_MAX_TOKENS: 500, S.REQ_SEED: 2**40 + 5},
+            {
+                S.REQ_ENDPOINT: "completions",
+                S.REQ_MAX_TOKENS: 2,
+                S.REQ_TEMPERATURE: 0.8,
+                S.REQ_TOP_P: 0.5,
+                S.REQ_STOP: [stop_piece, "two words"],
+            },
+        ]
+    )
+    per_row = ob.RequestSettings.of(table, tokenizer, max_stop_ids=4)
+    base = GenerationRequest([2, 5], max_new_tokens=16, stop_ids=(1,), seed=99, top_k=3)
+    chat = per_row.apply(0, base)
+    assert chat.max_new_tokens == 16  # capped at the job's limit
+    assert chat.seed == 5 and chat.stop_ids == (1, tokenizer.end_of_turn_id)
+    done = per_row.apply(1, base)
+    assert (done.max_new_tokens, done.temperature, done.top_p) == (2, 0.8, 0.5)
+    assert done.seed == 99 and done.top_k == 3 and done.prompt_ids == [2, 5]
+    assert done.stop_ids == (1, tokenizer.processor.piece_to_id(stop_piece))
+    # The engine's limit on stop ids holds; the other stop strings still cut the text.
+    assert ob.RequestSettings.of(table, tokenizer, max_stop_ids=1).apply(1, base).stop_ids == (1,)
+
+
+def test_stop_strings_cut_the_text_and_count_tokens_to_the_stop(tokenizer: Tokenizer) -> None:
+    ids = tokenizer.encode("the river rose overnight and the old bridge")
+    text = tokenizer.decode(ids)
+    table = settings_table([{S.REQ_STOP: ["bridge", "rose"]}, {S.REQ_STOP: None}])
+    per_row = ob.RequestSettings.of(table, tokenizer, 4)
+    cut, tokens, reason = per_row.finish(0, ids, text, len(ids), "length")
+    assert cut == text[: text.index("rose")] and reason == "stop"
+    assert "rose" in tokenizer.decode(ids[:tokens]) and "rose" not in tokenizer.decode(
+        ids[: tokens - 1]
+    )
+    assert per_row.finish(1, ids, text, len(ids), "length") == (text, len(ids), "length")
+
+
+# Response lines ---------------------------------------------------------------------------------
+
+
+def output_row(**values: Any) -> dict[str, Any]:
+    row = {
+        S.ID: "c1",
+        S.REQ_CUSTOM_ID: "c1",
+        S.REQ_ENDPOINT: "chat",
+        S.PROMPT_TOKENS: 7,
+        S.OUTPUT_TEXT: "Hi!",
+        S.OUTPUT_TOKENS: 2,
+        S.FINISH_REASON: "stop",
+        S.ERROR: None,
+        S.ERROR_KIND: None,
+        S.MODEL: "tiny-it@abc",
+        S.RUN_ID: "r1",
+        S.GENERATED_AT: 1764400000.5,
+        S.TOXICITY_PREFIX + "toxicity": 0.25,
+        S.TOXIC: False,
+        S.TOXICITY_DECISION: "keep",
+    }
+    return {**row, **values}
+
+
+def test_response_lines_parse_with_the_openai_types() -> None:
+    line = ob.response_line(output_row())
+    assert line["custom_id"] == "c1" and line["error"] is None
+    assert line["id"].startswith("batch_req_") and line["response"]["status_code"] == 200
+    chat = ChatCompletion.model_validate(line["response"]["body"])
+    assert chat.choices[0].message.content == "Hi!" and chat.choices[0].finish_reason == "stop"
+    assert chat.usage.total_tokens == 9 and chat.created == 1764400000
+    assert line["rgbatch"]["toxicity"] == {"toxicity": 0.25} and line["rgbatch"]["toxic"] is False
+
+    text = ob.response_line(output_row(**{S.REQ_ENDPOINT: "completions"}))
+    done = Completion.model_validate(text["response"]["body"])
+    assert done.object == "text_completion" and done.choices[0].text == "Hi!"
+    # Ids derive from the run id and row id: a rerun writes the same line, another run does not.
+    assert ob.response_line(output_row()) == line
+    assert ob.response_line(output_row(**{S.RUN_ID: "r2"}))["id"] != line["id"]
+
+
+def test_error_lines() -> None:
+    bad = output_row(
+        **{
+            S.OUTPUT_TEXT: None,
+            S.FINISH_REASON: "error",
+            S.ERROR: "line 3: body.messages is missing",
+            S.ERROR_KIND: "invalid_request",
+        }
+    )
+    line = ob.response_line(bad)
+    assert line["error"] == {"code": "invalid_request", "message": bad[S.ERROR]}
+    assert line["response"]["status_code"] == 400
+    assert line["response"]["body"]["error"]["code"] == "invalid_request"
+    failed = ob.response_line({**bad, S.ERROR_KIND: "generation"})
+    assert failed["response"]["status_code"] == 500
+    assert failed["error"]["code"] == "generation_failed"
+    # Annotate keeps a text whose scoring failed: a 200 line, the failure in the extra field.
+    scored = ob.response_line(output_row(**{S.ERROR: "boom", S.ERROR_KIND: "toxicity"}))
+    assert scored["response"]["status_code"] == 200 and scored["rgbatch"]["error"] == "boom"
+
+
+# Config ----------------------------------------------------------------------------------------
+
+CONFIG = """
+task: generate
+input: {uri: data/requests.jsonl, format: openai_batch}
+model: {checkpoint: ckpt/2b}
+output: {uri: out/, format: openai_batch}
+"""
+
+
+def test_config_rules() -> None:
+    config = load_job_config(text=CONFIG, environ={})
+    assert (config.input.format, config.output.format) == ("openai_batch", "openai_batch")
+    with pytest.raises(ConfigError) as info:
+        load_job_config(text=CONFIG.replace("generate", "summarize"), environ={})
+    assert str(info.value) == "task: input.format openai_batch needs task generate"
+    with pytest.raises(ConfigError) as info:
+        load_job_config(
+            text=CONFIG, environ={}, overrides=["input.format=jsonl", "input.id_column=id"]
+        )
+    assert str(info.value).startswith("output.format: openai_batch output needs input.format")
+    with pytest.raises(ConfigError) as info:
+        load_job_config(
+            text=CONFIG,
+            environ={},
+            overrides=[
+                "input.id_column=id",
+                "input.passthrough=[a]",
+                "prompts.generate=Q {prompt}",
+            ],
+        )
+    paths = [path for path, _ in info.value.errors]
+    assert paths == ["input.id_column", "input.passthrough", "prompts.generate"]
+    # Never inferred from the name; the request columns are reserved.
+    assert (
+        load_job_config(
+            text=CONFIG.replace(", format: openai_batch}", "}").replace(
+                "output: {uri: out/, format: openai_batch}", "output: {uri: out/}"
+            ),
+            environ={},
+        ).input.format
+        == "jsonl"
+    )
+    with pytest.raises(ConfigError, match="clashes"):
+        load_job_config(
+            text=CONFIG,
+            environ={},
+            overrides=["input.format=jsonl", "output.format=jsonl", "input.passthrough=[req_x]"],
+        )
+
+
+# A whole run -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
+    yield
+    ray.shutdown()
+
+
+def run_config(fixtures: dict[str, str], input_uri: str, output_uri: str, **extra: Any) -> str:
+    data = yaml.safe_load(
+        job_yaml(fixtures, task="generate", input_uri=input_uri, output_uri=output_uri)
+    )
+    data["input"] = {"uri": input_uri, "format": "openai_batch"}
+    data["output"]["format"] = "openai_batch"
+    for section, values in extra.items():
+        data.setdefault(section, {}).update(values)
+    return yaml.safe_dump(data)
+
+
+def read_lines(run_dir: str, sub: str = "") -> list[dict[str, Any]]:
+    directory = f"{run_dir}/{sub}".rstrip("/")
+    lines = []
+    for path in sorted(LOCAL.glob(f"{directory}/part-*.jsonl")):
+        lines += [json.loads(x) for x in LOCAL.cat_file(path).decode().splitlines()]
+    return lines
+
+
+def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
+    prompt = "Write a line about the river"
+    lines: list[Any] = [
+        chat_line("chat-1", content=prompt, temperature=0),
+        chat_line(
+            "chat-sys",
+            content=None,
+            seed=11,
+            temperature=0.9,
+            top_p=0.8,
+        ),
+        completion_line("cmpl-1", prompt=prompt),
+        completion_line("cmpl-max1", prompt=prompt, max_tokens=1),
+        completion_line("cmpl-stop-space", prompt=prompt, stop=" "),
+        completion_line("cmpl-stop-e", prompt=prompt, stop=["e", "o"]),
+        "{this is not json",
+        {**chat_line("no-messages"), "body": {"model": "gemma"}},
+        completion_line("cmpl-n2", prompt=prompt, n=2),
+    ]
+    lines[1]["body"]["messages"] = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": prompt}]},
+    ]
+    (tmp_path / "in").mkdir()
+    write_lines(tmp_path / "in" / "requests.jsonl", lines)
+    text = run_config(fixtures, str(tmp_path / "in" / "requests.jsonl"), str(tmp_path / "out"))
+    result = run_job(job_config(text, run_id="oai"))
+    run_dir = str(tmp_path / "out" / "oai")
+    assert result.status == "succeeded"
+    out = read_lines(run_dir)
+    assert len(out) == len(lines)  # one line per request line
+    by_custom_id = {line["custom_id"]: line for line in out}
+    valid = ["chat-1", "chat-sys", "cmpl-1", "cmpl-max1", "cmpl-stop-space", "cmpl-stop-e"]
+    assert set(by_custom_id) == {*valid, "no-messages", "cmpl-n2", None}
+    assert len({line["id"] for line in out}) == len(out)
+
+    bodies = {}
+    for custom_id in valid:
+        line = by_custom_id[custom_id]
+        assert line["error"] is None and line["response"]["status_code"] == 200, line
+        body = line["response"]["body"]
+        kind = ChatCompletion if custom_id.startswith("chat") else Completion
+        bodies[custom_id] = parsed = kind.model_validate(body)
+        usage = parsed.usage
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert usage.prompt_tokens > 0 and usage.completion_tokens <= 6
+        assert parsed.choices[0].finish_reason in ("stop", "length")
+        extra = line["rgbatch"]
+        assert extra["row_id"] == custom_id and extra["toxic"] in (True, False)
+        assert 0 <= extra["toxicity"]["toxicity"] <= 1 and extra["toxicity_decision"] == "keep"
+
+    one = bodies["cmpl-max1"]
+    assert one.usage.completion_tokens <= 1 and one.choices[0].finish_reason == "length"
+    # The same greedy prompt with a stop string: the text is cut before the first stop string.
+    full = bodies["cmpl-1"].choices[0].text
+    cut_any = False
+    for custom_id, stops in (("cmpl-stop-space", [" "]), ("cmpl-stop-e", ["e", "o"])):
+        choice = bodies[custom_id].choices[0]
+        position = ob.cut_at_stop(full, stops)
+        assert choice.text == (full if position is None else full[:position])
+        assert not any(s in choice.text for s in stops)
+        if position is not None:
+            cut_any = True
+            assert choice.finish_reason == "stop"
+            assert (
+                bodies[custom_id].usage.completion_tokens
+                <= bodies["cmpl-1"].usage.completion_tokens
+            )
+    assert cut_any, full
+
+    for custom_id, code, fragment in (
+        (None, "invalid_json_line", "not JSON"),
+        ("no-messages", "invalid_request", "body.messages is missing"),
+        ("cmpl-n2", "invalid_request", "body.n=2"),
+    ):
+        line = by_custom_id[custom_id]
+        assert line["error"]["code"] == code and fragment in line["error"]["message"]
+        assert line["response"]["status_code"] == 400
+
+    manifest = json.loads(LOCAL.cat_file(f"{run_dir}/_manifest.json"))
+    assert manifest["counts"]["rows"] == len(lines)
+    assert manifest["counts"]["error_kinds"] == {"invalid_json": 1, "invalid_request": 2}
+    assert manifest["counts"]["ids_repeated"] == 0
+    identity = json.loads(LOCAL.cat_file(f"{run_dir}/_run.json"))["identity"]
+    assert identity["input.format"] == "openai_batch"
+    assert run_job(job_config(text, run_id="oai")).status == "already_complete"
+
+    # Under drop, toxic lines go to rejected/ in the same format (threshold 0: every line).
+    dropping = run_config(
+        fixtures,
+        str(tmp_path / "in" / "requests.jsonl"),
+        str(tmp_path / "out"),
+        toxicity={"action": "drop", "threshold": 0.0},
+    )
+    assert run_job(job_config(dropping, run_id="oai-drop")).status == "succeeded"
+    rejected = read_lines(str(tmp_path / "out" / "oai-drop"), "rejected")
+    kept = read_lines(str(tmp_path / "out" / "oai-drop"))
+    assert sorted(map(str, (x["custom_id"] for x in kept + rejected))) == sorted(
+        map(str, by_custom_id)
+    )
+    assert {x["custom_id"] for x in rejected} >= set(valid)
+    for line in rejected:
+        assert line["rgbatch"]["toxicity_decision"] == "drop" and line["rgbatch"]["toxic"]
+        if line["custom_id"] in valid:
+            assert line["error"] is None and line["response"]["body"]["usage"]["total_tokens"] > 0
+
+
+def test_example_config_and_sample_requests() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    config = load_job_config(repo / "configs" / "openai_batch.yaml", environ={})
+    assert (config.task, config.input.format, config.output.format) == (
+        "generate",
+        "openai_batch",
+        "openai_batch",
+    )
+    rows = read_file_rows(str(repo / config.input.uri), fmt="openai_batch").to_pylist()
+    assert rows and all(r[S.ERROR] is None for r in rows)
+    assert len({r[S.ID] for r in rows}) == len(rows)
