@@ -3,17 +3,29 @@
 The engine runs in a background thread of the actor and is fed from a queue, so that with two
 concurrent calls per actor the next batch's prompts are already queued while the current batch's
 last sequences finish: the accelerator does not idle between batches.
+
+Engine failures: a step that raises fails the batches waiting on it with :class:`EngineStepError`
+and resets the engine; the runner has Ray Data retry such a batch on the same actor
+(``model.batch_retries``). A replica that is broken (a device out-of-memory, or
+``model.max_failed_steps`` failed steps in a row) makes its actor process exit: Ray restarts the
+actor, on a fresh process and device state, and retries its batches there, at most
+``model.max_restarts`` times, after which the run fails.
+
+Test hook: ``RGBATCH_FAULT_HOOK=module:function`` in a model actor's environment names a callable
+run with the step number before each engine step; it may raise, to stand for a failing device.
+Fault tests set it (``testkit.faults``); unset, nothing is imported or called.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
@@ -36,12 +48,65 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+FAULT_HOOK_ENV = "RGBATCH_FAULT_HOOK"
+EXIT_BROKEN_ENGINE = 71  # the exit status of a model actor whose engine is broken
+
+FaultHook = Callable[[int], None]
+
+
+class EngineStepError(RuntimeError):
+    """An engine step raised; the batches waiting on it fail with this (the cause attached).
+
+    The runner names this class in Ray Data's retried map errors, so such a batch is retried.
+    """
+
+
+def is_device_oom(exc: BaseException) -> bool:
+    """A device out-of-memory (XLA's RESOURCE_EXHAUSTED): retrying on the same replica is futile."""
+    text = f"{type(exc).__name__}: {exc}"
+    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def fault_hook_from_env() -> FaultHook | None:
+    """The test-only step hook named by ``$RGBATCH_FAULT_HOOK`` (``module:function``), or None."""
+    spec = os.environ.get(FAULT_HOOK_ENV)
+    if not spec:
+        return None
+    module, _, name = spec.partition(":")
+    hook = getattr(importlib.import_module(module), name)
+    log.warning("engine fault hook %s is set: for tests only", spec)
+    return hook
+
+
+def exit_broken_actor(exc: BaseException) -> None:
+    """Ends the model actor's process so that Ray restarts it (and retries its batches)."""
+    log.critical("engine broken (%s: %s): the model actor exits", type(exc).__name__, exc)
+    logging.shutdown()
+    os._exit(EXIT_BROKEN_ENGINE)
+
 
 class EngineWorker:
-    """Owns an Engine and a thread that drives it; any thread may submit a batch and wait."""
+    """Owns an Engine and a thread that drives it; any thread may submit a batch and wait.
 
-    def __init__(self, engine: Engine) -> None:
+    A step that raises fails every waiting future with :class:`EngineStepError` and resets the
+    engine. ``on_broken`` (if given) is called instead when the failure is a device
+    out-of-memory or the ``max_failed_steps``-th in a row; ``fault_hook`` runs before each step.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_failed_steps: int = 3,
+        on_broken: Callable[[BaseException], None] | None = None,
+        fault_hook: FaultHook | None = None,
+    ) -> None:
         self._engine = engine
+        self.max_failed_steps = max_failed_steps
+        self._on_broken = on_broken
+        self._fault_hook = fault_hook
+        self.steps = 0
+        self.failed_steps = 0  # in a row
         self._inbox: queue.Queue = queue.Queue()
         self.started = time.perf_counter()
         self.busy_s = 0.0  # time spent in engine.step (device work and its host side)
@@ -98,17 +163,30 @@ class EngineWorker:
                 continue
             try:
                 stepped = time.perf_counter()
+                self.steps += 1
+                if self._fault_hook is not None:
+                    self._fault_hook(self.steps)
                 finished = engine.step()
                 self.busy_s += time.perf_counter() - stepped
+                self.failed_steps = 0
                 for future, result in finished:
                     outstanding.discard(future)
                     future.set_result(result)
             except Exception as exc:  # a broken engine fails every waiting batch; Ray retries them
-                log.exception("engine step failed")
-                for future in outstanding:
-                    future.set_exception(exc)
+                self._failed(exc, outstanding)
                 outstanding.clear()
                 engine.reset()
+
+    def _failed(self, exc: Exception, outstanding: set[Future]) -> None:
+        self.failed_steps += 1
+        log.error("engine step failed (%d in a row)", self.failed_steps, exc_info=exc)
+        broken = is_device_oom(exc) or self.failed_steps >= self.max_failed_steps
+        if broken and self._on_broken is not None:
+            self._on_broken(exc)
+        error = EngineStepError(f"engine step failed: {type(exc).__name__}: {exc}")
+        error.__cause__ = exc
+        for future in outstanding:
+            future.set_exception(error)
 
 
 def stop_ids_for(tokenizer: Tokenizer, chat: bool) -> tuple[int, ...]:
@@ -188,6 +266,7 @@ class ModelStage:
         engine_options: dict[str, Any],
         compilation_cache: bool,
         memory_headroom: float,
+        max_failed_steps: int,
         progress: Any = None,
     ) -> None:
         self.progress = progress  # a ProgressCounter actor handle, or None
@@ -206,7 +285,12 @@ class ModelStage:
         options = planned_engine_options(ckpt.config, dtype, engine_options, memory_headroom)
         engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **options)
         engine.warmup()
-        self.worker = EngineWorker(engine)
+        self.worker = EngineWorker(
+            engine,
+            max_failed_steps=max_failed_steps,
+            on_broken=exit_broken_actor,
+            fault_hook=fault_hook_from_env(),
+        )
         log.info("model stage ready: %s", self.model_name)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -326,6 +410,7 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
             ),
             compilation_cache=model.compilation_cache,
             memory_headroom=model.memory_headroom,
+            max_failed_steps=model.max_failed_steps,
             progress=context.progress,
         ),
         ray_args=dict(
@@ -339,6 +424,7 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
             resources=model.resources_per_replica or None,
             runtime_env=actor_env(config),
             batch_size=gen.batch_size,
+            max_restarts=model.max_restarts,  # Ray Data's default is unlimited
         ),
     )
 

@@ -10,6 +10,13 @@ are merged in Ray tasks (:func:`pipeline.writer.collect`), rows in and out are c
 file (a difference fails the run), then ``_summary.json``, ``report.html`` (a report that fails
 to build is recorded in the manifest, and the run still succeeds), ``_manifest.json`` and
 ``_SUCCESS`` are written, in that order.
+
+Retries: the storage clients retry most faults themselves when told to (for S3, botocore's
+``config_kwargs: {retries: {mode: standard, max_attempts: 10}}`` in the storage options). What
+still gets through to Ray Data is retried by it when the message matches its
+``retried_io_errors``, whose defaults name only Arrow's own S3 client's errors: the runner adds
+:data:`RETRIED_IO_ERRORS` (what s3fs / botocore raise) for the run. A model batch whose engine step
+failed is retried too (:data:`ENGINE_RETRIED_ERRORS`, ``model.batch_retries`` times).
 """
 
 from __future__ import annotations
@@ -56,6 +63,28 @@ from pipeline.writer import (
 
 log = logging.getLogger(__name__)
 
+# Errors from fsspec-based storage (s3fs over aiobotocore) that a later attempt may not meet: a
+# connection refused, reset or cut mid-transfer, a timeout, S3 throttling (503 SlowDown) or
+# unavailability. Regexes matched against "ExceptionClass: message" by Ray Data's file reads,
+# writes (pipeline.writer.RunDatasink too) and checkpoint writes, on top of its own defaults. The
+# corpus reader relies on the storage client's retries alone.
+RETRIED_IO_ERRORS = (
+    r"EndpointConnectionError",
+    r"ConnectionClosedError",
+    r"ConnectTimeoutError",
+    r"ReadTimeoutError",
+    r"ResponseStreamingError",
+    r"IncompleteRead",
+    r"[Rr]esponse payload is not completed",
+    r"[Rr]educe your request rate",
+    r"SlowDown",
+    r"Service ?Unavailable",
+    r"ServerDisconnectedError",
+    r"ClientOSError",
+)
+# A model batch that failed because an engine step raised (pipeline.model_stage.EngineStepError).
+ENGINE_RETRIED_ERRORS = (r"EngineStepError",)
+
 
 @dataclass(frozen=True)
 class RunResult:
@@ -99,12 +128,24 @@ def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResul
         fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
     pa_fs = arrow_filesystem(fs)
     context = ray.data.DataContext.get_current()
-    previous = context.checkpoint_config
-    context.checkpoint_config = _checkpoint_config(config, run_dir, pa_fs)
+    settings = {
+        "checkpoint_config": _checkpoint_config(config, run_dir, pa_fs),
+        "retried_io_errors": _merged(context.retried_io_errors, RETRIED_IO_ERRORS),
+        "retried_map_errors": list(ENGINE_RETRIED_ERRORS),
+        "max_map_retries": config.model.batch_retries,
+    }
+    previous = {name: getattr(context, name) for name in settings}
+    for name, value in settings.items():
+        setattr(context, name, value)
     try:
         return _run(config, run_uri, fs, run_dir, pa_fs, started)
     finally:
-        context.checkpoint_config = previous
+        for name, value in previous.items():
+            setattr(context, name, value)
+
+
+def _merged(patterns: list[str], more: tuple[str, ...]) -> list[str]:
+    return [*patterns, *(p for p in more if p not in patterns)]
 
 
 def _run(

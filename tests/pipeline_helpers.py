@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
+import posixpath
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import fsspec
+import psutil
 import pyarrow as pa
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import yaml
 
+from pipeline import schema as S
 from pipeline.config import JobConfig, load_job_config
 from testkit.tiny_detoxify import build_tiny_detoxify
 from testkit.tiny_model import build_tiny_checkpoint
@@ -143,3 +151,107 @@ def read_output(fs: fsspec.AbstractFileSystem, run_dir: str, fmt: str, sub: str 
     if not tables:
         return pa.table({})
     return pa.concat_tables(tables, promote_options="default")
+
+
+def committed_keys(checkpoint_dir: Path) -> set[str]:
+    """Row keys Ray Data's checkpoint recorded as written (parquet files with the resume key).
+
+    Its writes are two-phase: a ``*.pending.parquet`` checkpoint is written before the data file
+    and renamed once the data file is complete. A rerun rolls pending ones back (their rows are
+    generated again), so only renamed (committed) files count.
+    """
+    ids: set[str] = set()
+    for path in checkpoint_dir.rglob("*.parquet"):
+        if path.name.endswith(".pending.parquet"):
+            continue
+        try:
+            table = pq.read_table(io.BytesIO(path.read_bytes()))
+            ids.update(table.column(S.ROW_KEY).to_pylist())
+        except Exception:  # a file cut off by the kill was never committed
+            continue
+    return ids
+
+
+def kill_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the driver and everything it started (the local Ray cluster included)."""
+    try:
+        family = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        family = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    for child in family:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    process.wait(timeout=60)
+
+
+def run_cli(
+    config: Path,
+    run_id: str,
+    *,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
+    args: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """``python -m pipeline.cli run config --run-id run_id`` in its own session (so that
+    :func:`kill_tree` takes its Ray cluster too); ``env`` is added to this environment and the
+    output goes to ``log`` (appended) or nowhere."""
+    out = open(log, "ab") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-id", run_id, *args],
+            start_new_session=True,
+            stdout=out,
+            stderr=subprocess.STDOUT if log is not None else subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+        )
+    finally:
+        if log is not None:
+            out.close()
+
+
+def part_names(fs: fsspec.AbstractFileSystem, run_dir: str, fmt: str = "parquet") -> set[str]:
+    """The part files of a run, kept and rejected (paths relative to the run directory)."""
+    fs.invalidate_cache()
+    ext = "parquet" if fmt == "parquet" else "jsonl"
+    names = set()
+    for sub in ("", "rejected/"):
+        for path in fs.glob(f"{run_dir}/{sub}part-*.{ext}"):
+            names.add(sub + posixpath.basename(path))
+    return names
+
+
+def check_complete_run(
+    fs: fsspec.AbstractFileSystem, run_dir: str, rows: list[dict[str, Any]], fmt: str = "parquet"
+) -> pa.Table:
+    """Asserts what a finished run promises and returns its rows (kept and rejected).
+
+    ``_SUCCESS`` is there; every input row is in the outputs exactly once; the manifest's counts
+    are what the files hold (rows, output tokens, rows in = rows out per input file, no repeated
+    id); each part has its summary under ``_stats/`` and no summary is left without its part.
+    """
+    fs.invalidate_cache()
+    assert fs.exists(f"{run_dir}/_SUCCESS")
+    kept = read_output(fs, run_dir, fmt)
+    rejected = read_output(fs, run_dir, fmt, "rejected")
+    table = (
+        kept
+        if not rejected.num_rows
+        else pa.concat_tables([kept, rejected], promote_options="default")
+    )
+    ids = table.column(S.ID).to_pylist()
+    assert len(ids) == len(set(ids)), "a row is in the outputs more than once"
+    assert sorted(ids) == sorted(r["id"] for r in rows), "a row is missing from the outputs"
+    manifest = json.loads(fs.cat_file(f"{run_dir}/_manifest.json"))
+    counts = manifest["counts"]
+    assert manifest["status"] == "succeeded"
+    assert counts["rows"] == len(rows) == table.num_rows
+    assert counts["output_tokens"] == sum(table.column(S.OUTPUT_TOKENS).to_pylist())
+    assert counts.get("ids_repeated", 0) == 0
+    assert all(c["rows_in"] == c["rows_out"] for c in manifest["inputs"].values())
+    assert sum(c["rows_in"] for c in manifest["inputs"].values()) == len(rows)
+    stems = {posixpath.basename(n).rsplit(".", 1)[0] for n in part_names(fs, run_dir, fmt)}
+    stats = {posixpath.basename(p).rsplit(".", 1)[0] for p in fs.find(f"{run_dir}/_stats")}
+    assert stats == stems, "the part summaries differ from the parts"
+    return table

@@ -294,6 +294,25 @@ class ModelSection(_Section):
         description="Share of a device's memory the memory plan leaves free (allocator "
         "fragmentation, XLA temporaries it does not model).",
     )
+    max_restarts: int = Field(
+        default=4,
+        ge=-1,
+        description="Times Ray restarts a model actor that died (its process or node lost, or a "
+        "broken engine that made it exit) before the run fails; -1 restarts it forever (a replica "
+        "that can never work then retries forever).",
+    )
+    batch_retries: int = Field(
+        default=2,
+        ge=0,
+        description="Times a model batch whose engine step raised is retried on the same actor "
+        "(the engine is reset in between) before the run fails.",
+    )
+    max_failed_steps: int = Field(
+        default=3,
+        ge=1,
+        description="Consecutive failed engine steps after which a replica counts as broken and "
+        "its actor exits so that Ray replaces it; a device out-of-memory is broken at once.",
+    )
 
     @field_validator("resources_per_replica")
     @classmethod

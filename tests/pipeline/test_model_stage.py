@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -9,7 +10,15 @@ import numpy as np
 import pytest
 
 from model.engine import Engine, GenerationRequest
-from pipeline.model_stage import EngineWorker, row_seed
+from pipeline.model_stage import (
+    FAULT_HOOK_ENV,
+    EngineStepError,
+    EngineWorker,
+    fault_hook_from_env,
+    is_device_oom,
+    row_seed,
+)
+from testkit import faults
 from testkit.tiny_model import random_params, tiny_config
 
 CONFIG = tiny_config()
@@ -75,6 +84,53 @@ def test_a_failing_engine_fails_the_waiting_batch_and_recovers(engine, monkeypat
         worker.run(batch(7))
     assert worker.run(batch(8)) == Engine.generate(engine, batch(8))
     worker.close()
+
+
+def test_a_broken_engine_is_reported_transient_failures_are_not(engine, monkeypatch) -> None:
+    broken: list[BaseException] = []
+    pending: list[Exception] = []  # the next step raises this, once
+    real_step = engine.step
+
+    def step():
+        if pending:
+            raise pending.pop()
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step)
+    worker = EngineWorker(engine, max_failed_steps=2, on_broken=broken.append)
+    oom = RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1024 bytes")
+    # transient (1 in a row), a success (resets the count), then 1 and 2 in a row (broken), OOM.
+    for failure in (RuntimeError("transient"), None, RuntimeError("again"), RuntimeError("more")):
+        if failure is None:
+            assert len(worker.run(batch(9, n=2))) == 2
+            continue
+        pending.append(failure)
+        with pytest.raises(EngineStepError, match=str(failure)) as failed:
+            worker.run(batch(9, n=2))
+        assert failed.value.__cause__ is failure
+    assert [str(e) for e in broken] == ["more"]
+    pending.append(oom)
+    with pytest.raises(EngineStepError, match="RESOURCE_EXHAUSTED"):
+        worker.run(batch(9, n=2))
+    worker.close()
+    assert broken[-1] is oom  # at once, whatever the count
+    assert is_device_oom(oom) and not is_device_oom(RuntimeError("device lost"))
+
+
+def test_fault_hook_runs_before_each_step(engine, monkeypatch, tmp_path) -> None:
+    monkeypatch.delenv(FAULT_HOOK_ENV, raising=False)
+    assert fault_hook_from_env() is None
+    monkeypatch.setenv(FAULT_HOOK_ENV, "testkit.faults:fail_once")
+    monkeypatch.setenv(faults.FAULT_STEP_ENV, "2")
+    monkeypatch.setenv(faults.FAULT_LOG_ENV, str(tmp_path / "faults.log"))
+    hook = fault_hook_from_env()
+    assert hook is faults.fail_once
+    worker = EngineWorker(engine, fault_hook=hook)
+    with pytest.raises(EngineStepError, match="injected transient"):
+        worker.run(batch(10, n=12))  # more than one step
+    assert worker.run(batch(11, n=2)) == Engine.generate(engine, batch(11, n=2))
+    worker.close()
+    assert faults.recorded(str(tmp_path / "faults.log")) == [f"transient pid={os.getpid()} step=2"]
 
 
 def test_row_seed_is_stable_and_spread() -> None:

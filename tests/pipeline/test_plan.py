@@ -78,6 +78,7 @@ def test_stages_own_their_ray_arguments(fixtures, tmp_path) -> None:
     assert model.ray_args["compute"].min_size == model.ray_args["compute"].max_size == 3
     assert model.ray_args["num_cpus"] == 2
     assert model.ray_args["batch_size"] == cfg.generation.batch_size
+    assert model.ray_args["max_restarts"] == cfg.model.max_restarts  # bounded, unlike Ray's default
     assert prompt.ray_args["compute"].min_size == 1  # autoscaling with the cluster
     assert prompt.ray_args["compute"].max_size == float("inf")  # prompt_workers unset
     capped = build_stages(

@@ -3,67 +3,27 @@ rows committed before the kill are not generated again, repeated ids included.""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import fsspec
-import psutil
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import build_fixtures, corpus_rows, job_yaml, read_output, write_corpus
+from pipeline_helpers import (
+    build_fixtures,
+    committed_keys,
+    corpus_rows,
+    job_yaml,
+    kill_tree,
+    read_output,
+    run_cli,
+    write_corpus,
+)
 
 from pipeline import schema as S
 
 LOCAL = fsspec.filesystem("file")
 ROWS = 160
-
-
-def committed_keys(checkpoint_dir: Path) -> set[str]:
-    """Row keys Ray Data's checkpoint recorded as written (parquet files with the key column).
-
-    Its writes are two-phase: a ``*.pending.parquet`` checkpoint is written before the data file
-    and renamed once the data file is complete. A rerun rolls pending ones back (their rows are
-    generated again), so only renamed (committed) files count.
-    """
-    ids: set[str] = set()
-    for path in checkpoint_dir.rglob("*.parquet"):
-        if path.name.endswith(".pending.parquet"):
-            continue
-        try:
-            table = pq.read_table(io.BytesIO(path.read_bytes()))
-            ids.update(table.column(S.ROW_KEY).to_pylist())
-        except Exception:  # a file cut off by the kill was never committed
-            continue
-    return ids
-
-
-def kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the driver and everything it started (the local Ray cluster included)."""
-    try:
-        family = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        family = []
-    os.killpg(process.pid, signal.SIGKILL)
-    for child in family:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            child.kill()
-    process.wait(timeout=60)
-
-
-def run_cli(config: Path, run_id: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--run-id", run_id],
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
 
 
 @pytest.mark.slow
