@@ -8,9 +8,7 @@ import json
 import fsspec
 import pyarrow as pa
 import pytest
-import ray
 from pipeline_helpers import (
-    build_fixtures,
     corpus_rows,
     job_config,
     job_yaml,
@@ -31,18 +29,6 @@ TOXICITY_LABELS = (
     "insult",
     "identity_attack",
 )
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def check_output(table: pa.Table, input_ids: list[str], manifest: dict, task: str) -> None:

@@ -50,7 +50,6 @@ import pytest
 import s3fs
 from fault_proxy import KEYS, FaultProxy, Rule, proxied_options
 from pipeline_helpers import (
-    build_fixtures,
     check_complete_run,
     committed_keys,
     corpus_rows,
@@ -70,11 +69,6 @@ RUN_TIMEOUT_S = 300
 # Paces the tiny model (0.5 s more per engine step; ROWS rows take ~40 steps, ~20 s) so that a
 # fault lands while the model still has rows to generate.
 PACED = {"RGBATCH_FAULT_HOOK": "testkit.faults:slow", "RGBATCH_FAULT_DELAY_S": "0.5"}
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
 
 
 def job(

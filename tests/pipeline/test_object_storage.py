@@ -6,9 +6,7 @@ import json
 
 import fsspec
 import pytest
-import ray
 from pipeline_helpers import (
-    build_fixtures,
     corpus_rows,
     job_config,
     job_yaml,
@@ -18,18 +16,6 @@ from pipeline_helpers import (
 
 from pipeline import schema as S
 from pipeline.runner import run_job
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.parametrize("store", ["s3", "gs"])

@@ -10,11 +10,10 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pytest
-import ray
 import yaml
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
-from pipeline_helpers import build_fixtures, job_config, job_yaml
+from pipeline_helpers import job_config, job_yaml
 
 from model.engine import GenerationRequest
 from model.tokenizer import Tokenizer
@@ -396,18 +395,6 @@ def test_config_rules() -> None:
 
 
 # A whole run -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def run_config(fixtures: dict[str, str], input_uri: str, output_uri: str, **extra: Any) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import build_fixtures, job_config, job_yaml
+from pipeline_helpers import job_config, job_yaml
 
 import pipeline.plan
 from pipeline import schema as S
@@ -16,11 +16,6 @@ from pipeline.report.page import throughput_rates
 from pipeline.stage import PlanContext, PlanError, Stage, check_columns
 from pipeline.summary import RunSummary
 from pipeline.writer import RunIntegrityError, check_rows
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
 
 
 def config(fixtures, tmp_path, **extra):

@@ -9,8 +9,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import ray
-from pipeline_helpers import build_fixtures, corpus_rows, job_config, job_yaml, read_output
+from pipeline_helpers import corpus_rows, job_config, job_yaml, read_output
 
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
@@ -28,11 +27,6 @@ LONG_DOC = " ".join(f"On day {i} the council met and the riders waited." for i i
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
     return Tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
 
 
 def _qa_table(rows: list[tuple[str, str, str]]) -> pa.Table:
@@ -188,6 +182,7 @@ def _model_stage(fixtures: dict[str, str], cache_bytes: int) -> ModelStage:
         ),
         compilation_cache=False,
         memory_headroom=0.1,
+        max_failed_steps=3,
     )
 
 
@@ -227,13 +222,6 @@ def test_the_model_stage_prefills_each_document_once(fixtures, tok: Tokenizer) -
 
 
 # ------------------------------------------------------------------------------ a whole run
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def test_a_qa_run_answers_every_question(tmp_path, fixtures, ray_cluster) -> None:

@@ -6,7 +6,6 @@ import fsspec
 import pytest
 import ray
 from pipeline_helpers import (
-    build_fixtures,
     corpus_rows,
     job_config,
     job_yaml,
@@ -21,11 +20,6 @@ from pipeline.runner import run_job
 from pipeline.stage import PlanContext
 
 LOCAL = fsspec.filesystem("file")
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
 
 
 @pytest.mark.slow

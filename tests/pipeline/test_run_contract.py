@@ -16,7 +16,6 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from pipeline_helpers import (
-    build_fixtures,
     corpus_rows,
     job_config,
     job_yaml,
@@ -32,18 +31,6 @@ from pipeline.contract import LEASE, RunRefused
 from pipeline.runner import RunFailed, run_job
 
 LOCAL = fsspec.filesystem("file")
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 def yaml_for(fixtures, tmp_path, **extra) -> str:

@@ -11,9 +11,7 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 import pytest
-import ray
 from pipeline_helpers import (
-    build_fixtures,
     corpus_rows,
     job_config,
     job_yaml,
@@ -28,18 +26,6 @@ from pipeline.runner import run_job
 from pipeline.summary import RunSummary
 
 LOCAL = fsspec.filesystem("file")
-
-
-@pytest.fixture(scope="module")
-def fixtures(tmp_path_factory):
-    return build_fixtures(tmp_path_factory.mktemp("fixtures"))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
 
 
 class OpenRecorder:
