@@ -33,9 +33,9 @@ says how many leading ids (BOS, head and document) are shared: every question ab
 document gets the same prefix ids, so the engine prefills the document once and reuses its
 state (``GenerationRequest.prefix_len``). The split can differ from one tokenization of the
 whole prompt only in the pieces at the document's end. Only prefixes that at least two rows
-of the batch share are marked: for a document asked once, prefilling its prefix and then the
-rest as two calls costs more than one (~1.5x the time on the CPU benchmark model), and
-reuse cannot win it back. A document cut to fit is cut to leave
+of the batch share are marked: a document asked once gains nothing from a prefix state, costs a
+second prefill call, and its state would take a place in the engine's prefix cache that a
+document with questions still queued may need. A document cut to fit is cut to leave
 room for :data:`SHARED_SUFFIX_TOKENS` after it (or its own question's, if longer), so that
 questions of different lengths still share it. Other tasks, and qa templates that put the
 question first, have ``prefix_len`` 0.
@@ -379,8 +379,7 @@ class _Outputs:
         self.prefix[i] = prefix if 0 < prefix < len(ids) else 0
 
     def keep_repeated_prefixes(self) -> None:
-        """Unmarks the prefixes no other row of the batch shares: reuse would not pay for the
-        second prefill call (prefix, then the rest) such a row costs."""
+        """Unmarks the prefixes no other row of the batch shares (see the module docstring)."""
         keys = {i: tuple(self.ids[i][:n]) for i, n in enumerate(self.prefix) if n}
         counts = Counter(keys.values())
         for i, key in keys.items():
