@@ -33,7 +33,7 @@ if not __package__:  # run as a script (python benchmarks/...py): import from th
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks import harness
-from benchmarks.pipeline_scale import VOCAB
+from benchmarks.pipeline_scale import VOCAB, job_yaml
 
 DEFAULT_ROWS = 20_000
 SMALL_ROWS = 1_000
@@ -74,36 +74,6 @@ def make_corpus(fs: Any, prefix: str, rows: int, seed: int = 0) -> None:
         chunks[i % FILES].append(line + "\n")
     for i, lines in enumerate(chunks):
         fs.pipe_file(f"{prefix}/part-{i:03d}.jsonl", "".join(lines).encode())
-
-
-def job_config(bucket: str, checkpoint: str, storage: dict[str, Any]) -> str:
-    return json.dumps(
-        {
-            "task": "summarize",
-            "input": {
-                "uri": f"s3://{bucket}/in/*.jsonl",
-                "id_column": "id",
-                "storage_options": storage,
-            },
-            "model": {"checkpoint": checkpoint, "dtype": "float32"},
-            "generation": {
-                "max_new_tokens": 1,
-                "max_prompt_tokens": 256,
-                "max_slots": 64,
-                "prefill_batch": 16,
-                "prefill_chunk": 128,
-                "batch_size": 1024,
-            },
-            "toxicity": {"enabled": False},
-            "output": {
-                "uri": f"s3://{bucket}/out",
-                "format": "parquet",
-                "rows_per_file": 1024,
-                "storage_options": storage,
-            },
-            "run": {"num_cpus": 8, "progress_interval_s": 30},
-        }
-    )
 
 
 def run_driver(config: Path, run_id: str, log: Path) -> tuple[int, float]:
@@ -216,7 +186,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             storage = proxied_options(options, proxy.url, max_attempts=10)
             storage.pop("skip_instance_cache")
             config = workdir / "job.yaml"
-            config.write_text(job_config(bucket, checkpoint, storage))
+            config.write_text(
+                job_yaml(
+                    f"s3://{bucket}/in/*.jsonl",
+                    f"s3://{bucket}/out",
+                    checkpoint,
+                    storage_options=storage,
+                    rows_per_file=1024,
+                )
+            )
             runs = {}
             for name, rules in (("clean", []), ("faulty", fault_rules(args.rate))):
                 print(f"[fault_soak] {name} run of {args.rows:,} rows ...", flush=True)

@@ -101,11 +101,21 @@ def make_corpus(directory: Path, rows: int, files: int = FILES, seed: int = 0) -
     return sum(p.stat().st_size for p in directory.glob("*.jsonl"))
 
 
-def job_yaml(corpus: Path, out: Path, checkpoint: str) -> str:
+def job_yaml(
+    input_uri: str,
+    output_uri: str,
+    checkpoint: str,
+    *,
+    storage_options: dict[str, Any] | None = None,
+    rows_per_file: int = 8192,
+) -> str:
+    """The benchmark job (summarize, one new token, toxicity off) over ``input_uri`` (JSONL);
+    ``storage_options`` go to both the input and the output."""
+    storage = {"storage_options": storage_options} if storage_options else {}
     return json.dumps(
         {
             "task": "summarize",
-            "input": {"uri": f"{corpus}/*.jsonl", "id_column": "id"},
+            "input": {"uri": input_uri, "id_column": "id", **storage},
             "model": {"checkpoint": checkpoint, "dtype": "float32"},
             "generation": {
                 "max_new_tokens": 1,
@@ -116,7 +126,12 @@ def job_yaml(corpus: Path, out: Path, checkpoint: str) -> str:
                 "batch_size": 1024,
             },
             "toxicity": {"enabled": False},
-            "output": {"uri": str(out), "format": "parquet", "rows_per_file": 8192},
+            "output": {
+                "uri": output_uri,
+                "format": "parquet",
+                "rows_per_file": rows_per_file,
+                **storage,
+            },
             "run": {"num_cpus": 8, "progress_interval_s": 30},
         }
     )
@@ -167,7 +182,7 @@ def run_size(rows: int, workdir: Path, checkpoint: str) -> dict[str, Any]:
     corpus = workdir / f"corpus-{rows}"
     corpus_bytes = make_corpus(corpus, rows)
     config = workdir / f"job-{rows}.yaml"
-    config.write_text(job_yaml(corpus, workdir / "out", checkpoint))
+    config.write_text(job_yaml(f"{corpus}/*.jsonl", str(workdir / "out"), checkpoint))
     result = harness.run_module_json(
         "benchmarks.pipeline_scale", "--child", str(config), f"r{rows}", label=f"{rows} rows"
     )

@@ -342,11 +342,7 @@ def _add_jsonl_row(
     """Adds one line's row; ``too_large`` is the size of a line over the limit (``raw`` then
     holds its first bytes only, and the row is an error)."""
     if too_large is not None:
-        parsed, kind = None, "row_too_large"
-        message = (
-            f"line {position + 1} has {too_large} bytes, over input.max_row_bytes "
-            f"({spec.max_row_bytes})"
-        )
+        parsed, kind, message = None, *_too_large(position, too_large, spec.max_row_bytes)
     else:
         parsed, kind, message = _parse_line(raw, position)
     errors: list[tuple[str, str]] = [(kind, message)] if parsed is None else []
@@ -400,6 +396,26 @@ def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
         position += 1
 
 
+def _row_lines(uri: str, spec: _Spec) -> Iterator[tuple[int, bytes, int | None]]:
+    """The lines of a JSONL file that are rows: :func:`_lines` without a leading byte order
+    mark, blank lines skipped (a line over the limit is a row, whatever it holds)."""
+    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
+        for position, raw, too_large in _lines(f, spec.max_row_bytes):
+            if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte order mark
+            if too_large is None and not raw.strip():
+                continue
+            yield position, raw, too_large
+
+
+def _too_large(position: int, size: int, limit: int) -> tuple[str, str]:
+    """(error kind, message) of a line of ``size`` bytes, over ``limit``."""
+    return (
+        "row_too_large",
+        f"line {position + 1} has {size} bytes, over input.max_row_bytes ({limit})",
+    )
+
+
 def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | None]]]:
     def flush() -> tuple[pa.Table, list[str | None]]:
         arrays = {name: pa.array(values, pa.string()) for name, values in passthrough.items()}
@@ -407,17 +423,12 @@ def _iter_jsonl(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[str | No
 
     rows = _Rows(mask_uri(uri))
     passthrough: dict[str, list[Any]] = {name: [] for name in spec.passthrough}
-    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
-        for position, raw, too_large in _lines(f, spec.max_row_bytes):
-            if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark
-            if too_large is None and not raw.strip():
-                continue
-            _add_jsonl_row(rows, spec, raw, position, passthrough, too_large)
-            if len(rows) >= spec.batch_rows:
-                yield flush()
-                rows = _Rows(mask_uri(uri))
-                passthrough = {name: [] for name in spec.passthrough}
+    for position, raw, too_large in _row_lines(uri, spec):
+        _add_jsonl_row(rows, spec, raw, position, passthrough, too_large)
+        if len(rows) >= spec.batch_rows:
+            yield flush()
+            rows = _Rows(mask_uri(uri))
+            passthrough = {name: [] for name in spec.passthrough}
     if len(rows):
         yield flush()
 
@@ -426,26 +437,20 @@ def _iter_openai_batch(uri: str, spec: _Spec) -> Iterator[tuple[pa.Table, list[s
     """An OpenAI batch file: one row per non-blank line (see :mod:`pipeline.openai_batch`)."""
     source = mask_uri(uri)
     rows = openai_batch.RequestRows(source)
-    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
-        for position, raw, too_large in _lines(f, spec.max_row_bytes):
-            if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a UTF-8 byte order mark
-            if too_large is None and not raw.strip():
-                continue
-            if too_large is not None:
-                obj, kind = None, "row_too_large"
-                message = f"line {position + 1} has {too_large} bytes, over input.max_row_bytes"
-            else:
-                obj, kind, message = _parse_line(raw, position)
-            rows.add(
-                obj,
-                (kind, message) if obj is None else None,
-                derived_id=derive_id(source, position, raw),
-                key=row_key(source, position),
-                position=position,
-            )
-            if len(rows) >= spec.batch_rows:
-                yield rows.flush()
+    for position, raw, too_large in _row_lines(uri, spec):
+        if too_large is not None:
+            obj, kind, message = None, *_too_large(position, too_large, spec.max_row_bytes)
+        else:
+            obj, kind, message = _parse_line(raw, position)
+        rows.add(
+            obj,
+            (kind, message) if obj is None else None,
+            derived_id=derive_id(source, position, raw),
+            key=row_key(source, position),
+            position=position,
+        )
+        if len(rows) >= spec.batch_rows:
+            yield rows.flush()
     if len(rows):
         yield rows.flush()
 

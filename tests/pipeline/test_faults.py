@@ -571,7 +571,12 @@ def tmpfs(path: Path, size: str) -> Iterator[Callable[[str], None]]:
         text=True,
     )
     if mount.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (uid {os.getuid()}): {mount.stderr.strip()}")
+        # Filling a disk on purpose needs a small filesystem of our own; without root or
+        # CAP_SYS_ADMIN there is no way to make one, and filling the real disk is not an option.
+        pytest.skip(
+            "disk-full case needs root or CAP_SYS_ADMIN to mount a 128 KiB tmpfs "
+            f"(uid {os.getuid()}, mount said: {mount.stderr.strip()})"
+        )
 
     def resize(new_size: str) -> None:
         subprocess.run(["mount", "-o", f"remount,size={new_size}", str(path)], check=True)
