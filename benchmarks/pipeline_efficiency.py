@@ -50,6 +50,7 @@ from pipeline.model_stage import stop_ids_for
 from pipeline.prompts import PromptBuilder
 from pipeline.readers import read_file_rows
 from pipeline.runner import run_job
+from testkit.ray_local import start_local_ray
 from testkit.tiny_model import random_params, tiny_config, write_kaggle_checkpoint
 
 SAMPLE = harness.REPO_ROOT / "data" / "sample"
@@ -140,7 +141,7 @@ def measure(
 
     engine_s, engine_cold_s, engine_tokens = engine_only(config_dict, checkpoint, root)
     os.environ.setdefault("RAY_DATA_NON_TTY_PROGRESS_LOG_INTERVAL", "60")
-    ray.init(num_cpus=8, include_dashboard=False)
+    start_local_ray(num_cpus=8)
     try:
         cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="bench")
         result, e2e_s = harness.time_call(run_job, cfg)

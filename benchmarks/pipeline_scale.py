@@ -151,9 +151,10 @@ def child(config_path: str, run_id: str) -> dict[str, Any]:
 
     from pipeline.config import load_job_config
     from pipeline.runner import run_job
+    from testkit.ray_local import start_local_ray
 
     config = load_job_config(config_path, run_id=run_id, date="2026-11-30")
-    ray.init(num_cpus=config.run.num_cpus, include_dashboard=False)
+    start_local_ray(num_cpus=config.run.num_cpus)
     rchar_before = _proc("io", "rchar")
     started = time.perf_counter()
     try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-import ray
 from pipeline_helpers import build_fixtures
+
+from testkit.ray_local import local_ray
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +19,5 @@ def fixtures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
     """A local Ray cluster for the tests of one module (8 logical CPUs)."""
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=8):
+        yield

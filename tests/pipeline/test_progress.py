@@ -9,6 +9,7 @@ import pytest
 import ray
 
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter, format_progress
+from testkit.ray_local import local_ray
 
 
 def test_format_with_and_without_a_total() -> None:
@@ -27,9 +28,8 @@ class FakeTerminal(io.StringIO):
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=2):
+        yield
 
 
 def test_reporter_redraws_on_a_terminal_and_logs_otherwise(ray_local, caplog) -> None:

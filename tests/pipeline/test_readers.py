@@ -31,6 +31,7 @@ from pipeline.schema import (
     SOURCE,
     TEXT,
 )
+from testkit.ray_local import start_local_ray
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
 SAMPLE_JSONL = sorted(str(p) for p in SAMPLE.glob("part-*.jsonl"))
@@ -313,7 +314,7 @@ def test_sample_corpus() -> None:
 def ray_local() -> Iterator[None]:
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=2, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     try:

@@ -18,6 +18,7 @@ from pipeline.config import ConfigError
 from pipeline.model_stage import actor_env, model_stage
 from pipeline.runner import run_job
 from pipeline.stage import PlanContext
+from testkit.ray_local import start_local_ray
 
 LOCAL = fsspec.filesystem("file")
 
@@ -26,7 +27,7 @@ LOCAL = fsspec.filesystem("file")
 def test_a_replica_of_two_devices_writes_what_one_device_writes(tmp_path, fixtures) -> None:
     write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(12), "jsonl", files=2)
     outputs = {}
-    ray.init(num_cpus=8, include_dashboard=False, ignore_reinit_error=True)
+    start_local_ray(num_cpus=8)
     try:
         for n in (1, 2):
             text = job_yaml(

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import schema
 from pipeline.toxicity import ToxicityScorer, ToxicityStage, apply_policy
+from testkit.ray_local import local_ray
 from testkit.tiny_detoxify import build_tiny_detoxify
 
 LABELS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
@@ -361,13 +362,8 @@ def test_checkpoint_without_config_names_itself(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": OFFLINE})
-    try:
+    with local_ray(num_cpus=2, runtime_env={"env_vars": OFFLINE}):
         yield
-    finally:
-        ray.shutdown()
 
 
 def test_stage_in_ray_data_matches_direct_call(ray_cluster: None, checkpoint: Path) -> None:
