@@ -2,6 +2,25 @@
 
 The names below load on first use, so that ``import model.tokenizer`` (what the prompt and
 toxicity stages need) does not pull JAX into every Ray worker.
+
+A checkpoint in either released layout (:mod:`model.checkpoint`: Kaggle Orbax; :mod:`model.hf`:
+Hugging Face safetensors), local or at any fsspec URI, and one forward pass::
+
+    import jax.numpy as jnp
+    import numpy as np
+    from model import RecurrentGemma
+    from model.checkpoint import load_checkpoint
+    from model.tokenizer import Tokenizer
+
+    ckpt = load_checkpoint("s3://my-bucket/recurrentgemma/2b-it", storage_options={...})
+    tok = Tokenizer.load(ckpt.tokenizer_path)
+    ids = np.array([tok.encode_prompt("Why is the sky blue?", chat=True)])
+    logits, cache = RecurrentGemma(ckpt.config, dtype=jnp.bfloat16).apply(
+        {"params": ckpt.params}, ids, np.arange(ids.shape[1])[None]
+    )
+
+Generation over many prompts is :class:`model.engine.Engine`; the per-device memory plan is
+:mod:`model.memory`, the tensor-parallel split :mod:`model.sharding`.
 """
 
 from __future__ import annotations

@@ -4,6 +4,21 @@
 returns ``(logits float32 [b, t, v], cache)``. The parameter tree is exactly the official one, so a
 Kaggle checkpoint loads without renaming. A returned cache continues the sequences in a later call,
 one token at a time or in chunks of any length, past the attention window too.
+
+The cache of one sequence has a fixed size, whatever its length: per recurrent block the RG-LRU
+state (float32) and the last ``conv1d_temporal_width - 1`` conv inputs, per attention block a ring
+buffer of the last ``attention_window_size`` keys and values with their positions.
+:func:`cache_bytes_per_sequence` gives it: 17.3 MB for 2B and 26.3 MB for 9B in bfloat16.
+
+Token ids outside the vocabulary raise :class:`TokenRangeError` (a host check, naming the first
+one); under ``jit``, where no host check can run, they turn that sequence's logits into NaN rather
+than reading another embedding row.
+
+Differences from the official implementation, on purpose: a cached call with a chunk longer than
+one token continues the cache (the official code restarts it), with the window honoured across
+chunk boundaries; and a prompt shorter than the conv width, left-padded into a batch, does not
+pick up pad inputs in its conv state (the official cache keeps them), so a padded row decodes
+exactly as it would alone.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ Layout differences: torch linear weights are [out, in] (transposed here); the ML
 [lru_width, 1, temporal_width] in torch, same tap order; ``lm_head`` is tied to the embeddings.
 
 Window: HF lets a query see ``attention_window_size`` keys (itself included), the official code
-sees ``attention_window_size + 1``; so ours is HF's minus one.
+sees ``attention_window_size + 1``; so ours is HF's minus one: a released HF config (2048) loads
+with a window of 2047, which is what HF computes.
 """
 
 from __future__ import annotations

@@ -193,6 +193,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from pipeline.config.reference import render
+
+    sys.stdout.write(render())
+    return EXIT_OK
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     import jax.numpy as jnp
 
@@ -366,6 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage-options", default=None, help="fsspec options as JSON (default: environment)"
     )
     report.set_defaults(func=_cmd_report)
+
+    config = sub.add_parser(
+        "config", help="print the job config reference: every field, its type, default, meaning"
+    )
+    config.set_defaults(func=_cmd_config)
 
     generate = sub.add_parser(
         "generate", help="continue a few prompts (greedy unless --temperature)"

@@ -172,8 +172,10 @@ class InputSection(_Section):
     )
     id_column: str | None = Field(
         default=None,
-        description="Column holding a stable row id; when absent the id is a hash of source file "
-        "and row content.",
+        description="Column holding a stable row id; when absent the id is a hash of the source "
+        'file, the row\'s position in it and its content. Values keep their type (42 and "42" '
+        "are different ids); repeated ids are allowed: every row is generated and written, and "
+        "the manifest counts them (ids_repeated, rows_with_repeated_ids).",
     )
     text_column: str = Field(
         default="text", description="Column with the document (summarize) or the context (qa)."
@@ -185,11 +187,15 @@ class InputSection(_Section):
     )
     prompt_column: str = Field(default="prompt", description="Column with the prompt (generate).")
     passthrough: list[str] = Field(
-        default_factory=list, description="Input columns copied unchanged to the output rows."
+        default_factory=list,
+        description="Input columns copied unchanged to the output rows; a column the pipeline "
+        "writes itself is refused.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
-        description="fsspec storage options for the input filesystem (redacted in the manifest).",
+        description="fsspec storage options for the input filesystem (redacted in the manifest), "
+        "e.g. {client_kwargs: {endpoint_url: ...}}; without them the standard environment "
+        "applies (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...).",
     )
     max_row_bytes: int = Field(
         default=32 << 20,
@@ -201,7 +207,7 @@ class InputSection(_Section):
         default=None,
         ge=1,
         description="Repartition the input into this many blocks (spreads small inputs over "
-        "actors); None keeps the reader's blocks.",
+        "actors); null keeps the reader's blocks.",
     )
 
     @field_validator("uri")
@@ -242,10 +248,14 @@ class ModelSection(_Section):
     checkpoint: str = Field(
         min_length=1,
         description="RecurrentGemma checkpoint: a Kaggle variant directory (tokenizer.model in "
-        "its parent) or a Hugging Face directory; local path or fsspec URI.",
+        "its parent) or a Hugging Face directory; local path or fsspec URI. A remote one is "
+        "copied once into $RGBATCH_CACHE_DIR (default ~/.cache/rg-batch), keyed by URI and "
+        "content, and read from there.",
     )
     dtype: Dtype = Field(default="bfloat16", description="Dtype of parameters and activations.")
-    replicas: int = Field(default=1, ge=1, description="Number of model actors (replicas).")
+    replicas: int = Field(
+        default=1, ge=1, description="Number of model actors, each holding one model replica."
+    )
     gpus_per_replica: float = Field(
         default=0, ge=0, description="GPUs per replica; 0 runs the model on CPU."
     )
@@ -261,7 +271,7 @@ class ModelSection(_Section):
     )
     chat_template: bool | None = Field(
         default=None,
-        description="Wrap prompts in the Gemma chat turn format; None means on when the "
+        description="Wrap prompts in the Gemma chat turn format; null means on when the "
         "checkpoint's name ends in -it (instruction-tuned).",
     )
     compilation_cache: bool = Field(
@@ -274,7 +284,7 @@ class ModelSection(_Section):
     tensor_parallel: int | None = Field(
         default=None,
         ge=1,
-        description="Devices one replica's weights and slot states are split over. None: the "
+        description="Devices one replica's weights and slot states are split over. null: the "
         "devices the actor is given (gpus_per_replica, or the TPU chips in "
         "resources_per_replica), else 1. On CPU, N > 1 splits the replica over N host devices "
         "(the sharded path without an accelerator).",
@@ -284,7 +294,7 @@ class ModelSection(_Section):
         gt=0,
         le=1,
         description="Share of each GPU JAX may take in a model actor "
-        "(XLA_PYTHON_CLIENT_MEM_FRACTION, set before JAX starts there); None keeps JAX's 75%. "
+        "(XLA_PYTHON_CLIENT_MEM_FRACTION, set before JAX starts there); null keeps JAX's 75%. "
         "Lower it so a toxicity actor can share the GPU.",
     )
     memory_headroom: float = Field(
@@ -375,7 +385,8 @@ class GenerationSection(_Section):
         description="What to do with a prompt over max_prompt_tokens. Only the document text "
         "(the {text} / {prompt} value) is cut, never the template or the question: 'head' "
         "keeps the first tokens of the document text (drops its end), 'tail' keeps its last "
-        "tokens (drops its start), 'error' makes the row an error (prompt_too_long).",
+        "tokens (drops its start), 'error' makes the row an error (prompt_too_long). Cut rows "
+        "have prompt_truncated set.",
     )
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
     top_k: int = Field(default=0, ge=0, description="Sample from the k most likely; 0 is off.")
@@ -405,14 +416,19 @@ class GenerationSection(_Section):
         description="Most decode steps per host round-trip (a call returns early once "
         "prefill_batch slots are free and prompts are waiting).",
     )
-    batch_size: int = Field(default=256, ge=1, description="Rows per model-stage batch.")
+    batch_size: int = Field(
+        default=256,
+        ge=1,
+        description="Rows per batch of the prompt and model stages; qa rows share their "
+        "document's prefill only with rows of the same batch.",
+    )
     prefix_cache_bytes: int = Field(
         default=prefix_cache.DEFAULT_PREFIX_CACHE_BYTES,
         ge=0,
         description="Host memory (bytes) per replica for the states after shared prompt "
         "prefixes (qa: one per document, reused by every question about it; least recently "
-        "used evicted first). Each state is the model's fixed per-sequence size (17.2 MB for 2B "
-        "in bfloat16, so the 1 GiB default holds ~60 documents); 0 turns reuse off.",
+        "used evicted first). Each state is the model's fixed per-sequence size (17.3 MB for 2B "
+        "in bfloat16, so the 1 GiB default holds 62 documents); 0 turns reuse off.",
     )
 
     @field_validator("max_slots")
@@ -426,7 +442,7 @@ class GenerationSection(_Section):
         default=None,
         ge=1,
         description="Most prompt-building actors (one CPU each; the pool grows from one as "
-        "rows queue up); None lets the pool grow with the cluster.",
+        "rows queue up); null lets the pool grow with the cluster.",
     )
 
 
@@ -486,7 +502,7 @@ class ToxicitySection(_Section):
     checkpoint: str | None = Field(
         default=None,
         description="Local path or URI of a detoxify checkpoint (for clusters without internet); "
-        "None downloads the released weights.",
+        "null downloads the released weights.",
     )
     storage_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -547,15 +563,22 @@ class OutputSection(_Section):
 class RunSection(_Section):
     ray_address: str | None = Field(
         default=None,
-        description="Ray cluster address ('auto', 'ray://...'); None starts a local one.",
+        description="Ray cluster address ('auto', 'ray://...'); null starts a Ray of the run's "
+        "own, which never joins a cluster already running on the machine. 'auto' joins the "
+        "cluster of this machine (submitted jobs and the nightly config use it).",
     )
     num_cpus: int | None = Field(
-        default=None, ge=1, description="Logical CPUs of the local cluster; None lets Ray decide."
+        default=None,
+        ge=1,
+        description="Logical CPUs of the local Ray that `rgbatch run` starts; null gives "
+        "max(8, the machine's CPUs), more than the cores so the stages' actor pools leave CPUs "
+        "for the read tasks.",
     )
     checkpoint_uri: str | None = Field(
         default=None,
-        description="Where Ray Data's resume checkpoint lives; None lets the runner derive it. "
-        "May contain {date} and {run_id}.",
+        description="Where Ray Data's resume checkpoint lives; null puts it in the run "
+        "directory (<run dir>/_checkpoint, removed once _SUCCESS is written); a location set "
+        "here is left in place. May contain {date} and {run_id}.",
     )
     progress_interval_s: float = Field(
         default=10, gt=0, description="Seconds between progress log lines."
@@ -590,7 +613,11 @@ class RunSection(_Section):
 class JobConfig(_Section):
     """A whole job. See the :mod:`pipeline.config` docstring for raw vs rendered URIs."""
 
-    task: Task = Field(description="summarize | qa | generate.")
+    task: Task = Field(
+        description="What each row asks for: summarize (input.text_column), qa (answer "
+        "input.question_column about input.text_column) or generate (continue "
+        "input.prompt_column)."
+    )
     input: InputSection = Field(description="Where the rows come from.")
     model: ModelSection = Field(description="The RecurrentGemma model and its replicas.")
     generation: GenerationSection = Field(
