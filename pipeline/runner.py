@@ -4,6 +4,9 @@ Ray Data does the sharding, streaming, backpressure, retries and resume: its che
 on the row id, so rerunning an interrupted run id generates only the rows that were not committed.
 The caller connects to Ray (``ray.init``) before calling :func:`run_job`; nothing here changes
 global Ray state: the current DataContext's checkpoint config is set for the run and restored.
+Before anything is written the run waits (``run.resource_wait_s``) until the cluster has room for
+one actor of each stage (:mod:`pipeline.resources`). A finished run id is left as it is, except
+what a driver killed after ``_SUCCESS`` left: its lease and the resume checkpoint are removed.
 
 Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
 are merged in Ray tasks (:func:`pipeline.writer.collect`), rows in and out are compared per input
