@@ -84,6 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import ray
 
     from pipeline.config import ConfigError
+    from pipeline.resources import check_node_fits
     from pipeline.runner import run_job
 
     config = _load_config(args)
@@ -98,8 +99,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             include_dashboard=False,
         )
     try:
+        if not config.run.ray_address:  # a node of this machine: what it lacks it never gets
+            check_node_fits(config, ray.cluster_resources())
         result = run_job(config)
-    except ConfigError:  # the run id is taken (another config, a live driver): exit 2
+    except ConfigError:  # a request the local node cannot meet, or the run id is taken: exit 2
         raise
     except Exception:
         logging.getLogger("rgbatch").exception("run %s failed", config.run_id)

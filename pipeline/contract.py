@@ -202,6 +202,27 @@ class Lease:
                 log.warning("could not renew the run lease", exc_info=True)
 
 
+def release_dead_lease(run_uri: str, storage_options: dict[str, Any], timeout_s: float) -> bool:
+    """Removes ``_lease.json`` if its driver is gone (what :class:`Lease` would take over: no
+    heartbeat for ``timeout_s``, or its process on this host ended); True when no live driver
+    holds the run now. For a finished run, whose driver may have died after ``_SUCCESS``."""
+    probe = Lease(run_uri, storage_options, timeout_s)
+    lease = probe._read()
+    if lease is None:
+        return True
+    age = time.time() - float(lease.get("heartbeat_at", 0))
+    holder = lease.get("holder", {})
+    if age <= timeout_s and not probe._died_here(holder):
+        return False
+    probe.fs.rm_file(probe.path)
+    log.info(
+        "removed the lease of %s (pid %s): its driver is gone",
+        holder.get("host"),
+        holder.get("pid"),
+    )
+    return True
+
+
 def _process_started(pid: int) -> float | None:
     """When process ``pid`` started (None if there is none): a pid reused later differs."""
     import psutil

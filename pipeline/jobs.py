@@ -80,9 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.config import ConfigError, JobConfig, load_job_config
+from pipeline.config import ConfigError, JobConfig, load_job_config, parse_override_value
 from pipeline.secrets import MASK, mask_text, mask_uri
 
 log = logging.getLogger(__name__)
@@ -452,7 +450,7 @@ def _check_overrides(overrides: Sequence[str]) -> None:
         key = key.strip()
         parts = key.split(".")
         shown = mask_text(_DEFAULT_REFERENCE.sub(_masked_default, raw))
-        if "storage_options" in parts and not _pure_references(raw):
+        if "storage_options" in parts and not _pure_references(raw, f"--set {key}"):
             errors.append(
                 (
                     f"--set {key}={MASK}",
@@ -483,11 +481,8 @@ def _check_overrides(overrides: Sequence[str]) -> None:
         raise ConfigError(errors)
 
 
-def _pure_references(raw: str) -> bool:
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
+def _pure_references(raw: str, where: str) -> bool:
+    value = parse_override_value(raw, where)  # a value too large to expand is refused here
     return all(
         leaf is None or (isinstance(leaf, str) and _PURE_REFERENCE.fullmatch(leaf))
         for leaf in _leaves(value)

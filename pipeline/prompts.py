@@ -52,7 +52,13 @@ import pyarrow as pa
 import ray
 
 from model.tokenizer import Tokenizer
-from pipeline.config.schema import PROMPT_PLACEHOLDERS, TASKS, TRUNCATIONS, PromptsSection
+from pipeline.config.schema import (
+    DOCUMENT_PLACEHOLDER,
+    PROMPT_PLACEHOLDERS,
+    TASKS,
+    TRUNCATIONS,
+    PromptsSection,
+)
 from pipeline.schema import (
     ERROR,
     ERROR_KIND,
@@ -72,7 +78,7 @@ if TYPE_CHECKING:
     from pipeline.config import JobConfig
 
 TEMPLATE_FIELDS = (TEXT, QUESTION, PROMPT)
-DOCUMENT_FIELD = {"summarize": TEXT, "qa": TEXT, "generate": PROMPT}
+DOCUMENT_FIELD = DOCUMENT_PLACEHOLDER
 """The field that truncation cuts, per task."""
 TASK_FIELDS = PROMPT_PLACEHOLDERS
 """The fields each task needs (its template must use them)."""

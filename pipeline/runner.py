@@ -4,6 +4,9 @@ Ray Data does the sharding, streaming, backpressure, retries and resume: its che
 on the row id, so rerunning an interrupted run id generates only the rows that were not committed.
 The caller connects to Ray (``ray.init``) before calling :func:`run_job`; nothing here changes
 global Ray state: the current DataContext's checkpoint config is set for the run and restored.
+Before anything is written the run waits (``run.resource_wait_s``) until the cluster has room for
+one actor of each stage (:mod:`pipeline.resources`). A finished run id is left as it is, except
+what a driver killed after ``_SUCCESS`` left: its lease and the resume checkpoint are removed.
 
 Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
 are merged in Ray tasks (:func:`pipeline.writer.collect`), rows in and out are compared per input
@@ -36,10 +39,17 @@ from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
 from pipeline import schema as S
 from pipeline.config import JobConfig, redacted_dict
-from pipeline.contract import Lease, check_identity, record_identity, run_identity
+from pipeline.contract import (
+    Lease,
+    check_identity,
+    record_identity,
+    release_dead_lease,
+    run_identity,
+)
 from pipeline.plan import build_dataset
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
+from pipeline.resources import wait_for_resources
 from pipeline.secrets import mask_text, mask_uri
 from pipeline.stage import PlanContext
 from pipeline.summary import RunSummary
@@ -113,8 +123,10 @@ def run_job(config: JobConfig) -> RunResult:
     recorded = check_identity(fs, run_dir, config.run_id, identity)
     if is_complete(fs, run_dir):
         log.info("run %s already complete at %s: nothing to do", config.run_id, mask_uri(run_uri))
+        _tidy_finished_run(config, run_uri, fs, run_dir)
         manifest = json.loads(fs.cat_file(posixpath.join(run_dir, MANIFEST)))
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
+    wait_for_resources(config)  # nothing is written before the cluster has room for the plan
     fs.makedirs(run_dir, exist_ok=True)
     with Lease(run_uri, out.storage_options, config.run.lease_timeout_s):
         if not recorded:
@@ -272,6 +284,13 @@ def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> Checkpoin
         override_filesystem=pa_fs,
         delete_checkpoint_on_success=False,
     )
+
+
+def _tidy_finished_run(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> None:
+    """What a driver killed after ``_SUCCESS`` left behind: its lease and the resume checkpoint
+    (kept while a live driver still holds the run: it removes them itself)."""
+    if release_dead_lease(run_uri, config.output.storage_options, config.run.lease_timeout_s):
+        _drop_checkpoint(fs, config, run_dir)
 
 
 def _drop_checkpoint(fs: Any, config: JobConfig, run_dir: str) -> None:

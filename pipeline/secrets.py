@@ -13,6 +13,11 @@ the URI is still recognisable::
 :func:`mask_text` does the same to every ``scheme://...`` substring of a free text (an exception
 message, a log line, a JSON dump). Both are idempotent.
 
+The userinfo is found before the URI is split at ``/``, ``?`` or ``#``, so a malformed one is
+masked whole too: a password holding ``?``, ``#``, ``/``, spaces or quotes
+(``https://alice:Pa55?w0rd@host/x`` -> ``https://***@host/x``). It ends at the first ``@`` that a
+host follows; ``host:8080/a@b`` is a port and a path, not a password.
+
 Logs: :class:`MaskingFilter` masks a log record's message, arguments, traceback and stack text;
 :func:`install_log_masking` (called by the CLI) puts one on every handler configured so far (the
 root's first) and masks each record as it is created, so the records of loggers that do not
@@ -27,10 +32,24 @@ import re
 from typing import Any
 
 MASK = "***"
-# A URI inside free text: a scheme, "://", then up to whitespace, a quote or an angle bracket.
-_URI = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)([^\s'\"<>`]*)")
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://")
+_CHAINED = r"::[A-Za-z][A-Za-z0-9+.\-]*(?:::|://)"  # the next URI of an fsspec chain (a::b://)
+# What follows "scheme://" in free text: up to whitespace, a quote, an angle bracket or a chain.
+_TEXT_REST = re.compile(rf"(?:(?!{_CHAINED})[^\s'\"<>`])*")
+# What follows "scheme://" in a whole URI: up to the next URI of a chain, or the end.
+_WHOLE_REST = re.compile(rf"(?:(?!{_CHAINED}).)*")
 # Trailing characters that end a sentence or close a bracket rather than belong to the URI.
 _TRAILING = ".,;:!)]}"
+# Userinfo, looked for first, before anything splits the URI at "/", "?" or "#": a user (no
+# whitespace, "/", ":" or "@"), optionally ":" and a password of any characters ("?", "/", "#",
+# spaces and quotes included, not "://"), then the first "@" that a host follows (no whitespace,
+# "/", "?", "#" or "@", then one of those or the end). A malformed URI is masked too.
+_USERINFO = re.compile(
+    r"[^\s/:@'\"<>`\\]*(?::(?P<password>(?!\s)(?:(?!://)[^\n]){0,1024}?))?@"
+    r"(?=[^\s/?#@'\"<>`\\]*(?:[\s/?#'\"<>`\\]|$))"
+)
+# A "password" that is a port and then a path, query or the text after the URI (host:8080/a@b).
+_PORT = re.compile(r"\d+[\s/?#'\"<>`\\,;)\]}]")
 # Userinfo whose password holds a "/" (AWS secret keys do): user ":" password "@", the user free
 # of "/", ":" and "@". A "/" right after digits is a port and a path instead (host:8080/a@b).
 _USERINFO_WITH_SLASH = re.compile(r"[^/:@?#]+:([^@?#]*)@")
@@ -38,22 +57,47 @@ _USERINFO_WITH_SLASH = re.compile(r"[^/:@?#]+:([^@?#]*)@")
 
 def mask_uri(uri: str) -> str:
     """``uri`` with its userinfo and query / fragment values masked; a path without a scheme
-    (``/data/x``, ``out/``) is returned unchanged. ``a::b://...`` chains mask each URI."""
+    (``/data/x``, ``out/``) is returned unchanged. ``a::b://...`` chains mask each URI. The whole
+    string is the URI: a password or query value with spaces or quotes is masked whole."""
     if "://" not in uri:
         return uri
-    return _URI.sub(lambda m: m.group(1) + _mask_rest(m.group(2), whole=True), uri)
+    return _mask_all(uri, whole=True)
 
 
 def mask_text(text: str) -> str:
     """``text`` with every URI-looking substring (``scheme://...``) masked as :func:`mask_uri`
-    does; punctuation right after a URI (``.`` ``,`` ``)`` ...) is left in place."""
+    does; punctuation right after a URI (``.`` ``,`` ``)`` ...) is left in place. A URI ends at
+    whitespace or a quote, except inside its userinfo (``https://u:pass word@host``)."""
     if "://" not in text:
         return text
-    return _URI.sub(lambda m: m.group(1) + _mask_rest(m.group(2), whole=False), text)
+    return _mask_all(text, whole=False)
 
 
-def _mask_rest(rest: str, *, whole: bool) -> str:
-    """Masks what follows ``scheme://``: [userinfo@]host[/path][?query][#fragment]."""
+def _mask_all(text: str, *, whole: bool) -> str:
+    rest_pattern = _WHOLE_REST if whole else _TEXT_REST
+    out: list[str] = []
+    pos = 0
+    while (scheme := _SCHEME.search(text, pos)) is not None:
+        start = scheme.end()
+        out.append(text[pos:start])
+        info = _USERINFO.match(text, start)
+        password = info.group("password") if info else None
+        masked_info = info is not None and not (password and _PORT.match(password))
+        if masked_info:
+            assert info is not None
+            out.append(MASK + "@")
+            start = info.end()
+        match = rest_pattern.match(text, start)
+        rest = match.group() if match else ""
+        out.append(_mask_rest(rest, whole=whole, userinfo=not masked_info))
+        pos = start + len(rest)
+    out.append(text[pos:])
+    return "".join(out)
+
+
+def _mask_rest(rest: str, *, whole: bool, userinfo: bool = True) -> str:
+    """Masks what follows ``scheme://`` (or its masked userinfo): [userinfo@]host[/path]
+    [?query][#fragment]; ``userinfo`` False when it was masked already."""
     tail = ""
     if not whole:
         stripped = rest.rstrip(_TRAILING)
@@ -63,7 +107,7 @@ def _mask_rest(rest: str, *, whole: bool) -> str:
         rest, fragment = rest.split("#", 1)
     if "?" in rest:
         rest, query = rest.split("?", 1)
-    out = _mask_userinfo(rest)
+    out = _mask_userinfo(rest) if userinfo else rest
     if query is not None:
         out += "?" + _mask_params(query)
     if fragment is not None:

@@ -28,7 +28,8 @@ Layout
         derived from it (:data:`TASKS`, ...), for other modules to check against.
     :mod:`pipeline.config.loading`
         :func:`load_job_config`, :func:`apply_overrides`, :func:`interpolate_env`,
-        :func:`new_run_id` and :func:`redacted_dict`.
+        :func:`check_expanded_size` (the bound on YAML aliases), :func:`new_run_id` and
+        :func:`redacted_dict`.
     :mod:`pipeline.config.preflight`
         :func:`list_files` and :func:`preflight` (storage checks under one deadline).
 
@@ -39,17 +40,25 @@ from __future__ import annotations
 
 from pipeline.config.loading import (
     MASK,
+    MAX_DEPTH,
+    MAX_EXPANDED_CHARS,
+    MAX_EXPANDED_VALUES,
     apply_overrides,
+    check_expanded_size,
     interpolate_env,
     load_job_config,
     new_run_id,
+    parse_override_value,
     redacted_dict,
 )
 from pipeline.config.preflight import configured_columns, input_columns, list_files, preflight
 from pipeline.config.schema import (
+    DOCUMENT_PLACEHOLDER,
     DTYPES,
     FORMAT_BY_SUFFIX,
     INPUT_FORMATS,
+    INT32,
+    INT32_MAX,
     OUTPUT_FORMATS,
     PROMPT_PLACEHOLDERS,
     ROOT,
@@ -64,6 +73,7 @@ from pipeline.config.schema import (
     GenerationSection,
     InputFormat,
     InputSection,
+    Int32,
     JobConfig,
     ModelSection,
     OutputFormat,
@@ -79,10 +89,16 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
+    "DOCUMENT_PLACEHOLDER",
     "DTYPES",
     "FORMAT_BY_SUFFIX",
     "INPUT_FORMATS",
+    "INT32",
+    "INT32_MAX",
     "MASK",
+    "MAX_DEPTH",
+    "MAX_EXPANDED_CHARS",
+    "MAX_EXPANDED_VALUES",
     "OUTPUT_FORMATS",
     "PROMPT_PLACEHOLDERS",
     "ROOT",
@@ -97,6 +113,7 @@ __all__ = [
     "GenerationSection",
     "InputFormat",
     "InputSection",
+    "Int32",
     "JobConfig",
     "ModelSection",
     "OutputFormat",
@@ -109,6 +126,7 @@ __all__ = [
     "ToxicitySection",
     "Truncation",
     "apply_overrides",
+    "check_expanded_size",
     "configured_columns",
     "infer_format",
     "input_columns",
@@ -116,6 +134,7 @@ __all__ = [
     "list_files",
     "load_job_config",
     "new_run_id",
+    "parse_override_value",
     "preflight",
     "redacted_dict",
 ]

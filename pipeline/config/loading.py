@@ -1,5 +1,12 @@
 """Loading a job config: YAML -> ``--set`` overrides -> ``${VAR}`` -> validation -> rendering.
 
+YAML anchors and aliases (``&opts`` ... ``*opts``) are allowed, but the parser shares an aliased
+node where the steps after it copy it out, so a document is measured as if every alias were
+expanded before anything copies it (:func:`check_expanded_size`): past
+:data:`MAX_EXPANDED_VALUES` values, :data:`MAX_EXPANDED_CHARS` characters of text or
+:data:`MAX_DEPTH` levels, or with an alias inside itself, it is refused (a "billion laughs"
+document never reaches memory).
+
 Also the run id (:func:`new_run_id`), the translation of pydantic errors into
 :class:`~pipeline.config.schema.ConfigError` lines, and the redacted dump written to the manifest
 (:func:`redacted_dict`).
@@ -22,6 +29,12 @@ from pipeline.config.schema import ROOT, ConfigError, JobConfig
 from pipeline.secrets import mask_text
 
 MASK = "***"
+MAX_EXPANDED_VALUES = 100_000
+"""Most values (mappings, lists, scalars, keys) a config may hold with its aliases expanded."""
+MAX_EXPANDED_CHARS = 16 << 20
+"""Most characters of text (strings and keys) a config may hold with its aliases expanded."""
+MAX_DEPTH = 64
+"""Most levels of nesting in a config."""
 _ENV_PATTERN = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -60,6 +73,8 @@ def load_job_config(
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError.at(ROOT, f"invalid YAML: {exc}") from exc
+    except RecursionError:
+        raise ConfigError.at(ROOT, f"nested more than {MAX_DEPTH} levels deep") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -76,7 +91,9 @@ def load_job_config(
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """A copy of ``data`` with ``a.b.c=value`` overrides applied (values read as YAML)."""
+    """A copy of ``data`` with ``a.b.c=value`` overrides applied (values read as YAML); ``data``
+    and each value are measured first (:func:`check_expanded_size`)."""
+    check_expanded_size(data, ROOT)
     data = _deep_copy(data)
     errors: list[tuple[str, str]] = []
     for item in overrides:
@@ -96,21 +113,69 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 break
             node = child
         else:
-            node[parts[-1]] = _parse_override_value(raw)
+            node[parts[-1]] = parse_override_value(raw, f"--set {key.strip()}")
     if errors:
         raise ConfigError(errors)
     return data
 
 
-def _parse_override_value(raw: str) -> Any:
+def parse_override_value(raw: str, where: str) -> Any:
+    """A ``--set`` value read as YAML (text that is not YAML stays a string), measured as
+    :func:`check_expanded_size` does; ConfigError at ``where`` when it is too large."""
     try:
-        return yaml.safe_load(raw)
+        value = yaml.safe_load(raw)
     except yaml.YAMLError:  # e.g. `*.jsonl` or `{date}/x`: plainly meant as a string
         return raw
+    except RecursionError:
+        raise ConfigError.at(where, f"nested more than {MAX_DEPTH} levels deep") from None
+    check_expanded_size(value, where)
+    return value
+
+
+def check_expanded_size(data: Any, where: str) -> None:
+    """Raises ConfigError at ``where`` if ``data``, with every shared node (a YAML alias)
+    counted once per reference, holds more than :data:`MAX_EXPANDED_VALUES` values or
+    :data:`MAX_EXPANDED_CHARS` characters, nests deeper than :data:`MAX_DEPTH`, or contains
+    itself. Each distinct mapping or list is walked once, so this costs what the document
+    costs, not what its expansion would."""
+    sizes: dict[int, tuple[int, int]] = {}
+    walking: set[int] = set()
+
+    def measure(node: Any, depth: int) -> tuple[int, int]:
+        if not isinstance(node, dict | list):
+            return 1, len(node) if isinstance(node, str) else 0
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in walking:
+            raise ConfigError.at(where, "a YAML alias refers to a node that contains it")
+        if depth >= MAX_DEPTH:
+            raise ConfigError.at(where, f"nested more than {MAX_DEPTH} levels deep")
+        walking.add(key)
+        values, chars = 1, 0
+        children = [x for kv in node.items() for x in kv] if isinstance(node, dict) else node
+        for child in children:
+            more_values, more_chars = measure(child, depth + 1)
+            values, chars = values + more_values, chars + more_chars
+            if values > MAX_EXPANDED_VALUES or chars > MAX_EXPANDED_CHARS:
+                subject = "the document" if where == ROOT else "the value"
+                raise ConfigError.at(
+                    where,
+                    f"with its YAML aliases (*name) expanded, {subject} holds more than "
+                    f"{MAX_EXPANDED_VALUES:,} values or {MAX_EXPANDED_CHARS >> 20} MiB of text; "
+                    "a job config needs far less: write the values out, or alias less",
+                )
+        walking.discard(key)
+        sizes[key] = values, chars
+        return values, chars
+
+    measure(data, 0)
 
 
 def interpolate_env(data: Any, environ: Mapping[str, str]) -> tuple[Any, set[str]]:
-    """``data`` with ``${VAR}`` / ``${VAR:-default}`` substituted, and the paths that had any."""
+    """``data`` with ``${VAR}`` / ``${VAR:-default}`` substituted, and the paths that had any;
+    ``data`` is measured first (:func:`check_expanded_size`)."""
+    check_expanded_size(data, ROOT)
     interpolated: set[str] = set()
     errors: list[tuple[str, str]] = []
 

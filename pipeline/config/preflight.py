@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import glob as _glob
 import json
+import os
+import posixpath
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -48,7 +50,9 @@ def preflight(config: JobConfig) -> None:
     configured column (``input.id_column``, the task's text / question / prompt column,
     ``input.passthrough``: its Parquet schema, or the keys of its first JSONL lines), that
     ``output.uri`` and ``run.checkpoint_uri`` are not inside the input location (a later run
-    would read them as input), and that ``model.checkpoint`` (and ``toxicity.checkpoint`` when
+    would read them as input; local paths compared with ``..`` and symlinks resolved, object
+    store keys both as written and normalised) and, on local disk, not a regular file (nor
+    below one), and that ``model.checkpoint`` (and ``toxicity.checkpoint`` when
     scoring is on and it is set) exist. The checks run in parallel in daemon threads and the
     whole preflight waits at most ``run.preflight_timeout_s`` seconds: a check still running then
     (an unreachable or silent endpoint; s3fs/botocore would otherwise retry and wait up to its
@@ -57,7 +61,7 @@ def preflight(config: JobConfig) -> None:
     """
     checks: dict[str, _Check] = {}
     checks["input.uri"] = functools.partial(_input_check, config)
-    checks["output.uri"] = functools.partial(_outside_input_check, config)
+    checks["output.uri"] = functools.partial(_output_check, config)
     checks["model.checkpoint"] = _exists_check(
         config.model.checkpoint, config.model.storage_options
     )
@@ -127,27 +131,51 @@ def _input_check(config: JobConfig) -> str | list[tuple[str, str]] | None:
     ] or None
 
 
-def _outside_input_check(config: JobConfig) -> list[tuple[str, str]] | None:
+def _output_check(config: JobConfig) -> list[tuple[str, str]] | None:
+    """``output.uri`` and ``run.checkpoint_uri``: directories a run can write, outside the input."""
     base = _input_base(config.input.uri, config.input.storage_options)
-    if base is None:
-        return None
     errors = []
-    for path, uri, options in (
-        ("output.uri", config.output.uri, config.output.storage_options),
-        ("run.checkpoint_uri", config.run.checkpoint_uri, config.output.storage_options),
+    for path, uri in (
+        ("output.uri", config.output.uri),
+        ("run.checkpoint_uri", config.run.checkpoint_uri),
     ):
         if uri is None:
             continue
-        fs, location = fsspec.core.url_to_fs(uri, **options)
-        if _protocol(fs) == base[0] and _within(location, base[1]):
+        fs, location = fsspec.core.url_to_fs(uri, **config.output.storage_options)
+        if (blocked := _file_in_the_way(fs, location)) is not None:
+            what = "it" if blocked == location else mask_uri(blocked)
+            message = f"{mask_uri(uri)}: {what} is a file, not a directory (the run writes one)"
+            errors.append((path, message))
+        elif base is not None and _protocol(fs) == base[0] and _overlaps(fs, location, base[1]):
             errors.append(
                 (
                     path,
-                    f"{mask_uri(uri)} is inside the input location {mask_uri(config.input.uri)}: a later run "
-                    "would read the outputs as input; write somewhere else",
+                    f"{mask_uri(uri)} is inside the input location {mask_uri(config.input.uri)}: a "
+                    "later run would read the outputs as input; write somewhere else",
                 )
             )
     return errors or None
+
+
+def _file_in_the_way(fs: fsspec.AbstractFileSystem, location: str) -> str | None:
+    """On local disk, ``location`` or the nearest of its parents that exists, when that is not a
+    directory (object stores hold ``a`` and ``a/b`` side by side: nothing is in the way)."""
+    if _protocol(fs) != "file":
+        return None
+    path = location
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return None if os.path.isdir(path) else path
+
+
+def _overlaps(fs: fsspec.AbstractFileSystem, location: str, base: str) -> bool:
+    """Whether a listing of ``base`` could reach ``location``: local paths resolved (``..`` and
+    symlinks); object store keys as written and normalised (a store keeps ``..`` as a name)."""
+    if _protocol(fs) == "file":
+        return _within(os.path.realpath(location), os.path.realpath(base))
+    forms = {location.rstrip("/"), posixpath.normpath(location)}
+    bases = {base.rstrip("/"), posixpath.normpath(base) if base else base}
+    return any(_within(form, b) for form in forms for b in bases)
 
 
 def _input_base(uri: str, storage_options: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -14,9 +14,10 @@ import datetime as dt
 import re
 import string
 from collections.abc import Sequence
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -72,6 +73,22 @@ PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "qa": ("text", "question"),
     "generate": ("prompt",),
 }
+# The placeholder of the document per task: used exactly once (truncation cuts the text there).
+DOCUMENT_PLACEHOLDER: dict[str, str] = {"summarize": "text", "qa": "text", "generate": "prompt"}
+INT32_MAX = 2**31 - 1
+
+
+def _fits_int32(value: Any) -> Any:
+    """An integer setting that ends up in an int32 array of the engine (a budget, a position,
+    a shape) must fit one; anything else (``'auto'``) passes."""
+    if isinstance(value, int) and not -INT32_MAX - 1 <= value <= INT32_MAX:
+        raise ValueError(f"must fit a 32-bit integer (at most {INT32_MAX:,}), got {value:,}")
+    return value
+
+
+INT32 = AfterValidator(_fits_int32)
+"""The bound of every integer setting that reaches an int32 array: ``Annotated[int, INT32]``."""
+Int32 = Annotated[int, INT32]
 # Columns the pipeline itself writes: a passthrough column of the same name would clash.
 _RESERVED_COLUMNS = frozenset(
     {
@@ -373,8 +390,8 @@ class ModelSection(_Section):
 
 
 class GenerationSection(_Section):
-    max_new_tokens: int = Field(default=256, ge=1, description="Most tokens generated per row.")
-    max_prompt_tokens: int = Field(
+    max_new_tokens: Int32 = Field(default=256, ge=1, description="Most tokens generated per row.")
+    max_prompt_tokens: Int32 = Field(
         default=8192,
         ge=8,
         description="Most prompt tokens (template, BOS and chat markers included); longer "
@@ -389,28 +406,28 @@ class GenerationSection(_Section):
         "have prompt_truncated set.",
     )
     temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
-    top_k: int = Field(default=0, ge=0, description="Sample from the k most likely; 0 is off.")
+    top_k: Int32 = Field(default=0, ge=0, description="Sample from the k most likely; 0 is off.")
     top_p: float = Field(
         default=1.0, gt=0, le=1, description="Nucleus sampling probability mass; 1 is off."
     )
     seed: int = Field(
         default=0, description="Base sampling seed; each row's seed derives from it and its id."
     )
-    max_slots: int | Literal["auto"] = Field(
+    max_slots: Annotated[int | Literal["auto"], INT32] = Field(
         default=EngineConfig.max_slots,
         description="Sequences decoded at once per replica (engine slots). 'auto': the most "
         "that fit each device's memory (weights, slot states and workspace, per the memory "
         "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit).",
     )
-    prefill_batch: int = Field(
+    prefill_batch: Int32 = Field(
         default=EngineConfig.prefill_batch, ge=1, description="Prompts prefilled together."
     )
-    prefill_chunk: int = Field(
+    prefill_chunk: Int32 = Field(
         default=EngineConfig.prefill_chunk,
         ge=1,
         description="Prompt tokens per prefill step (longer prompts are chunked).",
     )
-    decode_steps: int = Field(
+    decode_steps: Int32 = Field(
         default=EngineConfig.decode_steps,
         ge=1,
         description="Most decode steps per host round-trip (a call returns early once "
@@ -438,6 +455,23 @@ class GenerationSection(_Section):
             raise ValueError(f"must be >= 1 or 'auto', got {value}")
         return value
 
+    @model_validator(mode="after")
+    def _positions(self) -> GenerationSection:
+        """A sequence's positions (prompt, then generated tokens) are int32 in the engine."""
+        last = self.max_prompt_tokens + self.max_new_tokens - 1
+        if last > INT32_MAX:
+            message = (
+                f"with max_prompt_tokens {self.max_prompt_tokens:,}, positions would run to "
+                f"{last:,}, past the engine's 32-bit positions (at most {INT32_MAX:,})"
+            )
+            error = InitErrorDetails(
+                type=PydanticCustomError("value_error", message),
+                loc=("max_new_tokens",),
+                input=None,
+            )
+            raise ValidationError.from_exception_data(type(self).__name__, [error])
+        return self
+
     prompt_workers: int | None = Field(
         default=None,
         ge=1,
@@ -453,16 +487,18 @@ def _template_fields(template: str) -> list[tuple[str | None, str, str | None]]:
 class PromptsSection(_Section):
     summarize: str = Field(
         default="Summarize the following text.\n\n{text}\n\nSummary:",
-        description="Template for summarize (str.format): must use {text}; write {{ and }} for "
-        "literal braces.",
+        description="Template for summarize (str.format): must use {text} exactly once; write {{ "
+        "and }} for literal braces.",
     )
     qa: str = Field(
         default="Answer the question using the context.\n\nContext: {text}\n\n"
         "Question: {question}\n\nAnswer:",
-        description="Template for qa (str.format): must use {text} (the context) and {question}.",
+        description="Template for qa (str.format): must use {text} (the context) exactly once "
+        "and {question}.",
     )
     generate: str = Field(
-        default="{prompt}", description="Template for generate (str.format): must use {prompt}."
+        default="{prompt}",
+        description="Template for generate (str.format): must use {prompt} exactly once.",
     )
 
     @field_validator("summarize", "qa", "generate")
@@ -477,7 +513,7 @@ class PromptsSection(_Section):
             raise ValueError(
                 f"bad template syntax ({exc}); write {{{{ and }}}} for braces"
             ) from exc
-        used: set[str] = set()
+        used: list[str] = []
         for name, spec, conv in fields:
             if name is None:
                 continue
@@ -486,10 +522,16 @@ class PromptsSection(_Section):
                     f"placeholder {{{name}}} is not allowed; {task} templates use only {shown} "
                     "(plain, without format specs; write {{ and }} for literal braces)"
                 )
-            used.add(name)
+            used.append(name)
         missing = [p for p in allowed if p not in used]
         if missing:
             raise ValueError(f"template must use {', '.join(f'{{{p}}}' for p in missing)}")
+        document = DOCUMENT_PLACEHOLDER[task]
+        if used.count(document) > 1:
+            raise ValueError(
+                f"template must use {{{document}}} exactly once (a document too long is cut "
+                f"there), found it {used.count(document)} times"
+            )
         return value
 
     def template(self, task: Task) -> str:
@@ -596,6 +638,15 @@ class RunSection(_Section):
         le=1,
         description="Most rows that may end as error rows, as a fraction of all rows; past it "
         "the run fails (exit 1, no _SUCCESS) and the manifest names the dominant error kinds.",
+    )
+    resource_wait_s: float = Field(
+        default=1200,
+        gt=0,
+        description="Seconds a run waits for the cluster to have room for one actor of each "
+        "stage (a model replica's GPUs / TPU chips and CPUs, a toxicity actor's), an autoscaler "
+        "adding nodes included, before it fails naming the request; nothing is written before. "
+        "On the local cluster the CLI starts, a request its node can never meet is a config "
+        "error at once (exit 2).",
     )
     lease_timeout_s: float = Field(
         default=120,

@@ -223,6 +223,7 @@ def test_a_refused_run_exits_2_and_a_failed_one_exits_1(tmp_path, fixtures, monk
     config.write_text(yaml_for(fixtures, tmp_path))
     monkeypatch.setattr(ray, "init", lambda **kwargs: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})  # the node's check
     for error, code in ((RunRefused.at("run_id", "held"), 2), (RunFailed("too many errors"), 1)):
 
         def refuse(config, error=error):
