@@ -4,6 +4,7 @@ bad configs."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -18,7 +19,11 @@ from pipeline_helpers import (
 
 from pipeline import schema as S
 from pipeline.cli import main as cli_main
+from pipeline.config import load_job_config
 from pipeline.runner import run_job
+from testkit.tiny_detoxify import TRIGGER_WORDS
+
+REPO = Path(__file__).resolve().parents[2]
 
 LOCAL = fsspec.filesystem("file")
 TOXICITY_LABELS = (
@@ -179,6 +184,34 @@ def test_long_prompts_are_truncated_and_flagged(tmp_path, fixtures, ray_cluster)
     assert by_id["long"][S.PROMPT_TRUNCATED] and by_id["long"][S.ERROR] is None
     assert by_id["long"][S.PROMPT_TOKENS] <= 96
     assert result.manifest["counts"]["prompts_truncated"] == 1
+
+
+@pytest.mark.slow
+def test_sample_corpus_flags_a_small_share(tmp_path, fixtures, ray_cluster) -> None:
+    """configs/local.yaml (what ``make run-local`` runs) on the committed sample, with drop: the
+    tiny detoxify flags a small share of the tiny model's outputs, and those rows, only those,
+    go to rejected/."""
+    overrides = [
+        f"model.checkpoint={fixtures['checkpoint']}",
+        f"toxicity.checkpoint={fixtures['detoxify']}",
+        f"input.uri={REPO / 'data' / 'sample' / '*.jsonl'}",
+        f"output.uri={tmp_path / 'out'}",
+        "toxicity.action=drop",
+    ]
+    config = load_job_config(
+        REPO / "configs" / "local.yaml", overrides=overrides, run_id="sample", date="2026-11-27"
+    )
+    counts = run_job(config).manifest["counts"]
+    assert counts["rows"] == 300
+    assert 0.03 <= counts["toxic"] / counts["rows"] <= 0.15, counts
+    assert counts["rows_rejected"] == counts["toxic"]
+    rejected = read_output(LOCAL, f"{tmp_path}/out/sample", "parquet", sub="rejected")
+    kept = read_output(LOCAL, f"{tmp_path}/out/sample", "parquet")
+    assert rejected.num_rows == counts["toxic"] and kept.num_rows == 300 - counts["toxic"]
+    assert all(rejected.column(S.TOXIC).to_pylist())
+    assert not any(kept.column(S.TOXIC).to_pylist())
+    texts = rejected.column(S.OUTPUT_TEXT).to_pylist()
+    assert all(any(word in t.split() for word in TRIGGER_WORDS) for t in texts), texts
 
 
 def test_drop_policy_moves_rows_to_rejected(tmp_path, fixtures, ray_cluster) -> None:
