@@ -191,7 +191,7 @@ def submit(
     project_dir = Path(project_dir).resolve()
     config = validate(config_path, overrides=overrides, run_id=run_id, date=date)
     relative = _config_in_upload(Path(config_path), project_dir)
-    _check_cluster_paths(config)
+    _check_cluster_paths(config, project_dir)
     if literal := literal_credentials(config):
         log.warning(
             "%s has literal values at %s: they are uploaded to the cluster with the config; "
@@ -518,7 +518,7 @@ def _leaves(value: Any) -> Iterator[Any]:
         yield value
 
 
-def _check_cluster_paths(config: JobConfig) -> None:
+def _check_cluster_paths(config: JobConfig, project_dir: Path | None = None) -> None:
     errors = [
         (
             path,
@@ -531,8 +531,58 @@ def _check_cluster_paths(config: JobConfig) -> None:
         )
         if uri is not None and "://" not in uri and not uri.startswith("/")
     ]
+    errors += _local_read_paths(config, project_dir)
     if errors:
         raise ConfigError(errors)
+
+
+def _local_read_paths(config: JobConfig, project_dir: Path | None) -> list[tuple[str, str]]:
+    """The paths the job reads that the cluster will not find: relative ones left out of the
+    upload (``.fixtures/``, ``out/``, git-ignored files), and absolute ones inside the project
+    directory (the cluster reads its uploaded copy, never this working tree)."""
+    errors: list[tuple[str, str]] = []
+    reads = (
+        ("input.uri", config.input.uri),
+        ("model.checkpoint", config.model.checkpoint),
+        ("toxicity.checkpoint", config.toxicity.checkpoint),
+    )
+    fix = (
+        "put it where every node of the cluster reads it (an absolute path on shared storage, "
+        "or a URI such as s3://... or gs://...) and pass that, e.g. --set {path}=s3://bucket/..."
+    )
+    for path, uri in reads:
+        if uri is None or "://" in uri:
+            continue
+        local = Path(uri)
+        if not local.is_absolute():
+            if project_dir is None or not _left_out_of_upload(
+                project_dir, project_dir / _base(uri)
+            ):
+                continue  # inside the upload: the cluster reads its copy (data/sample/*.jsonl)
+            errors.append(
+                (
+                    path,
+                    f"{uri!r} is a relative path that the upload leaves out (excluded: "
+                    f"{', '.join(UPLOAD_EXCLUDES)}, or by .gitignore/.rayignore), so the job "
+                    "would not find it on the cluster; " + fix.format(path=path),
+                )
+            )
+        elif project_dir is not None and local.resolve().is_relative_to(project_dir):
+            errors.append(
+                (
+                    path,
+                    f"{uri!r} is inside the project directory {project_dir}, which the cluster "
+                    "only sees as its uploaded copy; use a path relative to the project if it "
+                    "is uploaded (not under .fixtures/ or out/), or " + fix.format(path=path),
+                )
+            )
+    return errors
+
+
+def _base(uri: str) -> str:
+    """The directory part of a path before its first glob character."""
+    head = re.split(r"[*?\[]", uri, maxsplit=1)[0]
+    return head if head.endswith("/") or head == uri else head.rsplit("/", 1)[0] or "."
 
 
 # The cluster ------------------------------------------------------------------------------------

@@ -829,3 +829,36 @@ def test_a_token_cluster_without_a_token_gets_a_hint(tmp_path: Path) -> None:
         assert allowed.returncode == 2, allowed.stderr
         assert "no job with run id 'r1'" in allowed.stderr
         assert "RAY_AUTH_MODE" not in allowed.stderr
+
+
+def test_reads_the_cluster_cannot_find_are_refused(
+    project: Path, tmp_path: Path, no_cluster: None
+) -> None:
+    """A relative checkpoint left out of the upload, and an absolute path into the working tree,
+    are refused before the cluster is contacted, with the fix; a relative input inside the
+    upload is what the cluster reads from its copy, so it passes."""
+    (project / ".fixtures" / "tiny-it").mkdir(parents=True)
+    base = yaml.safe_load(tiny_text(tmp_path))
+    cases = {
+        "model.checkpoint": ".fixtures/tiny-it",
+        "toxicity.checkpoint": str(project / "detox.ckpt"),
+        "input.uri": "out/inputs/*.jsonl",
+    }
+    for path, value in cases.items():
+        config = write_config(project, yaml.safe_dump(base), f"{path}.yaml")
+        with pytest.raises(ConfigError) as info:
+            jobs.submit(
+                config, address=DEAD_ADDRESS, project_dir=project, overrides=[f"{path}={value}"]
+            )
+        assert [where for where, _ in info.value.errors] == [path]
+        message = info.value.errors[0][1]
+        assert value in message and "s3://" in message and f"--set {path}=" in message
+    (project / "data" / "sample").mkdir(parents=True)
+    config = write_config(project, yaml.safe_dump(base), "uploaded.yaml")
+    with reaches_cluster():
+        jobs.submit(
+            config,
+            address=DEAD_ADDRESS,
+            project_dir=project,
+            overrides=["input.uri=data/sample/*.jsonl"],
+        )
