@@ -197,6 +197,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             date=date,
             wait=args.wait,
             timeout_s=args.timeout,
+            on_progress=_print_progress if args.wait else None,
+            python=args.python,
         )
         if not result.created:
             what = f"already on the cluster as {result.submission_id}, not resubmitted"
@@ -205,15 +207,30 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         else:
             what = "submitted"
         print(f"run {result.run_id}: {what}; status {result.status}")
+        if result.reason:
+            print(f"reason: {result.reason}")
         return EXIT_OK if not args.wait or result.status == "SUCCEEDED" else EXIT_FAILED
 
     return _jobs_call(go)
 
 
+def _print_progress(line: str) -> None:
+    print(f"progress: {line}", flush=True)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Prints the status of the run's latest attempt, and the reason of a failed or stopped
+    one; exits 1 for FAILED or STOPPED."""
     from pipeline import jobs
 
-    return _jobs_call(lambda: print(jobs.status(args.run_id, address=args.address)) or EXIT_OK)
+    def go() -> int:
+        state = jobs.describe(args.run_id, address=args.address)
+        print(state.status)
+        if state.reason:
+            print(f"reason: {state.reason}")
+        return EXIT_FAILED if state.status in jobs.RESUMABLE_STATUSES else EXIT_OK
+
+    return _jobs_call(go)
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
@@ -401,12 +418,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--date", default=None, help="YYYY-MM-DD, today or yesterday")
     submit.add_argument(
-        "--wait", action="store_true", help="wait for the end; exit 1 unless SUCCEEDED"
+        "--wait",
+        action="store_true",
+        help="wait for the end, printing the run's progress; exit 1 (with the reason) unless "
+        "SUCCEEDED",
     )
     submit.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    submit.add_argument(
+        "--python",
+        default=None,
+        metavar="PATH",
+        help="the cluster's interpreter for rg-batch (default: the one Ray runs under on the "
+        "cluster, else python3 or python there, whichever imports Ray and rg-batch's "
+        "dependencies)",
+    )
     submit.set_defaults(func=_cmd_submit)
     for name, func, text in (
-        ("status", _cmd_status, "a submitted run's status (its latest attempt)"),
+        (
+            "status",
+            _cmd_status,
+            "a submitted run's status (its latest attempt) and why it failed; exit 1 if it "
+            "FAILED or was STOPPED",
+        ),
         ("logs", _cmd_logs, "a submitted run's driver logs (its latest attempt)"),
         ("stop", _cmd_stop, "stop a submitted run (its latest attempt)"),
     ):
