@@ -109,7 +109,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     print(f"{args.config}: ok ({config.task}, {len(config.input_files())} input files)")
-    print(f"output would go to {mask_uri(run_dir_uri(config))}")
+    if args.date is None:  # the run id is not fixed: `run` picks a new one when it starts
+        base = mask_uri(config.output.uri.rstrip("/"))
+        print(
+            f"output would go to {base}/<run id>: run picks a new run id when it starts "
+            "(with --date the run id is the date; --run-id names one)"
+        )
+    else:
+        print(f"output would go to {mask_uri(run_dir_uri(config))}")
     return EXIT_OK
 
 

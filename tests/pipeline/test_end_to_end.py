@@ -336,3 +336,21 @@ def test_missing_required_field_names_it(tmp_path, capsys) -> None:
     config.write_text("task: summarize\ninput: {uri: x.jsonl}\noutput: {uri: out}\n")
     assert cli_main(["validate", str(config)]) == 2
     assert "model: field required" in capsys.readouterr().err
+
+
+def test_validate_names_the_run_directory_only_when_it_is_fixed(tmp_path, fixtures, capsys):
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        job_yaml(
+            fixtures,
+            task="summarize",
+            input_uri=str(tmp_path / "in" / "*.jsonl"),
+            output_uri=str(tmp_path / "out"),
+        )
+    )
+    assert cli_main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"output would go to {tmp_path}/out/<run id>: run picks a new run id" in out
+    assert cli_main(["validate", str(config), "--date", "2026-11-26"]) == 0
+    assert f"output would go to {tmp_path}/out/2026-11-26" in capsys.readouterr().out
