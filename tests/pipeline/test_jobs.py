@@ -777,8 +777,10 @@ def test_a_failed_run_is_resumed_by_a_new_attempt(
     run_id = f"jobs-retry-{uuid.uuid4().hex[:8]}"
     submit = dict(address=ray_head, project_dir=project, run_id=run_id)
     first = jobs.submit(config, **submit, wait=True, timeout_s=180)
-    assert first == jobs.SubmitResult(run_id, run_id, True, "FAILED"), jobs.logs(run_id, **submit)
+    expected = jobs.SubmitResult(run_id, run_id, True, "FAILED", reason=first.reason)
+    assert first == expected, jobs.logs(run_id, address=ray_head)
     assert "no answer from storage within 1 s" in jobs.logs(run_id, address=ray_head)
+    assert first.reason is not None and "no answer from storage within 1 s" in first.reason
 
     # Attempt 2 waits up to 300 s for the same storage: it stays RUNNING until stopped.
     patient = ["run.preflight_timeout_s=300"]
@@ -972,5 +974,8 @@ def test_wait_streams_the_progress(ray_head: str, cluster_job: dict[str, Any]) -
         progress_interval_s=0.5,
     )
     assert result.status == "SUCCEEDED" and result.reason is None
-    assert len(seen) >= 2 and len(set(seen)) == len(seen), seen  # each line once
+    driver = jobs.progress_lines(jobs.logs(result.run_id, address=ray_head))
+    assert len(seen) >= 2 and seen[-1] == driver[-1], (seen, driver)  # it ends with the last
+    rest = iter(driver)  # what was passed on is the driver's lines, in order, none twice
+    assert all(any(line == later for later in rest) for line in seen), (seen, driver)
     assert "8/~8 rows (100%)" in seen[-1] or "8/8 rows (100%)" in seen[-1], seen
