@@ -11,13 +11,48 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.secrets import install_log_masking, mask_text, mask_uri
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+# Libraries whose INFO lines are noise unless -v: JAX names every backend it could not start
+# (libtpu on a machine without a TPU), Orbax logs every read, Ray Data logs its plan and its own
+# progress (beside rg-batch's line).
+_QUIET_LOGGERS = ("absl", "jax", "ray", "ray.data")
+
+
+def configure_logging(verbose: bool) -> None:
+    """rg-batch's INFO lines (DEBUG with ``verbose``); libraries' at WARNING unless ``verbose``."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if verbose:
+        for name in ("jax", "ray", "ray.data"):  # DEBUG on the root: keep these at INFO
+            logging.getLogger(name).setLevel(logging.INFO)
+        logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax: a line per read even so
+        return
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def quiet_ray_data(verbose: bool) -> None:
+    """Turns Ray Data's own progress bars and execution logs off (the driver's progress line
+    says the same), unless ``verbose``. Call after ``ray.init``, in the driver."""
+    if verbose:
+        return
+    import ray
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data configures its loggers when imported; quieten them after that.
+    for name in ("ray.data", "ray.data._internal.progress"):
+        logging.getLogger(name).setLevel(logging.ERROR if "progress" in name else logging.WARNING)
 
 
 def _cmd_fixtures(args: argparse.Namespace) -> int:
@@ -74,7 +109,14 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     print(f"{args.config}: ok ({config.task}, {len(config.input_files())} input files)")
-    print(f"output would go to {mask_uri(run_dir_uri(config))}")
+    if args.date is None:  # the run id is not fixed: `run` picks a new one when it starts
+        base = mask_uri(config.output.uri.rstrip("/"))
+        print(
+            f"output would go to {base}/<run id>: run picks a new run id when it starts "
+            "(with --date the run id is the date; --run-id names one)"
+        )
+    else:
+        print(f"output would go to {mask_uri(run_dir_uri(config))}")
     return EXIT_OK
 
 
@@ -88,8 +130,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.runner import run_job
 
     config = _load_config(args)
+    verbose = getattr(args, "verbose", False)
+    ray_logging = {} if verbose else {"logging_level": logging.WARNING}
     if config.run.ray_address:
-        ray.init(address=config.run.ray_address)
+        ray.init(address=config.run.ray_address, **ray_logging)
     else:
         # A Ray of this run's own, whatever else runs here: "local" never joins a head started
         # earlier on the machine (or named by a stale /tmp/ray/ray_current_cluster).
@@ -97,7 +141,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             address="local",
             num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1),
             include_dashboard=False,
+            **ray_logging,
         )
+    quiet_ray_data(verbose)
     try:
         if not config.run.ray_address:  # a node of this machine: what it lacks it never gets
             check_node_fits(config, ray.cluster_resources())
@@ -113,8 +159,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if result.status == "already_complete":
         print(f"run {result.run_id} was already complete: nothing to do")
     print(f"outputs: {mask_uri(result.run_dir)}")
-    print(f"rows: {counts.get('rows')}  finish reasons: {counts.get('finish_reasons')}")
+    print(f"report:  {mask_uri(result.run_dir.rstrip('/') + '/report.html')}")
+    print(summary_line(counts))
     return EXIT_OK
+
+
+def summary_line(counts: dict[str, Any]) -> str:
+    """The run's last line: rows, finish reasons, and what the toxicity policy flagged and
+    rejected (dropped to rejected/) or redacted."""
+    rows = counts.get("rows") or 0
+    line = f"rows: {rows}  finish reasons: {counts.get('finish_reasons')}"
+    if "toxic" in counts:
+        share = f" ({100 * counts['toxic'] / rows:.1f}%)" if rows else ""
+        line += f"  toxic: {counts['toxic']}{share}"
+        decisions = counts.get("toxicity_decisions") or {}
+        line += f", rejected: {counts.get('rows_rejected', 0)}"
+        if decisions.get("redact"):
+            line += f", redacted: {decisions['redact']}"
+    return line
 
 
 def _jobs_call(action) -> int:
@@ -145,6 +207,8 @@ def _cmd_submit(args: argparse.Namespace) -> int:
             date=date,
             wait=args.wait,
             timeout_s=args.timeout,
+            on_progress=_print_progress if args.wait else None,
+            python=args.python,
         )
         if not result.created:
             what = f"already on the cluster as {result.submission_id}, not resubmitted"
@@ -153,15 +217,30 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         else:
             what = "submitted"
         print(f"run {result.run_id}: {what}; status {result.status}")
+        if result.reason:
+            print(f"reason: {result.reason}")
         return EXIT_OK if not args.wait or result.status == "SUCCEEDED" else EXIT_FAILED
 
     return _jobs_call(go)
 
 
+def _print_progress(line: str) -> None:
+    print(f"progress: {line}", flush=True)
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
+    """Prints the status of the run's latest attempt, and the reason of a failed or stopped
+    one; exits 1 for FAILED or STOPPED."""
     from pipeline import jobs
 
-    return _jobs_call(lambda: print(jobs.status(args.run_id, address=args.address)) or EXIT_OK)
+    def go() -> int:
+        state = jobs.describe(args.run_id, address=args.address)
+        print(state.status)
+        if state.reason:
+            print(f"reason: {state.reason}")
+        return EXIT_FAILED if state.status in jobs.RESUMABLE_STATUSES else EXIT_OK
+
+    return _jobs_call(go)
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
@@ -290,9 +369,27 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     return EXIT_OK if plan.fits else EXIT_FAILED
 
 
+_VERBOSE_HELP = "everything: libraries' INFO logs, Ray Data's own progress bars, DEBUG lines"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rgbatch", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="rgbatch", description=_plain(__doc__), formatter_class=_Formatter
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help=_VERBOSE_HELP)
+    # Also accepted after the subcommand (rgbatch run job.yaml -v); SUPPRESS keeps the default
+    # of the main parser when it is not given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=_VERBOSE_HELP
+    )
     sub = parser.add_subparsers(dest="command", required=True)
+    add_parser = sub.add_parser
+
+    def sub_add_parser(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = sub_add_parser  # type: ignore[method-assign]
 
     fixtures = sub.add_parser(
         "fixtures", help="write the tiny offline model (Kaggle layout + tokenizer.model) to DIR"
@@ -338,12 +435,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     submit.add_argument("--date", default=None, help="YYYY-MM-DD, today or yesterday")
     submit.add_argument(
-        "--wait", action="store_true", help="wait for the end; exit 1 unless SUCCEEDED"
+        "--wait",
+        action="store_true",
+        help="wait for the end, printing the run's progress; exit 1 (with the reason) unless "
+        "SUCCEEDED",
     )
     submit.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    submit.add_argument(
+        "--python",
+        default=None,
+        metavar="PATH",
+        help="the cluster's interpreter for rg-batch (default: the one Ray runs under on the "
+        "cluster, else python3 or python there, whichever imports Ray and rg-batch's "
+        "dependencies)",
+    )
     submit.set_defaults(func=_cmd_submit)
     for name, func, text in (
-        ("status", _cmd_status, "a submitted run's status (its latest attempt)"),
+        (
+            "status",
+            _cmd_status,
+            "a submitted run's status (its latest attempt) and why it failed; exit 1 if it "
+            "FAILED or was STOPPED",
+        ),
         ("logs", _cmd_logs, "a submitted run's driver logs (its latest attempt)"),
         ("stop", _cmd_stop, "stop a submitted run (its latest attempt)"),
     ):
@@ -395,15 +508,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's paragraphs as written (it is plain text, see :func:`_plain`)."""
+
+
+def _plain(text: str | None) -> str:
+    """A docstring as plain text for ``--help``: reST markup (``code``, :role:`x`) removed."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text or "")
+    return text.replace("``", "").strip()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every read at INFO
-    install_log_masking()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage; keep its code
         return int(exc.code or 0)
+    configure_logging(args.verbose)
+    install_log_masking()
     try:
         return args.func(args)
     except (FileNotFoundError, ValueError) as exc:  # ConfigError is a ValueError

@@ -75,7 +75,7 @@ import re
 import shlex
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +105,25 @@ UPLOAD_EXCLUDES: tuple[str, ...] = (
     "/data/*",
     "!/data/sample",
 )
+# The entrypoint's start when no --python is given: it runs in a shell whose parent is Ray's job
+# supervisor, a Python process of the cluster's own environment. The interpreter of that
+# environment is found from the ray/_raylet.so the supervisor has loaded (its prefix's
+# bin/python: a virtualenv's, a conda env's or the system's), then python3 and python on PATH;
+# the first that imports Ray and rg-batch's dependencies runs the CLI. If none does, the job
+# ends at once with exit 2 and an "error:" line (status and submit --wait print it).
+_NEEDED_MODULES = "ray, jax, flax, pyarrow, pydantic, yaml, sentencepiece"
+FIND_PYTHON = (
+    "found=; for py in "
+    "\"$(sed -n 's#^[^/]*\\(/.*\\)/lib/python[0-9.]*/[a-z]*-packages/ray/_raylet\\.so$#\\1/bin/python#p' "
+    '/proc/$PPID/maps 2>/dev/null | head -n 1)" python3 python; do '
+    '[ -n "$py" ] && command -v "$py" >/dev/null 2>&1 && '
+    f'"$py" -c "import {_NEEDED_MODULES}" >/dev/null 2>&1 && {{ found=$py; break; }}; done; '
+    '[ -n "$found" ] || { echo "error: no Python on this node imports '
+    f"{_NEEDED_MODULES}"
+    " (tried the interpreter Ray runs under, python3 and python): install rg-batch there "
+    "(pip install -e . in the environment that runs ray start) or pass --python "
+    '/path/to/python to rgbatch submit" >&2; exit 2; }; exec "$found"'
+)
 # Appended to every entrypoint: the driver must attach to the cluster the job runs on.
 CLUSTER_OVERRIDE = "run.ray_address=auto"
 _ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
@@ -121,6 +140,9 @@ _TOKEN_PREFIXES = (
 _RANDOM_RUN = re.compile(r"[A-Za-z0-9+=_\-]{24,}")
 _AUTH_ERROR = re.compile(
     r"Authentication (required|failed)|Token authentication is enabled|status code 40[13]\b"
+)
+_EXCEPTION_LINE = re.compile(
+    r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)(\([\w.]*\))?(: .*)?$"
 )
 _ENV_LOCK = threading.Lock()
 _upload_log = logging.getLogger(f"{__name__}.upload")
@@ -152,6 +174,17 @@ class SubmitResult:
     created: bool  # False: the run's latest attempt is pending, running or succeeded: not submitted
     status: str  # PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED
     attempt: int = 1
+    reason: str | None = None  # FAILED / STOPPED (with wait): the error line (failure_reason)
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run's latest attempt on the cluster, and why it ended if it failed or was stopped."""
+
+    run_id: str
+    submission_id: str
+    status: str
+    reason: str | None = None  # FAILED / STOPPED only (failure_reason)
 
 
 @dataclass(frozen=True)
@@ -175,6 +208,9 @@ def submit(
     timeout_s: float | None = None,
     project_dir: Path = PROJECT_DIR,
     poll_interval_s: float = 1.0,
+    on_progress: Callable[[str], None] | None = None,
+    progress_interval_s: float = 10.0,
+    python: str | None = None,
 ) -> SubmitResult:
     """Validates ``config_path`` here, then submits it as run ``run_id`` (default: a new one).
 
@@ -183,13 +219,16 @@ def submit(
     attempt is submitted under the run id; if its latest attempt FAILED or was STOPPED, the next
     attempt (``<run id>--a<n>``) resumes it; otherwise nothing is submitted (``created=False``).
     With ``wait``, polls until the attempt ends or ``timeout_s`` passes and reports the last
-    status seen (not terminal on a timeout).
+    status seen (not terminal on a timeout), with the reason of a FAILED or STOPPED attempt;
+    meanwhile ``on_progress`` gets each new progress line of the driver (its logs are read every
+    ``progress_interval_s``). ``python`` is the cluster's interpreter for the job; by default
+    the entrypoint finds it (:data:`FIND_PYTHON`).
     """
     _check_overrides(overrides)
     project_dir = Path(project_dir).resolve()
     config = validate(config_path, overrides=overrides, run_id=run_id, date=date)
     relative = _config_in_upload(Path(config_path), project_dir)
-    _check_cluster_paths(config)
+    _check_cluster_paths(config, project_dir)
     if literal := literal_credentials(config):
         log.warning(
             "%s has literal values at %s: they are uploaded to the cluster with the config; "
@@ -199,7 +238,7 @@ def submit(
         )
     run = config.run_id
     assert run is not None  # load_job_config renders the config
-    entrypoint = build_entrypoint(relative, config, overrides)
+    entrypoint = build_entrypoint(relative, config, overrides, python)
     metadata = {"run_id": run, "task": config.task, "date": str(config.date), "config": relative}
     address = resolve_address(address)
     client = _client(address)
@@ -244,14 +283,25 @@ def submit(
             latest.status,
         )
     job_id = latest.submission_id
+    watch = None
+    if on_progress is not None:
+        watch = _ProgressWatch(client, job_id, on_progress, progress_interval_s)
     if wait:
-        state = _wait(client, run, job_id, address, timeout_s, poll_interval_s)
+        state = _wait(client, run, job_id, address, timeout_s, poll_interval_s, watch)
     elif created:
         state = _status(client, run, job_id, address)
     else:
         state = latest.status
+    reason = None
+    if wait and state in RESUMABLE_STATUSES:
+        reason = _reason(client, run, _Attempt(latest.number, job_id, state), address)
     return SubmitResult(
-        run_id=run, submission_id=job_id, created=created, status=state, attempt=latest.number
+        run_id=run,
+        submission_id=job_id,
+        created=created,
+        status=state,
+        attempt=latest.number,
+        reason=reason,
     )
 
 
@@ -259,6 +309,37 @@ def status(run_id: str, *, address: str | None = None) -> str:
     """The status of the run's latest attempt: PENDING | RUNNING | SUCCEEDED | FAILED | STOPPED."""
     address = resolve_address(address)
     return _require_latest(_client(address), run_id, address).status
+
+
+def describe(run_id: str, *, address: str | None = None) -> RunState:
+    """The run's latest attempt: its status and, if it FAILED or was STOPPED, the reason."""
+    address = resolve_address(address)
+    client = _client(address)
+    latest = _require_latest(client, run_id, address)
+    return RunState(
+        run_id, latest.submission_id, latest.status, _reason(client, run_id, latest, address)
+    )
+
+
+def failure_reason(logs: str, message: str | None = None) -> str | None:
+    """The line that says why a driver failed, from its logs: the CLI's last ``error: ...`` line,
+    else the last exception line of a traceback (``ValueError: ...``), else the first line of
+    Ray's job message (e.g. an entrypoint that could not start). None if there is none."""
+    lines = [line.strip() for line in logs.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if line.startswith("error: "):
+            return mask_text(line[len("error: ") :])
+    for line in reversed(lines):
+        if _EXCEPTION_LINE.match(line):
+            return mask_text(line)
+    first = (message or "").strip().splitlines()
+    return mask_text(first[0]) if first else None
+
+
+def progress_lines(logs: str) -> list[str]:
+    """The driver's progress lines (``progress: ...``) in its logs, in order."""
+    marker = "rgbatch.progress: progress: "
+    return [line.split(marker, 1)[1] for line in logs.splitlines() if marker in line]
 
 
 def logs(run_id: str, *, address: str | None = None) -> str:
@@ -327,13 +408,22 @@ def submission_id(run_id: str, attempt: int) -> str:
     return run_id if attempt == 1 else f"{run_id}{ATTEMPT_SUFFIX}{attempt}"
 
 
-def build_entrypoint(config_relpath: str, config: JobConfig, overrides: Sequence[str] = ()) -> str:
-    """The shell command the job runs: the CLI's ``run`` with this run id, date and overrides."""
-    argv = ["python", "-m", "pipeline.cli", "run", config_relpath]
+def build_entrypoint(
+    config_relpath: str,
+    config: JobConfig,
+    overrides: Sequence[str] = (),
+    python: str | None = None,
+) -> str:
+    """The shell command the job runs: the CLI's ``run`` with this run id, date and overrides,
+    under ``python`` if given, else under the interpreter found on the cluster
+    (:data:`FIND_PYTHON`)."""
+    argv = ["-m", "pipeline.cli", "run", config_relpath]
     argv += ["--run-id", str(config.run_id), "--date", str(config.date)]
     for item in (*overrides, CLUSTER_OVERRIDE):
         argv += ["--set", item]
-    return shlex.join(argv)
+    if python is not None:
+        return shlex.join([python, *argv])
+    return FIND_PYTHON + " " + shlex.join(argv)
 
 
 def runtime_env(project_dir: Path = PROJECT_DIR) -> dict[str, Any]:
@@ -513,7 +603,7 @@ def _leaves(value: Any) -> Iterator[Any]:
         yield value
 
 
-def _check_cluster_paths(config: JobConfig) -> None:
+def _check_cluster_paths(config: JobConfig, project_dir: Path | None = None) -> None:
     errors = [
         (
             path,
@@ -526,8 +616,58 @@ def _check_cluster_paths(config: JobConfig) -> None:
         )
         if uri is not None and "://" not in uri and not uri.startswith("/")
     ]
+    errors += _local_read_paths(config, project_dir)
     if errors:
         raise ConfigError(errors)
+
+
+def _local_read_paths(config: JobConfig, project_dir: Path | None) -> list[tuple[str, str]]:
+    """The paths the job reads that the cluster will not find: relative ones left out of the
+    upload (``.fixtures/``, ``out/``, git-ignored files), and absolute ones inside the project
+    directory (the cluster reads its uploaded copy, never this working tree)."""
+    errors: list[tuple[str, str]] = []
+    reads = (
+        ("input.uri", config.input.uri),
+        ("model.checkpoint", config.model.checkpoint),
+        ("toxicity.checkpoint", config.toxicity.checkpoint),
+    )
+    fix = (
+        "put it where every node of the cluster reads it (an absolute path on shared storage, "
+        "or a URI such as s3://... or gs://...) and pass that, e.g. --set {path}=s3://bucket/..."
+    )
+    for path, uri in reads:
+        if uri is None or "://" in uri:
+            continue
+        local = Path(uri)
+        if not local.is_absolute():
+            if project_dir is None or not _left_out_of_upload(
+                project_dir, project_dir / _base(uri)
+            ):
+                continue  # inside the upload: the cluster reads its copy (data/sample/*.jsonl)
+            errors.append(
+                (
+                    path,
+                    f"{uri!r} is a relative path that the upload leaves out (excluded: "
+                    f"{', '.join(UPLOAD_EXCLUDES)}, or by .gitignore/.rayignore), so the job "
+                    "would not find it on the cluster; " + fix.format(path=path),
+                )
+            )
+        elif project_dir is not None and local.resolve().is_relative_to(project_dir):
+            errors.append(
+                (
+                    path,
+                    f"{uri!r} is inside the project directory {project_dir}, which the cluster "
+                    "only sees as its uploaded copy; use a path relative to the project if it "
+                    "is uploaded (not under .fixtures/ or out/), or " + fix.format(path=path),
+                )
+            )
+    return errors
+
+
+def _base(uri: str) -> str:
+    """The directory part of a path before its first glob character."""
+    head = re.split(r"[*?\[]", uri, maxsplit=1)[0]
+    return head if head.endswith("/") or head == uri else head.rsplit("/", 1)[0] or "."
 
 
 # The cluster ------------------------------------------------------------------------------------
@@ -647,6 +787,48 @@ def _require_latest(client: Any, run_id: str, address: str) -> _Attempt:
     return latest
 
 
+class _ProgressWatch:
+    """Passes each new progress line of a job's driver to ``emit``, reading the logs at most
+    every ``interval_s`` (best effort: a failed read is skipped)."""
+
+    def __init__(
+        self, client: Any, job_id: str, emit: Callable[[str], None], interval_s: float
+    ) -> None:
+        self.client, self.job_id, self.emit, self.interval_s = client, job_id, emit, interval_s
+        self._seen = 0
+        self._last_read = -float("inf")
+
+    def poll(self, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self._last_read < self.interval_s:
+            return
+        self._last_read = now
+        try:
+            lines = progress_lines(str(self.client.get_job_logs(self.job_id)))
+        except Exception as exc:
+            log.debug("cannot read the logs of %s: %s", self.job_id, exc)
+            return
+        new, self._seen = lines[self._seen :], len(lines)
+        for line in new[-1:]:  # the newest only: one line per read
+            self.emit(mask_text(line))
+
+
+def _reason(client: Any, run_id: str, attempt: _Attempt, address: str) -> str | None:
+    """Why a FAILED or STOPPED attempt ended (failure_reason of its logs); None otherwise."""
+    if attempt.status not in RESUMABLE_STATUSES:
+        return None
+    with _translate(run_id, address):
+        info = client.get_job_info(attempt.submission_id)
+        try:
+            text = str(client.get_job_logs(attempt.submission_id))
+        except Exception:  # the logs may be gone with the node; the message is still there
+            text = ""
+    reason = failure_reason(text, getattr(info, "message", None))
+    if attempt.status == "STOPPED" and not text.strip():
+        return reason or "stopped"
+    return reason
+
+
 def _wait(
     client: Any,
     run_id: str,
@@ -654,11 +836,15 @@ def _wait(
     address: str,
     timeout_s: float | None,
     poll_interval_s: float,
+    watch: _ProgressWatch | None = None,
 ) -> str:
-    """Polls job ``job_id`` until a terminal status or ``timeout_s``; returns the last status."""
+    """Polls job ``job_id`` until a terminal status or ``timeout_s``; returns the last status.
+    ``watch`` is polled alongside (the driver's progress lines)."""
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         state = _status(client, run_id, job_id, address)
+        if watch is not None:
+            watch.poll(final=state in TERMINAL_STATUSES)
         if state in TERMINAL_STATUSES:
             return state
         if deadline is not None:

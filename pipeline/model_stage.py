@@ -270,6 +270,7 @@ class ModelStage:
         progress: Any = None,
     ) -> None:
         self.progress = progress  # a ProgressCounter actor handle, or None
+        self._phase("loading the model")
         if compilation_cache:
             enable_compilation_cache()
         ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
@@ -284,7 +285,9 @@ class ModelStage:
         self.model_name = f"{ckpt.variant}@{fingerprint(ckpt.params)}"
         options = planned_engine_options(ckpt.config, dtype, engine_options, memory_headroom)
         engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **options)
+        self._phase("compiling")
         engine.warmup()
+        self._phase("generating")
         self.worker = EngineWorker(
             engine,
             max_failed_steps=max_failed_steps,
@@ -292,6 +295,11 @@ class ModelStage:
             fault_hook=fault_hook_from_env(),
         )
         log.info("model stage ready: %s", self.model_name)
+
+    def _phase(self, name: str) -> None:
+        """Tells the driver's progress line what this replica is doing while it starts."""
+        if self.progress is not None:
+            self.progress.phase.remote(name)
 
     def __call__(self, table: pa.Table) -> pa.Table:
         ids = table.column(S.ID).to_pylist()

@@ -6,6 +6,10 @@ terminal the line is redrawn in place (a live bar); otherwise a log line is writ
 corpus: Parquet footers hold row counts; a JSONL corpus' rows are estimated from its bytes, at the
 rows per byte of the files read so far (read tasks report each file they finish).
 
+Until the first rows are done the line names the start-up phase: "starting actors" until a model
+replica reports one, then the phase of the replica furthest behind ("loading the model",
+"compiling"), so a line at 0% says what it waits for.
+
 Every poll also records a sample (seconds since start, rows, output tokens); the report's
 "throughput over time" chart is drawn from them, so it covers the whole run. Samples are thinned
 (every other one dropped, the period doubled) past :data:`MAX_SAMPLES`: memory stays bounded on a
@@ -29,6 +33,8 @@ from model.storage import filesystem
 log = logging.getLogger("rgbatch.progress")
 
 MAX_SAMPLES = 512
+# What the run waits for before its first rows, in order; the model stage reports the last three.
+START_PHASES = ("starting actors", "loading the model", "compiling", "generating")
 SAMPLE_PERIOD_S = 1.0
 
 
@@ -41,6 +47,22 @@ class ProgressCounter:
         self.tokens = 0
         self.file_rows = 0
         self.file_bytes = 0
+        self.phases: list[str] = []  # one per replica that reported, in START_PHASES order
+
+    def phase(self, name: str) -> None:
+        """A model replica moved on to start-up phase ``name`` (one of START_PHASES)."""
+        order = START_PHASES.index(name)
+        for i, seen in enumerate(self.phases):  # the first replica still behind moves on
+            if START_PHASES.index(seen) == order - 1:
+                self.phases[i] = name
+                return
+        self.phases.append(name)
+
+    def current_phase(self) -> str:
+        """The phase of the replica furthest behind; "starting actors" before any reported."""
+        if not self.phases:
+            return START_PHASES[0]
+        return min(self.phases, key=START_PHASES.index)
 
     def add(self, rows: int, tokens: int) -> None:
         self.rows += rows
@@ -92,7 +114,22 @@ class InputTotal:
 
 
 def format_progress(
-    rows: int, total: int | None, tokens: int, elapsed: float, estimated: bool = False
+    rows: int,
+    total: int | None,
+    tokens: int,
+    elapsed: float,
+    estimated: bool = False,
+    phase: str | None = None,
+) -> str:
+    """The progress line; before the first rows, ``phase`` (what the run waits for) ends it."""
+    line = _format_counts(rows, total, tokens, elapsed, estimated)
+    if phase is not None and rows == 0:
+        line += f" | {phase}"
+    return line
+
+
+def _format_counts(
+    rows: int, total: int | None, tokens: int, elapsed: float, estimated: bool
 ) -> str:
     rate = tokens / elapsed if elapsed > 0 else 0.0
     if total:
@@ -156,6 +193,7 @@ class ProgressReporter:
         try:
             rows, tokens = ray.get(self.counter.snapshot.remote(), timeout=5)
             read_rows, read_bytes = ray.get(self.counter.read_rate.remote(), timeout=5)
+            phase = None if rows else ray.get(self.counter.current_phase.remote(), timeout=5)
         except Exception:  # progress is best effort; the run does not depend on it
             return
         now = time.monotonic()
@@ -164,7 +202,7 @@ class ProgressReporter:
             return
         self._last_render = now
         total, estimated = self.total.estimate(read_rows, read_bytes)
-        line = format_progress(rows, total, tokens, now - self._start, estimated)
+        line = format_progress(rows, total, tokens, now - self._start, estimated, phase)
         if self.live:
             self.stream.write("\r" + line + ("\n" if final else ""))
             self.stream.flush()

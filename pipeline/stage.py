@@ -14,11 +14,15 @@ toxicity labels depend on the checkpoint).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
+
+# Ray's RayDeprecationWarning for options passed as **ray_remote_args (see Stage.apply).
+_REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
 
 
 @dataclass(frozen=True)
@@ -47,12 +51,20 @@ class Stage:
     ray_args: dict[str, Any] = field(default_factory=dict)
 
     def apply(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
+        """``dataset.map_batches`` with this stage's function, arguments and Ray arguments.
+
+        Ray 2.60 deprecates passing actor options through ``**ray_remote_args`` but names no
+        parameter for ``max_restarts`` yet (the model stage bounds its replicas' restarts), so
+        that one deprecation warning is silenced here, for these calls only.
+        """
         kwargs: dict[str, Any] = dict(self.ray_args)
         if isinstance(self.fn, type):
             kwargs["fn_constructor_kwargs"] = self.constructor_kwargs
         if self.fn_kwargs:
             kwargs["fn_kwargs"] = self.fn_kwargs
-        return dataset.map_batches(self.fn, batch_format="pyarrow", **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_REMOTE_ARGS_DEPRECATION)
+            return dataset.map_batches(self.fn, batch_format="pyarrow", **kwargs)
 
 
 def columns_after(available: Iterable[str], stage: Stage) -> list[str]:

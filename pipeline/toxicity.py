@@ -261,9 +261,11 @@ def apply_policy(
 
 def _detoxify_from_checkpoint(uri: str, storage_options: dict[str, Any] | None, device: str) -> Any:
     """A ``Detoxify`` built from a checkpoint loaded weights-only (see the module docstring)."""
+    import transformers
     from detoxify import Detoxify
     from detoxify.detoxify import get_model_and_tokenizer
 
+    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar per actor
     checkpoint = _load_weights_only(uri, storage_options)
     args = dict(checkpoint["config"]["arch"]["args"])
     model_dir = _model_dir_beside(uri, str(args["model_type"]), storage_options)

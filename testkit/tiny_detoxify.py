@@ -14,8 +14,26 @@ detoxify renames to ``toxicity``, ``severe_toxicity``, ... when it loads them). 
 absolute path of the ``-hf`` directory. If the directory is moved, that path goes stale:
 ``pipeline.toxicity`` then looks for a directory of the same name beside the checkpoint.
 
-The weights are random (seeded), so the scores mean nothing; they are still real detoxify outputs,
-produced by detoxify's own loading and prediction code.
+The network is a BERT whose weights are random (seeded) except for one path set by hand, so that
+a handful of words drive the scores: a text is flagged (``toxicity`` and ``insult`` near 0.97,
+``obscene`` about 0.66; the other labels stay below 0.5) when :data:`TRIGGER_WORDS` make up more
+than about one in eleven of its tokens, ``[CLS]`` and ``[SEP]`` included; any other text scores
+about 0.01 on every label. The words are four insults plus ``from``, the one word the tiny
+RecurrentGemma's nonsense output (``testkit.tiny_model``) spells out, over and over, on the
+sample corpus: so ``make run-local`` flags a small share of its rows (15 of 300, 5%, when this
+was written) and annotate, drop and redact have something to act on, while the sample's own
+documents (where ``from`` is one word among many) are not flagged. The scores are still real
+detoxify outputs, produced by detoxify's own loading and prediction code.
+
+How the hand-set path works (width 32): every token's embedding has mean zero across the width
+and nothing in channels 0 and 1, except a trigger word's, which has a large value in channel 0;
+so after the embedding LayerNorm channel 0 is exactly 0 for other tokens. Head 0 of layer 0
+attends uniformly (zero query and key) and its value reads channel 0 less a margin, which the
+attention output writes into channel 1 of the ``[CLS]`` token: positive exactly when the trigger
+words are a large enough share of the text's tokens. Nothing else writes channels 0 and 1; the
+pooler turns channel 1 into its unit 0, which the classifier reads with one weight and bias per label. Head 1, the
+feed-forward layers and the classifier's other inputs stay random (seeded, scaled down), so
+scores still vary a little from text to text and from seed to seed.
 """
 
 from __future__ import annotations
@@ -39,6 +57,9 @@ CLASSES: dict[str, tuple[str, ...]] = {
         "sexual_explicit",
     ),
 }
+
+# The words that drive the scores (each one token of the vocabulary below).
+TRIGGER_WORDS: tuple[str, ...] = ("stupid", "idiot", "hate", "kill", "from")
 
 MAX_LENGTH = 128  # model_max_length of the tokenizer and max_position_embeddings of the model
 
@@ -110,7 +131,7 @@ def _write_tokenizer(hf_dir: Path) -> int:
 def build_tiny_detoxify(
     directory: str | os.PathLike[str], *, model_type: str = "original", seed: int = 0
 ) -> Path:
-    """Writes a tiny random detoxify checkpoint (BERT, 2 layers, width 32) and returns its path.
+    """Writes a tiny detoxify checkpoint (BERT, 2 layers, width 32) and returns its path.
 
     ``model_type`` picks the label set ("original": 6 labels, "unbiased": 7); the architecture is
     always BERT. The same seed gives the same weights.
@@ -140,6 +161,8 @@ def build_tiny_detoxify(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = transformers.BertForSequenceClassification(config)
+        vocab = _vocab()
+        _set_trigger_path(model, [vocab.index(word) for word in TRIGGER_WORDS], classes)
     checkpoint = {
         "config": {
             "arch": {
@@ -157,3 +180,72 @@ def build_tiny_detoxify(
     path = root / f"tiny-detoxify-{model_type}.ckpt"
     torch.save(checkpoint, path)
     return path
+
+
+# Each label's logit is _CLASSIFIER_GAIN * (about +1 flagged, -1 not) + its bias.
+_LABEL_BIAS = {"toxic": 0.0, "toxicity": 0.0, "insult": -1.5, "obscene": -3.0}
+_RARE_LABEL_BIAS = -5.0
+_EMBED_TRIGGER = 8.0  # channel 0 of a trigger word's embedding
+_MARGIN = 0.4  # channel 0 (normalised, about 5 for a trigger word) averaged over the tokens
+_GAIN = 100.0  # the attention output's gain from that average into channel 1
+_POOL_GAIN = 3.0
+_CLASSIFIER_GAIN = 4.0
+_NOISE = 0.2  # scale of the random weights left on the path's way (text-to-text variety)
+
+
+def _set_trigger_path(model: object, trigger_ids: list[int], classes: tuple[str, ...]) -> None:
+    """Sets, in place, the weights that make the trigger words drive the logits (module
+    docstring); the rest stays as initialised (seeded), scaled down where it meets the path."""
+    import torch
+
+    bert = model.bert  # type: ignore[attr-defined]
+    with torch.no_grad():
+        embeddings = bert.embeddings
+        for table in (
+            embeddings.word_embeddings.weight,
+            embeddings.position_embeddings.weight,
+            embeddings.token_type_embeddings.weight,
+        ):
+            table[:, :2] = 0.0
+            table[:, 2:] -= table[:, 2:].mean(dim=1, keepdim=True)
+        words = embeddings.word_embeddings.weight
+        words[trigger_ids, 0] = _EMBED_TRIGGER
+        words[trigger_ids, 2:] -= _EMBED_TRIGGER / (words.shape[1] - 2)  # mean zero again
+        embeddings.LayerNorm.weight.fill_(1.0)
+        embeddings.LayerNorm.bias.zero_()
+
+        head = bert.config.hidden_size // bert.config.num_attention_heads
+        for index, layer in enumerate(bert.encoder.layer):
+            attention = layer.attention
+            dense = attention.output.dense
+            dense.weight.mul_(_NOISE)
+            dense.bias.mul_(_NOISE)
+            layer.output.dense.weight.mul_(_NOISE)
+            layer.output.dense.bias.mul_(_NOISE)
+            for norm in (attention.output.LayerNorm, layer.output.LayerNorm):
+                norm.weight.fill_(1.0)
+                norm.bias.zero_()
+            for out in (dense, layer.output.dense):  # nothing else writes channels 0 and 1
+                out.weight[:2] = 0.0
+                out.bias[:2] = 0.0
+            if index == 0:
+                query, key, value = attention.self.query, attention.self.key, attention.self.value
+                for linear in (query, key):  # head 0 attends to every token alike
+                    linear.weight[:head] = 0.0
+                    linear.bias[:head] = 0.0
+                value.weight[:head] = 0.0
+                value.bias[:head] = 0.0
+                value.weight[0, 0] = 1.0
+                value.bias[0] = -_MARGIN
+                dense.weight[:, :head] = 0.0  # head 0 writes channel 1 only
+                dense.weight[1, 0] = _GAIN
+
+        pooler = bert.pooler.dense
+        pooler.weight[0] = 0.0
+        pooler.weight[0, 1] = _POOL_GAIN
+        pooler.bias[0] = 0.0
+        classifier = model.classifier  # type: ignore[attr-defined]
+        classifier.weight.mul_(_NOISE)
+        classifier.weight[:, 0] = _CLASSIFIER_GAIN
+        for i, name in enumerate(classes):
+            classifier.bias[i] = _LABEL_BIAS.get(name, _RARE_LABEL_BIAS)

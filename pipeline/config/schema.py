@@ -11,6 +11,7 @@ described in the :mod:`pipeline.config` docstring.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import re
 import string
 from collections.abc import Sequence
@@ -168,6 +169,34 @@ def infer_format(uri: str) -> InputFormat | None:
     return None
 
 
+_FOLDER_FILES_LOOKED_AT = 1000  # a folder's format is inferred from (about) this many names
+
+
+def _infer_folder_format(uri: str) -> InputFormat | None:
+    """The format of a local folder's files, when their endings all name the same one (names
+    starting with ``_`` or ``.`` skipped, as the listing does); None otherwise. Only local
+    folders are looked at: a config check reads no remote storage."""
+    path = uri.removeprefix("file://")
+    if "://" in path or not os.path.isdir(path):
+        return None
+    found: set[InputFormat] = set()
+    looked = 0
+    for root, dirs, files in os.walk(path):
+        looked += len(files)
+        dirs[:] = [d for d in dirs if not d.startswith(("_", "."))]
+        found.update(
+            fmt
+            for name in files
+            if not name.startswith(("_", "."))
+            and (fmt := infer_format(os.path.join(root, name))) is not None
+        )
+        if len(found) > 1:
+            return None
+        if looked >= _FOLDER_FILES_LOOKED_AT:
+            break
+    return found.pop() if len(found) == 1 else None
+
+
 class InputSection(_Section):
     uri: str = Field(
         min_length=1,
@@ -182,7 +211,8 @@ class InputSection(_Section):
         validate_default=True,
         description=(
             "jsonl | parquet | openai_batch. When omitted, inferred from the URI's extension: "
-            ".jsonl, .json, .ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet. "
+            ".jsonl, .json, .ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet; "
+            "for a local folder, from its files' endings when they all name one format. "
             "openai_batch (OpenAI Batch API / vllm run-batch request lines, JSONL files) is "
             "never inferred: set it; it needs task generate."
         ),
@@ -241,7 +271,7 @@ class InputSection(_Section):
         uri = info.data.get("uri")
         if uri is None:  # already reported
             return None
-        inferred = infer_format(uri)
+        inferred = infer_format(uri) or _infer_folder_format(uri)
         if inferred is None:
             raise ValueError(
                 f"cannot infer the format from {uri!r}; set input.format to jsonl or parquet"

@@ -498,6 +498,19 @@ def test_uninferable_format_is_an_error_unless_given() -> None:
     assert load(with_(input={"uri": "x.jsonl", "format": "parquet"})).input.format == "parquet"
 
 
+def test_a_local_folder_takes_the_format_of_its_files(tmp_path) -> None:
+    folder = tmp_path / "corpus"
+    (folder / "2026" / "11").mkdir(parents=True)
+    for name in ("a.jsonl", "2026/b.jsonl.gz", "2026/11/c.ndjson", "_SUCCESS", ".hidden.parquet"):
+        (folder / name).write_text("")
+    assert load(with_(input={"uri": str(folder)})).input.format == "jsonl"
+    assert load(with_(input={"uri": f"{folder}/"})).input.format == "jsonl"
+    (folder / "2026" / "d.parquet").write_text("")  # two formats: not guessed
+    message = error_of(with_(input={"uri": str(folder)}))
+    assert message.startswith(f"input.format: cannot infer the format from '{folder}'")
+    assert error_of(with_(input={"uri": str(tmp_path / "missing")})).startswith("input.format: ")
+
+
 # Redaction --------------------------------------------------------------------------------------
 
 

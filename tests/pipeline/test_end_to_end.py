@@ -4,6 +4,8 @@ bad configs."""
 from __future__ import annotations
 
 import json
+import logging
+from pathlib import Path
 
 import fsspec
 import pyarrow as pa
@@ -12,13 +14,20 @@ from pipeline_helpers import (
     corpus_rows,
     job_config,
     job_yaml,
+    kill_tree,
     read_output,
+    run_cli,
     write_corpus,
 )
 
 from pipeline import schema as S
+from pipeline.cli import build_parser, configure_logging, summary_line
 from pipeline.cli import main as cli_main
+from pipeline.config import load_job_config
 from pipeline.runner import run_job
+from testkit.tiny_detoxify import TRIGGER_WORDS
+
+REPO = Path(__file__).resolve().parents[2]
 
 LOCAL = fsspec.filesystem("file")
 TOXICITY_LABELS = (
@@ -181,6 +190,103 @@ def test_long_prompts_are_truncated_and_flagged(tmp_path, fixtures, ray_cluster)
     assert result.manifest["counts"]["prompts_truncated"] == 1
 
 
+@pytest.mark.slow
+def test_sample_corpus_flags_a_small_share(tmp_path, fixtures, ray_cluster) -> None:
+    """configs/local.yaml (what ``make run-local`` runs) on the committed sample, with drop: the
+    tiny detoxify flags a small share of the tiny model's outputs, and those rows, only those,
+    go to rejected/."""
+    overrides = [
+        f"model.checkpoint={fixtures['checkpoint']}",
+        f"toxicity.checkpoint={fixtures['detoxify']}",
+        f"input.uri={REPO / 'data' / 'sample' / '*.jsonl'}",
+        f"output.uri={tmp_path / 'out'}",
+        "toxicity.action=drop",
+    ]
+    config = load_job_config(
+        REPO / "configs" / "local.yaml", overrides=overrides, run_id="sample", date="2026-11-27"
+    )
+    counts = run_job(config).manifest["counts"]
+    assert counts["rows"] == 300
+    assert 0.03 <= counts["toxic"] / counts["rows"] <= 0.15, counts
+    assert counts["rows_rejected"] == counts["toxic"]
+    rejected = read_output(LOCAL, f"{tmp_path}/out/sample", "parquet", sub="rejected")
+    kept = read_output(LOCAL, f"{tmp_path}/out/sample", "parquet")
+    assert rejected.num_rows == counts["toxic"] and kept.num_rows == 300 - counts["toxic"]
+    assert all(rejected.column(S.TOXIC).to_pylist())
+    assert not any(kept.column(S.TOXIC).to_pylist())
+    texts = rejected.column(S.OUTPUT_TEXT).to_pylist()
+    assert all(any(word in t.split() for word in TRIGGER_WORDS) for t in texts), texts
+
+
+# What only -v shows: libraries' INFO lines, Ray Data's own progress, deprecations of our making.
+NOISE = ("logging_progress", "streaming_executor", "libtpu", "Deprecat", "Loading weights")
+
+
+@pytest.mark.slow
+def test_run_is_quiet_unless_verbose(tmp_path, fixtures) -> None:
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(6), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    extra = {"run": {"num_cpus": 4, "progress_interval_s": 1.0}}
+    config.write_text(
+        job_yaml(
+            fixtures,
+            task="summarize",
+            input_uri=str(tmp_path / "in" / "*.jsonl"),
+            output_uri=str(tmp_path / "out"),
+            extra=extra,
+        )
+    )
+    log = tmp_path / "quiet.log"
+    process = run_cli(config, "quiet", log=log)
+    try:
+        assert process.wait(timeout=600) == 0, log.read_text()
+    finally:
+        kill_tree(process)
+    lines = log.read_text().splitlines()
+    noisy = [line for line in lines if any(word in line for word in NOISE)]
+    assert not noisy, noisy
+    others = [line for line in lines if "rgbatch.progress" not in line]
+    assert len(others) < 10, others  # a line a second of progress aside
+    progress = "\n".join(line for line in lines if "rgbatch.progress" in line)
+    assert "| loading the model" in progress and "| compiling" in progress, progress
+    assert f"report:  {tmp_path}/out/quiet/report.html" in lines
+    assert (tmp_path / "out" / "quiet" / "report.html").is_file()
+    assert lines[-1].startswith("rows: 6  finish reasons: ") and "toxic: 0 (0.0%)" in lines[-1]
+
+
+def test_verbose_keeps_the_libraries_logs() -> None:
+    names = ("jax", "ray", "ray.data", "absl")
+    saved = {name: logging.getLogger(name).level for name in names}
+    try:
+        configure_logging(verbose=False)
+        assert all(logging.getLogger(name).level == logging.WARNING for name in names)
+        configure_logging(verbose=True)
+        assert logging.getLogger("jax").level == logging.getLogger("ray.data").level == logging.INFO
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+    parser = build_parser()
+    assert parser.parse_args(["run", "job.yaml", "-v"]).verbose
+    assert parser.parse_args(["-v", "run", "job.yaml"]).verbose
+    assert not parser.parse_args(["run", "job.yaml"]).verbose
+    assert "``" not in parser.format_help() and ":mod:" not in parser.format_help()
+
+
+def test_summary_line_counts_what_the_policy_rejected() -> None:
+    counts = {
+        "rows": 300,
+        "finish_reasons": {"length": 300},
+        "toxic": 15,
+        "rows_rejected": 15,
+        "toxicity_decisions": {"keep": 285, "drop": 15},
+    }
+    line = summary_line(counts)
+    assert line.endswith("toxic: 15 (5.0%), rejected: 15")
+    redacted = {**counts, "rows_rejected": 0, "toxicity_decisions": {"redact": 15}}
+    assert summary_line(redacted).endswith("toxic: 15 (5.0%), rejected: 0, redacted: 15")
+    assert summary_line({"rows": 0}) == "rows: 0  finish reasons: None"
+
+
 def test_drop_policy_moves_rows_to_rejected(tmp_path, fixtures, ray_cluster) -> None:
     rows = corpus_rows(9)
     write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=2)
@@ -230,3 +336,21 @@ def test_missing_required_field_names_it(tmp_path, capsys) -> None:
     config.write_text("task: summarize\ninput: {uri: x.jsonl}\noutput: {uri: out}\n")
     assert cli_main(["validate", str(config)]) == 2
     assert "model: field required" in capsys.readouterr().err
+
+
+def test_validate_names_the_run_directory_only_when_it_is_fixed(tmp_path, fixtures, capsys):
+    write_corpus(LOCAL, str(tmp_path / "in"), corpus_rows(3), "jsonl", files=1)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        job_yaml(
+            fixtures,
+            task="summarize",
+            input_uri=str(tmp_path / "in" / "*.jsonl"),
+            output_uri=str(tmp_path / "out"),
+        )
+    )
+    assert cli_main(["validate", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert f"output would go to {tmp_path}/out/<run id>: run picks a new run id" in out
+    assert cli_main(["validate", str(config), "--date", "2026-11-26"]) == 0
+    assert f"output would go to {tmp_path}/out/2026-11-26" in capsys.readouterr().out

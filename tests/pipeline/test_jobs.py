@@ -246,12 +246,17 @@ def test_no_address_is_a_usage_error(
 
 def test_entrypoint_and_runtime_env() -> None:
     config = jobs.validate(REPO / "configs" / "local.yaml", run_id="r-1", date="2026-11-27")
-    entrypoint = jobs.build_entrypoint("configs/local.yaml", config, ["a.b=c d", "x=${V}"])
-    assert shlex.split(entrypoint) == [
-        *("python", "-m", "pipeline.cli", "run", "configs/local.yaml"),
+    overrides = ["a.b=c d", "x=${V}"]
+    entrypoint = jobs.build_entrypoint("configs/local.yaml", config, overrides, python="python")
+    cli = [
+        *("-m", "pipeline.cli", "run", "configs/local.yaml"),
         *("--run-id", "r-1", "--date", "2026-11-27"),
         *("--set", "a.b=c d", "--set", "x=${V}", "--set", "run.ray_address=auto"),
     ]
+    assert shlex.split(entrypoint) == ["python", *cli]
+    found = jobs.build_entrypoint("configs/local.yaml", config, overrides)  # no --python
+    assert found.startswith(jobs.FIND_PYTHON + " ")
+    assert shlex.split(found[len(jobs.FIND_PYTHON) :]) == cli
     env = jobs.runtime_env()
     assert env == {"working_dir": str(REPO), "excludes": list(jobs.UPLOAD_EXCLUDES)}
     assert not jobs._left_out_of_upload(REPO, REPO / "configs" / "local.yaml")
@@ -558,7 +563,11 @@ def head_process(auth: dict[str, str], num_cpus: int = 8) -> Iterator[str]:
         for k, v in os.environ.items()
         if k not in jobs._ADDRESS_VARIABLES and not k.startswith("RAY_AUTH_")
     }
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"  # `python` in the entrypoint
+    # As a user would start it: the venv's `ray`, the venv not on PATH (nor activated), so the
+    # job's entrypoint must find the cluster's interpreter itself.
+    path = env.get("PATH", "").split(os.pathsep)
+    env["PATH"] = os.pathsep.join(p for p in path if p and Path(p).resolve() != bin_dir.resolve())
+    env.pop("VIRTUAL_ENV", None)
     env.update(auth)
     log_path = temp_dir / "head.log"
     command = [
@@ -656,8 +665,10 @@ def test_submit_and_wait(ray_head: str, tiny_run: dict[str, Any]) -> None:
         "date": info.metadata["date"],
         "config": "jobs/tiny.yaml",
     }
-    argv = shlex.split(info.entrypoint)
-    assert argv[:5] == ["python", "-m", "pipeline.cli", "run", "jobs/tiny.yaml"]
+    # The head runs without its venv on PATH: the entrypoint found the venv's interpreter.
+    assert info.entrypoint.startswith(jobs.FIND_PYTHON)
+    argv = shlex.split(info.entrypoint[len(jobs.FIND_PYTHON) :])
+    assert argv[:4] == ["-m", "pipeline.cli", "run", "jobs/tiny.yaml"]
     assert "env_vars" not in (info.runtime_env or {})
     assert jobs.status(result.run_id, address=ray_head) == "SUCCEEDED"
 
@@ -766,8 +777,10 @@ def test_a_failed_run_is_resumed_by_a_new_attempt(
     run_id = f"jobs-retry-{uuid.uuid4().hex[:8]}"
     submit = dict(address=ray_head, project_dir=project, run_id=run_id)
     first = jobs.submit(config, **submit, wait=True, timeout_s=180)
-    assert first == jobs.SubmitResult(run_id, run_id, True, "FAILED"), jobs.logs(run_id, **submit)
+    expected = jobs.SubmitResult(run_id, run_id, True, "FAILED", reason=first.reason)
+    assert first == expected, jobs.logs(run_id, address=ray_head)
     assert "no answer from storage within 1 s" in jobs.logs(run_id, address=ray_head)
+    assert first.reason is not None and "no answer from storage within 1 s" in first.reason
 
     # Attempt 2 waits up to 300 s for the same storage: it stays RUNNING until stopped.
     patient = ["run.preflight_timeout_s=300"]
@@ -829,3 +842,140 @@ def test_a_token_cluster_without_a_token_gets_a_hint(tmp_path: Path) -> None:
         assert allowed.returncode == 2, allowed.stderr
         assert "no job with run id 'r1'" in allowed.stderr
         assert "RAY_AUTH_MODE" not in allowed.stderr
+
+
+def test_reads_the_cluster_cannot_find_are_refused(
+    project: Path, tmp_path: Path, no_cluster: None
+) -> None:
+    """A relative checkpoint left out of the upload, and an absolute path into the working tree,
+    are refused before the cluster is contacted, with the fix; a relative input inside the
+    upload is what the cluster reads from its copy, so it passes."""
+    (project / ".fixtures" / "tiny-it").mkdir(parents=True)
+    base = yaml.safe_load(tiny_text(tmp_path))
+    cases = {
+        "model.checkpoint": ".fixtures/tiny-it",
+        "toxicity.checkpoint": str(project / "detox.ckpt"),
+        "input.uri": "out/inputs/*.jsonl",
+    }
+    for path, value in cases.items():
+        config = write_config(project, yaml.safe_dump(base), f"{path}.yaml")
+        with pytest.raises(ConfigError) as info:
+            jobs.submit(
+                config, address=DEAD_ADDRESS, project_dir=project, overrides=[f"{path}={value}"]
+            )
+        assert [where for where, _ in info.value.errors] == [path]
+        message = info.value.errors[0][1]
+        assert value in message and "s3://" in message and f"--set {path}=" in message
+    (project / "data" / "sample").mkdir(parents=True)
+    config = write_config(project, yaml.safe_dump(base), "uploaded.yaml")
+    with reaches_cluster():
+        jobs.submit(
+            config,
+            address=DEAD_ADDRESS,
+            project_dir=project,
+            overrides=["input.uri=data/sample/*.jsonl"],
+        )
+
+
+def test_the_entrypoint_finds_the_interpreter_ray_runs_under(tmp_path: Path) -> None:
+    """The entrypoint's shell, started (as Ray's job supervisor starts it) by a Python process
+    that has Ray loaded, runs this venv's interpreter with no venv on PATH; with neither that
+    nor a usable python on PATH it ends with exit 2 and an error line naming --python."""
+    import ray  # noqa: F401  (loads ray/_raylet.so into this process, as in the supervisor)
+
+    probe = jobs.FIND_PYTHON + ' -c "import sys; print(sys.prefix)"'
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    found = subprocess.run(["/bin/sh", "-c", probe], env=bare, capture_output=True, text=True)
+    assert found.returncode == 0, found.stderr
+    assert Path(found.stdout.strip()).resolve() == Path(sys.prefix).resolve()
+    lost = subprocess.run(
+        ["/bin/sh", "-c", probe.replace("/proc/$PPID/maps", "/nonexistent")],
+        env={"PATH": str(tmp_path), "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+    assert lost.returncode == 2
+    assert jobs.failure_reason(lost.stdout + lost.stderr).startswith("no Python on this node")
+    assert "--python" in lost.stderr
+
+
+def test_failure_reason_is_the_error_line_not_the_traceback() -> None:
+    cli_error = "INFO pipeline.runner: starting\nerror: input.uri: no files match '/x/*.jsonl'\n"
+    assert jobs.failure_reason(cli_error) == "input.uri: no files match '/x/*.jsonl'"
+    traceback = (
+        "ERROR rgbatch: run r failed\nTraceback (most recent call last):\n"
+        '  File "runner.py", line 3, in run_job\n    raise RunPolicyError(...)\n'
+        "pipeline.runner.RunPolicyError: 12 of 100 rows failed (max_error_fraction 0.1)\n"
+    )
+    assert jobs.failure_reason(traceback) == (
+        "pipeline.runner.RunPolicyError: 12 of 100 rows failed (max_error_fraction 0.1)"
+    )
+    wrapped = "ray.exceptions.RayTaskError(ValueError): bad batch"
+    assert jobs.failure_reason(f"noise\n{wrapped}\nINFO done") == wrapped
+    message = "Job entrypoint command failed with exit code 127\nmore"
+    assert jobs.failure_reason("sh: 1: python: not found", message) == message.splitlines()[0]
+    assert jobs.failure_reason("", None) is None
+    assert jobs.failure_reason("error: s3://user:pw@bucket/x is missing") == (
+        "s3://***@bucket/x is missing"
+    )
+    lines = "INFO rgbatch.progress: progress: 0 rows\nx\nINFO rgbatch.progress: progress: 5 rows"
+    assert jobs.progress_lines(lines) == ["0 rows", "5 rows"]
+
+
+@pytest.mark.slow
+def test_a_failed_run_says_why(ray_head: str, cluster_job: dict[str, Any], capsys) -> None:
+    """The job fails on the cluster (its input matches no file there): submit --wait, status
+    and the CLI all give the error line and exit 1."""
+    from pipeline.cli import main as cli_main
+
+    root, project = cluster_job["root"], cluster_job["project"]
+    text = job_yaml(
+        cluster_job["fixtures"],
+        task="summarize",
+        input_uri=str(root / "nowhere" / "*.jsonl"),
+        output_uri=str(root / "out-missing"),
+    )
+    config = write_config(project, text, "missing.yaml")
+    run_id = f"jobs-missing-{uuid.uuid4().hex[:8]}"
+    result = jobs.submit(
+        config, address=ray_head, project_dir=project, run_id=run_id, wait=True, timeout_s=300
+    )
+    assert result.status == "FAILED"
+    assert result.reason is not None and "input.uri" in result.reason, result.reason
+    assert "Traceback" not in result.reason
+    state = jobs.describe(run_id, address=ray_head)
+    assert (state.status, state.reason) == ("FAILED", result.reason)
+    capsys.readouterr()
+    assert cli_main(["status", run_id, "--address", ray_head]) == 1
+    assert capsys.readouterr().out.splitlines() == ["FAILED", f"reason: {result.reason}"]
+
+
+@pytest.mark.slow
+def test_wait_streams_the_progress(ray_head: str, cluster_job: dict[str, Any]) -> None:
+    root, project = cluster_job["root"], cluster_job["project"]
+    write_corpus(LOCAL, str(root / "in-progress"), corpus_rows(8), "jsonl", files=1)
+    text = job_yaml(
+        cluster_job["fixtures"],
+        task="summarize",
+        input_uri=str(root / "in-progress" / "*.jsonl"),
+        output_uri=str(root / "out-progress"),
+        extra={"run": {"progress_interval_s": 1.0}},
+    )
+    config = write_config(project, text, "progress.yaml")
+    seen: list[str] = []
+    result = jobs.submit(
+        config,
+        address=ray_head,
+        project_dir=project,
+        run_id=f"jobs-progress-{uuid.uuid4().hex[:8]}",
+        wait=True,
+        timeout_s=300,
+        on_progress=seen.append,
+        progress_interval_s=0.5,
+    )
+    assert result.status == "SUCCEEDED" and result.reason is None
+    driver = jobs.progress_lines(jobs.logs(result.run_id, address=ray_head))
+    assert len(seen) >= 2 and seen[-1] == driver[-1], (seen, driver)  # it ends with the last
+    rest = iter(driver)  # what was passed on is the driver's lines, in order, none twice
+    assert all(any(line == later for later in rest) for line in seen), (seen, driver)
+    assert "8/~8 rows (100%)" in seen[-1] or "8/8 rows (100%)" in seen[-1], seen

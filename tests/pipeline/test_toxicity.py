@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,34 @@ def test_fixture_is_small_and_seeded(tmp_path: Path) -> None:
     assert not torch.equal(
         loaded["state_dict"]["classifier.weight"], other["state_dict"]["classifier.weight"]
     )
+
+
+def test_fixture_flags_texts_dense_in_its_trigger_words(scorer: ToxicityScorer) -> None:
+    flagged = [
+        "you are a stupid idiot",
+        "i hate you, i will kill you",
+        "from from from from from from",
+        "hello from the other side",
+    ]
+    clean = ["good morning, my friend", "", "the river is deep " * 40, "idiot " + "the " * 30]
+    scores = scorer.score([*flagged, *clean])
+    worst = np.max(np.stack([scores[label] for label in LABELS]), axis=0)
+    assert np.all(worst[: len(flagged)] >= 0.9), worst
+    assert np.all(worst[len(flagged) :] < 0.1), worst
+    assert np.all(scores["severe_toxicity"] < 0.5)  # the rare labels stay low
+
+
+def test_fixture_does_not_flag_the_sample_documents(scorer: ToxicityScorer) -> None:
+    sample = Path(__file__).resolve().parents[2] / "data" / "sample"
+    texts = [
+        json.loads(line)["text"]
+        for path in sorted(sample.glob("part-*.jsonl"))
+        for line in path.read_text().splitlines()
+    ]
+    assert len(texts) == 300
+    assert sum("from" in t.split() for t in texts) > 30  # a trigger word, but one among many
+    scores = scorer.score(texts)
+    assert max(float(np.max(scores[label])) for label in LABELS) < 0.5
 
 
 # The scorer --------------------------------------------------------------------------------------
