@@ -15,6 +15,7 @@ Also the run id (:func:`new_run_id`), the translation of pydantic errors into
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import os
 import re
 import secrets
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from pipeline.config.schema import ROOT, ConfigError, JobConfig
 from pipeline.secrets import mask_text
@@ -220,6 +221,9 @@ def _pydantic_errors(exc: ValidationError, hidden: set[str]) -> list[tuple[str, 
             message = "field required"
         elif kind == "extra_forbidden":
             message = "unknown key (extra inputs are not permitted)"
+            nearest = _nearest_field(err["loc"])
+            if nearest:
+                message += f"; did you mean {nearest!r}?"
         elif kind == "value_error":  # ours: the message names the value where it helps
             message = err["msg"].removeprefix("Value error, ")
         else:
@@ -230,6 +234,19 @@ def _pydantic_errors(exc: ValidationError, hidden: set[str]) -> list[tuple[str, 
                 message += f" (got {mask_text(repr(value))})"
         out.append((path, message))
     return out
+
+
+def _nearest_field(loc: Sequence[Any], model: type[BaseModel] = JobConfig) -> str | None:
+    """The field name closest to the unknown key at ``loc`` among its section's fields, if any is
+    close enough (``difflib``'s ratio of at least 0.6), else None."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    matches = difflib.get_close_matches(str(loc[-1]), list(model.model_fields), n=1)
+    return matches[0] if matches else None
 
 
 def _deep_copy(node: Any) -> Any:

@@ -213,6 +213,19 @@ def test_unknown_keys_top_level_and_nested() -> None:
     assert message == "input.colour: unknown key (extra inputs are not permitted)"
 
 
+def test_unknown_key_suggests_the_nearest_field() -> None:
+    message = error_of(MINIMAL, overrides=["generation.max_new_token=3"])
+    assert message.endswith(
+        "unknown key (extra inputs are not permitted); did you mean 'max_new_tokens'?"
+    )
+    message = error_of(with_(input={"uri": "a.jsonl", "text_colum": "body"}))
+    assert message.endswith("did you mean 'text_column'?")
+    message = error_of(MINIMAL + "taks: qa\n")
+    assert message.startswith("taks: unknown key") and message.endswith("did you mean 'task'?")
+    message = error_of(MINIMAL + "colour: red\n")  # nothing close: no suggestion
+    assert "did you mean" not in message
+
+
 def test_wrong_type() -> None:
     message = error_of(with_(generation={"max_new_tokens": "lots"}))
     assert message.startswith("generation.max_new_tokens: Input should be a valid integer")
