@@ -44,7 +44,7 @@ import yaml
 from benchmarks import harness
 from model.engine import Engine, GenerationRequest, enable_compilation_cache
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import load_job_config
 from pipeline.model_stage import stop_ids_for
 from pipeline.prompts import PromptBuilder

@@ -38,7 +38,7 @@ from model.checkpoint import fingerprint, load_checkpoint
 from model.engine import Engine, GenerationRequest, GenerationResult, enable_compilation_cache
 from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.openai_batch import RequestSettings
 from pipeline.secrets import mask_uri
 from pipeline.stage import PlanContext, Stage

@@ -17,7 +17,7 @@ Reading (:class:`RequestRows`, driven by :mod:`pipeline.readers`): every non-bla
 row. A valid request becomes a ``generate`` row whose ``prompt`` is the text to continue (chat
 messages rendered with Gemma's chat markers by :func:`render_chat`, so the prompt stage must not
 wrap them again; a completions ``prompt`` as is) plus the ``req_*`` columns of
-:mod:`pipeline.schema` for the honoured body parameters. A line that is not a valid, supported
+:mod:`pipeline.columns` for the honoured body parameters. A line that is not a valid, supported
 request is still a row, with ``error`` / ``error_kind`` set (``invalid_request``, or the reader's
 ``invalid_json`` / ``invalid_utf8`` / ``row_too_large``), and becomes an error line.
 
@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from model.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
 
 if TYPE_CHECKING:
     from model.engine import GenerationRequest  # imports JAX: only for the type

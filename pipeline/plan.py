@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import ray
 
+from pipeline import columns as S
 from pipeline import openai_batch
-from pipeline import schema as S
 from pipeline.model_stage import model_stage
 from pipeline.prompts import prompt_stage
 from pipeline.readers import CorpusDatasource, FileLedger

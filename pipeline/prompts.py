@@ -52,8 +52,7 @@ import pyarrow as pa
 import ray
 
 from model.tokenizer import Tokenizer
-from pipeline.config.schema import PROMPT_PLACEHOLDERS, TASKS, TRUNCATIONS, PromptsSection
-from pipeline.schema import (
+from pipeline.columns import (
     ERROR,
     ERROR_KIND,
     PREFIX_LEN,
@@ -66,6 +65,7 @@ from pipeline.schema import (
     TEXT,
     set_column,
 )
+from pipeline.config.schema import PROMPT_PLACEHOLDERS, TASKS, TRUNCATIONS, PromptsSection
 from pipeline.stage import PlanContext, Stage
 
 if TYPE_CHECKING:

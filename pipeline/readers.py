@@ -1,7 +1,7 @@
 """Readers: Parquet and JSONL corpora (local or any fsspec URI) into rows of ``READ_SCHEMA``.
 
 Each input row becomes exactly one output row with the columns of
-:data:`pipeline.schema.READ_SCHEMA` followed by the configured passthrough columns, except with
+:data:`pipeline.columns.READ_SCHEMA` followed by the configured passthrough columns, except with
 ``expand_questions`` (the qa task) where a question column holding a list becomes one row per
 question, ids ``<id>/q<k>``, next to each other. A row that
 cannot be read properly (a JSONL line that is not UTF-8 or not a JSON object, a mapped column
@@ -57,8 +57,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline import openai_batch
-from pipeline.config.schema import INPUT_FORMATS, infer_format
-from pipeline.schema import (
+from pipeline.columns import (
     ERROR,
     ERROR_KIND,
     ID,
@@ -69,6 +68,7 @@ from pipeline.schema import (
     SOURCE,
     TEXT,
 )
+from pipeline.config.schema import INPUT_FORMATS, infer_format
 from pipeline.secrets import mask_uri
 
 DEFAULT_BATCH_ROWS = 4096

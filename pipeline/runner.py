@@ -34,7 +34,7 @@ from ray.data.checkpoint import CheckpointConfig
 
 from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import Lease, check_identity, record_identity, run_identity
 from pipeline.plan import build_dataset

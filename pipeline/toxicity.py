@@ -41,7 +41,7 @@ import pyarrow.compute as pc
 import ray
 
 from model.storage import is_local, localize
-from pipeline import schema
+from pipeline import columns as S
 from pipeline.config.schema import TOXICITY_ACTIONS
 from pipeline.secrets import mask_text, mask_uri
 from pipeline.stage import PlanContext, Stage
@@ -172,7 +172,7 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
     Null texts get null scores. If the scorer raises, every row with a text gets null scores and,
     unless it already has one, an error of kind ``toxicity``.
     """
-    outputs = table.column(schema.OUTPUT_TEXT).to_pylist()
+    outputs = table.column(S.OUTPUT_TEXT).to_pylist()
     inputs = _input_texts(table) if score_inputs else []
     texts = outputs + inputs
     try:
@@ -191,14 +191,14 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
         )
         texts = [None] * len(texts)
     n = table.num_rows
-    columns = [(schema.TOXICITY_PREFIX, 0)]
+    columns = [(S.TOXICITY_PREFIX, 0)]
     if score_inputs:
-        columns.append((schema.INPUT_TOXICITY_PREFIX, n))
+        columns.append((S.INPUT_TOXICITY_PREFIX, n))
     for prefix, offset in columns:
         missing = np.array([t is None for t in texts[offset : offset + n]], dtype=bool)
         for label in scorer.labels:
             values = pa.array(scores[label][offset : offset + n], pa.float32(), mask=missing)
-            table = schema.set_column(table, prefix + label, values)
+            table = S.set_column(table, prefix + label, values)
     return table
 
 
@@ -224,22 +224,20 @@ def apply_policy(
     error row, and its unchecked text is written nowhere. Rows without an output are kept.
     """
     _check_policy(threshold, action)
-    names = (
-        _score_columns(table) if labels is None else [schema.TOXICITY_PREFIX + x for x in labels]
-    )
+    names = _score_columns(table) if labels is None else [S.TOXICITY_PREFIX + x for x in labels]
     if not names:
-        raise ValueError(f"no {schema.TOXICITY_PREFIX}<label> columns to apply the policy to")
+        raise ValueError(f"no {S.TOXICITY_PREFIX}<label> columns to apply the policy to")
     toxic = None
     for name in names:
         scores = table.column(name)
         scores = pc.if_else(pc.is_nan(scores), pa.scalar(None, scores.type), scores)
         hit = pc.greater_equal(scores, pa.scalar(float(threshold)))
         toxic = hit if toxic is None else pc.or_kleene(toxic, hit)
-    table = schema.set_column(table, schema.TOXIC, toxic)
+    table = S.set_column(table, S.TOXIC, toxic)
     if action == "annotate":
         decision = pa.array([KEEP] * table.num_rows, pa.string())
-        return schema.set_column(table, schema.TOXICITY_DECISION, decision)
-    text = table.column(schema.OUTPUT_TEXT).cast(pa.string())
+        return S.set_column(table, S.TOXICITY_DECISION, decision)
+    text = table.column(S.OUTPUT_TEXT).cast(pa.string())
     unscored = pc.and_(pc.is_valid(text), pc.is_null(toxic))
     acted = pc.or_(pc.fill_null(toxic, False), unscored)
     decision = pc.if_else(acted, pa.scalar(action), pa.scalar(KEEP))
@@ -252,8 +250,8 @@ def apply_policy(
             table, unscored, f"no toxicity score for this output; text withheld ({action})"
         )
     if action == "redact" or withhold:
-        table = schema.set_column(table, schema.OUTPUT_TEXT, text)
-    return schema.set_column(table, schema.TOXICITY_DECISION, decision)
+        table = S.set_column(table, S.OUTPUT_TEXT, text)
+    return S.set_column(table, S.TOXICITY_DECISION, decision)
 
 
 # Loading ------------------------------------------------------------------------------------------
@@ -361,7 +359,7 @@ def _check_policy(threshold: float, action: str) -> None:
 
 def _input_texts(table: pa.Table) -> list[str | None]:
     """The input of each row: ``text`` when set, else ``prompt`` (generate rows)."""
-    names = [c for c in (schema.TEXT, schema.PROMPT) if c in table.column_names]
+    names = [c for c in (S.TEXT, S.PROMPT) if c in table.column_names]
     if not names:
         return [None] * table.num_rows
     merged = pc.coalesce(*(table.column(c).cast(pa.string()) for c in names))
@@ -372,25 +370,23 @@ def _score_columns(table: pa.Table) -> list[str]:
     return [
         field.name
         for field in table.schema
-        if field.name.startswith(schema.TOXICITY_PREFIX)
-        and field.name != schema.TOXICITY_DECISION
+        if field.name.startswith(S.TOXICITY_PREFIX)
+        and field.name != S.TOXICITY_DECISION
         and pa.types.is_floating(field.type)
     ]
 
 
 def _mark_errors(table: pa.Table, rows: pa.Array, message: str) -> pa.Table:
     """Sets ``error`` and ``error_kind="toxicity"`` on ``rows`` that have no error yet."""
-    for name in (schema.ERROR, schema.ERROR_KIND):
+    for name in (S.ERROR, S.ERROR_KIND):
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-    error = table.column(schema.ERROR).cast(pa.string())
+    error = table.column(S.ERROR).cast(pa.string())
     set_here = pc.and_(rows, pc.is_null(error))
     new_error = pc.if_else(set_here, pa.scalar(message), error)
-    kind = pc.if_else(
-        set_here, pa.scalar("toxicity"), table.column(schema.ERROR_KIND).cast(pa.string())
-    )
-    table = schema.set_column(table, schema.ERROR, new_error)
-    return schema.set_column(table, schema.ERROR_KIND, kind)
+    kind = pc.if_else(set_here, pa.scalar("toxicity"), table.column(S.ERROR_KIND).cast(pa.string()))
+    table = S.set_column(table, S.ERROR, new_error)
+    return S.set_column(table, S.ERROR_KIND, kind)
 
 
 # Stage ----------------------------------------------------------------------------------------------
@@ -404,14 +400,14 @@ def toxicity_stage(config: JobConfig, context: PlanContext) -> Stage | None:
     return Stage(
         name="toxicity",
         fn=ToxicityStage,
-        requires=(schema.OUTPUT_TEXT, *((schema.TEXT, schema.PROMPT) if tox.score_inputs else ())),
+        requires=(S.OUTPUT_TEXT, *((S.TEXT, S.PROMPT) if tox.score_inputs else ())),
         adds=(
-            schema.TOXICITY_PREFIX + "*",
-            *((schema.INPUT_TOXICITY_PREFIX + "*",) if tox.score_inputs else ()),
-            schema.TOXIC,
-            schema.TOXICITY_DECISION,
-            schema.ERROR,
-            schema.ERROR_KIND,
+            S.TOXICITY_PREFIX + "*",
+            *((S.INPUT_TOXICITY_PREFIX + "*",) if tox.score_inputs else ()),
+            S.TOXIC,
+            S.TOXICITY_DECISION,
+            S.ERROR,
+            S.ERROR_KIND,
         ),
         constructor_kwargs=dict(
             model=tox.model,

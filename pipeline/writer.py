@@ -44,8 +44,8 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
 from model.storage import filesystem
+from pipeline import columns as S
 from pipeline import openai_batch
-from pipeline import schema as S
 from pipeline.secrets import mask_text
 from pipeline.summary import DROP, RunSummary
 

@@ -20,7 +20,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import JobConfig, load_job_config
 from testkit.tiny_detoxify import build_tiny_detoxify
 from testkit.tiny_model import build_tiny_checkpoint

@@ -17,7 +17,7 @@ from typing import Any
 import fsspec
 
 from model import storage
-from pipeline import schema as columns
+from pipeline import columns
 from pipeline.config.schema import (
     FORMAT_BY_SUFFIX,
     PROMPT_PLACEHOLDERS,

@@ -30,7 +30,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model import prefix_cache
 from model.engine_config import EngineConfig
-from pipeline import schema as columns
+from pipeline import columns
 
 # Allowed values: one Literal per set, the tuples derived from it ---------------------------------
 

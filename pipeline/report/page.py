@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.report.svg import (
     _bar_svg,
     _clip,

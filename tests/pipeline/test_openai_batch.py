@@ -17,8 +17,8 @@ from pipeline_helpers import job_config, job_yaml
 
 from model.engine import GenerationRequest
 from model.tokenizer import Tokenizer
+from pipeline import columns as S
 from pipeline import openai_batch as ob
-from pipeline import schema as S
 from pipeline.config import ConfigError, load_job_config
 from pipeline.readers import read_file_rows
 from pipeline.runner import run_job

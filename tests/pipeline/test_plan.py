@@ -9,7 +9,7 @@ import pytest
 from pipeline_helpers import job_config, job_yaml
 
 import pipeline.plan
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.plan import build_stages, source_columns
 from pipeline.progress import InputTotal, ProgressReporter
 from pipeline.report.page import throughput_rates

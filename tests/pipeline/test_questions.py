@@ -12,7 +12,7 @@ import pytest
 from pipeline_helpers import corpus_rows, job_config, job_yaml, read_output
 
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.model_stage import ModelStage
 from pipeline.prompts import PromptBuilder
 from pipeline.readers import read_file_rows

@@ -12,15 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.readers import (
-    CorpusDatasource,
-    id_key,
-    infer_format,
-    iter_file_batches,
-    read_file_rows,
-    row_key,
-)
-from pipeline.schema import (
+from pipeline.columns import (
     ERROR,
     ERROR_KIND,
     ID,
@@ -30,6 +22,14 @@ from pipeline.schema import (
     ROW_KEY,
     SOURCE,
     TEXT,
+)
+from pipeline.readers import (
+    CorpusDatasource,
+    id_key,
+    infer_format,
+    iter_file_batches,
+    read_file_rows,
+    row_key,
 )
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"

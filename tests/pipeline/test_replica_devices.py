@@ -13,7 +13,7 @@ from pipeline_helpers import (
     write_corpus,
 )
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import ConfigError
 from pipeline.model_stage import actor_env, model_stage
 from pipeline.runner import run_job

@@ -25,7 +25,7 @@ from pipeline_helpers import (
 
 import pipeline.runner
 import pipeline.writer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.cli import main as cli_main
 from pipeline.contract import LEASE, RunRefused
 from pipeline.runner import RunFailed, run_job

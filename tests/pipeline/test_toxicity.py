@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
+from pipeline import columns as S
 from pipeline.toxicity import ToxicityScorer, ToxicityStage, apply_policy
 from testkit.tiny_detoxify import build_tiny_detoxify
 
@@ -42,12 +42,12 @@ def _batch() -> pa.Table:
     """Summarize, qa and generate rows; r2 failed generation, r3 has no input text."""
     return pa.table(
         {
-            schema.ID: ["r0", "r1", "r2", "r3", "r4"],
-            schema.TEXT: ["a long report about the city", None, "the context", None, "a story"],
-            schema.PROMPT: [None, "write a poem about the sea", None, None, None],
-            schema.OUTPUT_TEXT: ["you stupid idiot", "the sea is blue", None, "hello", "the end"],
-            schema.ERROR: [None, None, "engine failed", None, None],
-            schema.ERROR_KIND: [None, None, "generation", None, None],
+            S.ID: ["r0", "r1", "r2", "r3", "r4"],
+            S.TEXT: ["a long report about the city", None, "the context", None, "a story"],
+            S.PROMPT: [None, "write a poem about the sea", None, None, None],
+            S.OUTPUT_TEXT: ["you stupid idiot", "the sea is blue", None, "hello", "the end"],
+            S.ERROR: [None, None, "engine failed", None, None],
+            S.ERROR_KIND: [None, None, "generation", None, None],
         }
     )
 
@@ -148,17 +148,17 @@ def test_labels_follow_the_model_type(tmp_path: Path) -> None:
 def test_stage_adds_typed_columns_and_keeps_rows(checkpoint: Path) -> None:
     batch = _batch()
     out = ToxicityStage(checkpoint=str(checkpoint))(batch)
-    assert out.column(schema.ID).to_pylist() == batch.column(schema.ID).to_pylist()
-    assert out.column(schema.OUTPUT_TEXT).equals(batch.column(schema.OUTPUT_TEXT))
+    assert out.column(S.ID).to_pylist() == batch.column(S.ID).to_pylist()
+    assert out.column(S.OUTPUT_TEXT).equals(batch.column(S.OUTPUT_TEXT))
     for label in LABELS:
-        column = out.column(schema.TOXICITY_PREFIX + label)
+        column = out.column(S.TOXICITY_PREFIX + label)
         assert column.type == pa.float32()
         assert column.null_count == 1 and column[2].as_py() is None  # the failed generation
-        assert not any(name.startswith(schema.INPUT_TOXICITY_PREFIX) for name in out.column_names)
-    assert out.schema.field(schema.TOXIC).type == pa.bool_()
-    assert out.column(schema.TOXIC)[2].as_py() is None
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
-    assert out.column(schema.ERROR).equals(batch.column(schema.ERROR))
+        assert not any(name.startswith(S.INPUT_TOXICITY_PREFIX) for name in out.column_names)
+    assert out.schema.field(S.TOXIC).type == pa.bool_()
+    assert out.column(S.TOXIC)[2].as_py() is None
+    assert out.column(S.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
+    assert out.column(S.ERROR).equals(batch.column(S.ERROR))
 
 
 @pytest.mark.parametrize(
@@ -179,12 +179,12 @@ def test_policy_actions(
     )
     out = stage(_batch())
     scored = [0, 1, 3, 4]
-    assert [out.column(schema.TOXIC)[i].as_py() for i in scored] == [threshold <= 1.0] * 4
-    decisions = out.column(schema.TOXICITY_DECISION).to_pylist()
+    assert [out.column(S.TOXIC)[i].as_py() for i in scored] == [threshold <= 1.0] * 4
+    decisions = out.column(S.TOXICITY_DECISION).to_pylist()
     assert [decisions[i] for i in scored] == [decision] * 4
     assert decisions[2] == "keep"  # unscored rows are kept
-    outputs = out.column(schema.OUTPUT_TEXT).to_pylist()
-    expected = _batch().column(schema.OUTPUT_TEXT).to_pylist()
+    outputs = out.column(S.OUTPUT_TEXT).to_pylist()
+    expected = _batch().column(S.OUTPUT_TEXT).to_pylist()
     if redacted:
         expected = [None if i == 2 else "<gone>" for i in range(5)]
     assert outputs == expected
@@ -193,18 +193,18 @@ def test_policy_actions(
 def test_apply_policy_without_a_model() -> None:
     table = pa.table(
         {
-            schema.OUTPUT_TEXT: ["a", "b", "c", None],
+            S.OUTPUT_TEXT: ["a", "b", "c", None],
             "toxicity_toxicity": pa.array([0.9, 0.1, 0.4, None], pa.float32()),
             "toxicity_insult": pa.array([0.2, 0.1, 0.6, None], pa.float32()),
             "input_toxicity_toxicity": pa.array([0.99, 0.99, 0.99, 0.99], pa.float32()),
         }
     )
     out = apply_policy(table, 0.5, "redact", "x")
-    assert out.column(schema.TOXIC).to_pylist() == [True, False, True, None]
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["redact", "keep", "redact", "keep"]
-    assert out.column(schema.OUTPUT_TEXT).to_pylist() == ["x", "b", "x", None]
+    assert out.column(S.TOXIC).to_pylist() == [True, False, True, None]
+    assert out.column(S.TOXICITY_DECISION).to_pylist() == ["redact", "keep", "redact", "keep"]
+    assert out.column(S.OUTPUT_TEXT).to_pylist() == ["x", "b", "x", None]
     again = apply_policy(out, 0.5, "drop")  # toxicity_decision is not taken for a label
-    assert again.column(schema.TOXICITY_DECISION).to_pylist() == ["drop", "keep", "drop", "keep"]
+    assert again.column(S.TOXICITY_DECISION).to_pylist() == ["drop", "keep", "drop", "keep"]
     assert again.num_columns == out.num_columns
     with pytest.raises(ValueError, match="action"):
         apply_policy(table, 0.5, "delete")
@@ -212,7 +212,7 @@ def test_apply_policy_without_a_model() -> None:
 
 def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicityScorer) -> None:
     out = ToxicityStage(checkpoint=str(checkpoint), score_inputs=True)(_batch())
-    column = out.column(schema.INPUT_TOXICITY_PREFIX + "insult")
+    column = out.column(S.INPUT_TOXICITY_PREFIX + "insult")
     assert column.type == pa.float32()
     inputs = ["a long report about the city", "write a poem about the sea", "the context"]
     expected = scorer.score([*inputs, "a story"])["insult"]
@@ -220,7 +220,7 @@ def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicitySc
     assert got[3] is None  # neither text nor prompt
     np.testing.assert_allclose([got[0], got[1], got[2], got[4]], expected, atol=1e-5)
     for label in LABELS:
-        assert schema.INPUT_TOXICITY_PREFIX + label in out.column_names
+        assert S.INPUT_TOXICITY_PREFIX + label in out.column_names
 
 
 def _fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray]:
@@ -235,25 +235,25 @@ def test_failing_scorer_becomes_row_errors(
     monkeypatch.setattr(ToxicityScorer, "score", _fail)
     batch = _batch()
     out = stage(batch)
-    assert out.column(schema.ID).to_pylist() == batch.column(schema.ID).to_pylist()
-    errors = out.column(schema.ERROR).to_pylist()
-    kinds = out.column(schema.ERROR_KIND).to_pylist()
+    assert out.column(S.ID).to_pylist() == batch.column(S.ID).to_pylist()
+    errors = out.column(S.ERROR).to_pylist()
+    kinds = out.column(S.ERROR_KIND).to_pylist()
     assert errors[2] == "engine failed" and kinds[2] == "generation"  # kept as it was
     for i in (0, 1, 3, 4):
         assert kinds[i] == "toxicity" and "out of memory" in errors[i]
     assert out.column("toxicity_insult").null_count == 5
-    assert out.column(schema.TOXIC).null_count == 5
-    decisions = out.column(schema.TOXICITY_DECISION).to_pylist()
-    outputs = out.column(schema.OUTPUT_TEXT).to_pylist()
+    assert out.column(S.TOXIC).null_count == 5
+    decisions = out.column(S.TOXICITY_DECISION).to_pylist()
+    outputs = out.column(S.OUTPUT_TEXT).to_pylist()
     if action == "annotate":  # annotate only scores: the text stays, flagged by the error
         assert decisions == ["keep"] * 5
-        assert outputs == batch.column(schema.OUTPUT_TEXT).to_pylist()
+        assert outputs == batch.column(S.OUTPUT_TEXT).to_pylist()
     else:  # fail closed: unscored text never leaves as kept text
         assert decisions == [action, action, "keep", action, action]
         assert outputs == [None] * 5
 
-    no_error_columns = _batch().drop_columns([schema.ERROR, schema.ERROR_KIND])
-    kinds = stage(no_error_columns).column(schema.ERROR_KIND).to_pylist()
+    no_error_columns = _batch().drop_columns([S.ERROR, S.ERROR_KIND])
+    kinds = stage(no_error_columns).column(S.ERROR_KIND).to_pylist()
     assert kinds == ["toxicity", "toxicity", None, "toxicity", "toxicity"]  # r2: nothing to score
 
 
@@ -261,32 +261,32 @@ def test_failing_scorer_becomes_row_errors(
 def test_unscored_text_is_withheld_by_the_policy(action: str) -> None:
     table = pa.table(
         {
-            schema.OUTPUT_TEXT: ["scored", "nan", "missing", "had an error", None],
+            S.OUTPUT_TEXT: ["scored", "nan", "missing", "had an error", None],
             "toxicity_toxicity": pa.array([0.1, float("nan"), None, None, None], pa.float32()),
             "toxicity_insult": pa.array([0.2, 0.1, None, None, None], pa.float32()),
-            schema.ERROR: [None, None, None, "stop sequence lost", None],
-            schema.ERROR_KIND: [None, None, None, "generation", None],
+            S.ERROR: [None, None, None, "stop sequence lost", None],
+            S.ERROR_KIND: [None, None, None, "generation", None],
         }
     )
     out = apply_policy(table, 0.5, action, "x")
-    assert out.column(schema.TOXIC).to_pylist() == [False, None, None, None, None]
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == [
+    assert out.column(S.TOXIC).to_pylist() == [False, None, None, None, None]
+    assert out.column(S.TOXICITY_DECISION).to_pylist() == [
         "keep",
         action,
         action,
         action,
         "keep",
     ]
-    assert out.column(schema.OUTPUT_TEXT).to_pylist() == ["scored", None, None, None, None]
-    errors = out.column(schema.ERROR).to_pylist()
+    assert out.column(S.OUTPUT_TEXT).to_pylist() == ["scored", None, None, None, None]
+    errors = out.column(S.ERROR).to_pylist()
     assert errors[0] is None and errors[4] is None
     assert "no toxicity score" in errors[1] and "no toxicity score" in errors[2]
     assert errors[3] == "stop sequence lost"  # an earlier error is not overwritten
-    kinds = out.column(schema.ERROR_KIND).to_pylist()
+    kinds = out.column(S.ERROR_KIND).to_pylist()
     assert kinds == [None, "toxicity", "toxicity", "generation", None]
     annotated = apply_policy(table, 0.5, "annotate")
-    assert annotated.column(schema.OUTPUT_TEXT).equals(table.column(schema.OUTPUT_TEXT))
-    assert annotated.column(schema.ERROR).equals(table.column(schema.ERROR))
+    assert annotated.column(S.OUTPUT_TEXT).equals(table.column(S.OUTPUT_TEXT))
+    assert annotated.column(S.ERROR).equals(table.column(S.ERROR))
 
 
 # Loading safely ------------------------------------------------------------------------------------
@@ -389,7 +389,7 @@ def test_stage_in_ray_data_matches_direct_call(ray_cluster: None, checkpoint: Pa
     )
     result = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     assert result.column_names == direct.column_names
-    assert result.column(schema.ID).to_pylist() == direct.column(schema.ID).to_pylist()
+    assert result.column(S.ID).to_pylist() == direct.column(S.ID).to_pylist()
     for name in direct.column_names:
         if pa.types.is_floating(direct.schema.field(name).type):
             np.testing.assert_allclose(
