@@ -15,7 +15,8 @@ import pyarrow as pa
 import ray
 
 from pipeline import columns as S
-from pipeline import openai_batch
+from pipeline import formats
+from pipeline.formats.base import ReadSpec
 from pipeline.model_stage import model_stage
 from pipeline.prompts import prompt_stage
 from pipeline.readers import CorpusDatasource, FileLedger
@@ -64,11 +65,9 @@ TASK_STAGES: dict[str, tuple[str, ...]] = {
 
 
 def source_columns(config: JobConfig) -> list[str]:
-    """What the reader provides: the read schema and the passthrough columns (the request
-    columns for OpenAI batch files)."""
-    if config.input.format == openai_batch.FORMAT:
-        return [*S.READ_SCHEMA.names, *openai_batch.REQUEST_SCHEMA.names]
-    return [*S.READ_SCHEMA.names, *config.input.passthrough]
+    """What the reader provides: the read schema, then the passthrough columns or the format's
+    own."""
+    return formats.reader(config.input.format).columns(ReadSpec.from_config(config))
 
 
 def sink_columns(config: JobConfig) -> tuple[str, ...]:
@@ -77,8 +76,7 @@ def sink_columns(config: JobConfig) -> tuple[str, ...]:
     needs = (S.ID, S.ROW_KEY, S.SOURCE)
     if config.toxicity.enabled and config.toxicity.action == "drop":
         needs += (S.TOXICITY_DECISION,)
-    if config.output.format == openai_batch.FORMAT:
-        needs += tuple(c for c in openai_batch.SINK_COLUMNS if c not in needs)
+    needs += tuple(c for c in formats.writer(config.output.format).requires if c not in needs)
     return needs
 
 
@@ -100,24 +98,10 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray Data plan for a job: one row out for every row in."""
     stages = build_stages(config, context)
-    inp = config.input
-    source = CorpusDatasource(
-        files,
-        fmt=inp.format,
-        id_column=inp.id_column,
-        text_column=inp.text_column,
-        question_column=inp.question_column,
-        prompt_column=inp.prompt_column,
-        passthrough=inp.passthrough,
-        storage_options=inp.storage_options,
-        file_sizes=sizes,
-        ledger=ledger,
-        max_row_bytes=inp.max_row_bytes,
-        expand_questions=config.task == "qa",
-    )
+    source = CorpusDatasource(files, ReadSpec.from_config(config), file_sizes=sizes, ledger=ledger)
     dataset = ray.data.read_datasource(source)
-    if inp.num_blocks:
-        dataset = dataset.repartition(inp.num_blocks)
+    if config.input.num_blocks:
+        dataset = dataset.repartition(config.input.num_blocks)
     for stage in stages:
         dataset = stage.apply(dataset)
     return dataset

@@ -52,6 +52,7 @@ import pyarrow as pa
 import ray
 
 from model.tokenizer import Tokenizer
+from pipeline import formats
 from pipeline.columns import (
     ERROR,
     ERROR_KIND,
@@ -427,8 +428,8 @@ def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
     """
     gen, tox = config.generation, config.toxicity
     template, chat, truncation = config.prompt_template(), config.model.use_chat_template, None
-    if config.input.format == "openai_batch":
-        # Requests arrive as finished prompts (chat already in Gemma's markers): no template,
+    if formats.reader(config.input.format).prompts_ready:
+        # Rows arrive as finished prompts (chat already in Gemma's markers): no template,
         # no second chat wrapping, and no cutting (it would cut the chat markers off).
         template, chat, truncation = "{prompt}", False, "error"
     keep: tuple[str, ...] = (TEXT, PROMPT) if tox.enabled and tox.score_inputs else ()

@@ -35,8 +35,10 @@ from ray.data.checkpoint import CheckpointConfig
 from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
 from pipeline import columns as S
+from pipeline import formats
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import Lease, check_identity, record_identity, run_identity
+from pipeline.formats.base import ReadSpec
 from pipeline.plan import build_dataset
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
@@ -175,7 +177,7 @@ def _run(
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
     per_file = check_rows([mask_uri(f) for f in files], rows_in, summary)
     repeats = {}
-    if config.input.id_column or config.input.format == "openai_batch":  # custom_id: the id
+    if formats.reader(config.input.format).records_ids(ReadSpec.from_config(config)):
         repeats = count_repeats(run_uri, out.storage_options, pa_fs, summary.rows)
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)

@@ -45,7 +45,7 @@ from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
 from model.storage import filesystem
 from pipeline import columns as S
-from pipeline import openai_batch
+from pipeline import formats
 from pipeline.secrets import mask_text
 from pipeline.summary import DROP, RunSummary
 
@@ -57,7 +57,6 @@ STATS_DIR = "_stats"
 INPUTS_DIR = "_inputs"
 IDS_DIR = "_ids"
 CHECKPOINT_DIR = "_checkpoint"
-EXTENSIONS = {"parquet": "parquet", "jsonl": "jsonl", openai_batch.FORMAT: "jsonl"}
 MERGE_GROUP = 256  # summaries merged per task
 
 
@@ -69,7 +68,7 @@ class PartFilenames(FilenameProvider):
     """part-<write uuid>-<task>.<ext>: unique per write attempt, sortable."""
 
     def __init__(self, fmt: str) -> None:
-        self.ext = EXTENSIONS[fmt]
+        self.ext = formats.writer(fmt).extension
 
     def get_filename_for_block(
         self, block: Any, write_uuid: str, task_index: int, block_index: int
@@ -78,30 +77,6 @@ class PartFilenames(FilenameProvider):
 
     def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
         return f"part-{write_uuid}-{task_index:06d}.{self.ext}"
-
-
-def encode_part(table: pa.Table, fmt: str) -> bytes:
-    """A part file's bytes: Parquet, or JSONL with one object per row (UTF-8, not ASCII-escaped),
-    or OpenAI batch response lines (:func:`pipeline.openai_batch.encode_lines`)."""
-    if fmt == openai_batch.FORMAT:
-        return openai_batch.encode_lines(table)
-    buffer = io.BytesIO()
-    if fmt == "parquet":
-        pq.write_table(table, buffer)
-        return buffer.getvalue()
-    for batch in table.to_batches(max_chunksize=1024):
-        for row in batch.to_pylist():
-            buffer.write(json.dumps(row, ensure_ascii=False, default=_json_value).encode())
-            buffer.write(b"\n")
-    return buffer.getvalue()
-
-
-def _json_value(value: Any) -> Any:
-    if isinstance(value, bytes | bytearray | memoryview):
-        return bytes(value).hex()
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    return str(value)
 
 
 class RunDatasink(BlockBasedFileDatasink):
@@ -122,7 +97,7 @@ class RunDatasink(BlockBasedFileDatasink):
             filename_provider=PartFilenames(fmt),
             min_rows_per_file=rows_per_file,
         )
-        self.fmt = fmt
+        self.encoder = formats.writer(fmt)
         self.threshold = threshold
 
     def write_block(self, block: BlockAccessor, block_index: int, ctx: Any) -> dict[str, int]:
@@ -136,9 +111,9 @@ class RunDatasink(BlockBasedFileDatasink):
         dropped = _dropped(table)
         kept, rejected = table.filter(pc.invert(dropped)), table.filter(dropped)
         if kept.num_rows:
-            self._put(posixpath.join(self.path, name), encode_part(kept, self.fmt))
+            self._put(posixpath.join(self.path, name), self.encoder.encode(kept))
         if rejected.num_rows:
-            self._put(posixpath.join(self.path, REJECTED, name), encode_part(rejected, self.fmt))
+            self._put(posixpath.join(self.path, REJECTED, name), self.encoder.encode(rejected))
         stats_name = name.rsplit(".", 1)[0] + ".json"
         self._put(posixpath.join(self.path, STATS_DIR, stats_name), summary.dumps())
         return {"rows": table.num_rows, "rejected": rejected.num_rows}

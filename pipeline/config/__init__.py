@@ -48,7 +48,6 @@ from pipeline.config.loading import (
 from pipeline.config.preflight import configured_columns, input_columns, list_files, preflight
 from pipeline.config.schema import (
     DTYPES,
-    FORMAT_BY_SUFFIX,
     INPUT_FORMATS,
     OUTPUT_FORMATS,
     PROMPT_PLACEHOLDERS,
@@ -80,7 +79,6 @@ from pipeline.config.schema import (
 
 __all__ = [
     "DTYPES",
-    "FORMAT_BY_SUFFIX",
     "INPUT_FORMATS",
     "MASK",
     "OUTPUT_FORMATS",

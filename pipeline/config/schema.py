@@ -2,7 +2,8 @@
 
 Each set of allowed values is defined once, as a ``Literal`` (:data:`Task`, :data:`InputFormat`,
 ...), and the tuples other modules check against (:data:`TASKS`, :data:`INPUT_FORMATS`, ...) are
-derived from it with :func:`typing.get_args`.
+derived from it with :func:`typing.get_args`; the formats' come from the registry of
+:mod:`pipeline.formats`.
 
 The raw vs rendered URIs of :class:`JobConfig` and its record of interpolated values are
 described in the :mod:`pipeline.config` docstring.
@@ -30,13 +31,13 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model import prefix_cache
 from model.engine_config import EngineConfig
-from pipeline import columns
+from pipeline import columns, formats
 
 # Allowed values: one Literal per set, the tuples derived from it ---------------------------------
 
 Task = Literal["summarize", "qa", "generate"]
-InputFormat = Literal["jsonl", "parquet", "openai_batch"]
-OutputFormat = Literal["parquet", "jsonl", "openai_batch"]
+InputFormat = Literal[formats.input_names()]  # type: ignore[valid-type]
+OutputFormat = Literal[formats.output_names()]  # type: ignore[valid-type]
 Dtype = Literal["bfloat16", "float32"]
 Truncation = Literal["head", "tail", "error"]
 ToxicityAction = Literal["annotate", "drop", "redact"]
@@ -55,17 +56,6 @@ URI_FIELDS = ("input.uri", "output.uri", "run.checkpoint_uri")
 URI_PLACEHOLDERS = ("date", "run_id")
 
 
-FORMAT_BY_SUFFIX: tuple[tuple[str, InputFormat], ...] = (
-    (".jsonl.gz", "jsonl"),
-    (".json.gz", "jsonl"),
-    (".ndjson.gz", "jsonl"),
-    (".jsonl", "jsonl"),
-    (".json", "jsonl"),
-    (".ndjson", "jsonl"),
-    (".parquet", "parquet"),
-    (".pq", "parquet"),
-)
-"""File name endings and the input format they mean (the one list: config, listing, readers)."""
 # Placeholders each prompt template may use; all of them are required.
 PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "summarize": ("text",),
@@ -95,7 +85,7 @@ _RESERVED_COLUMNS = frozenset(
 _RESERVED_PREFIXES = (
     columns.TOXICITY_PREFIX,
     columns.INPUT_TOXICITY_PREFIX,
-    columns.REQUEST_PREFIX,
+    *(name[:-1] for r in formats.READERS.values() for name in r.reserved),
 )
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
@@ -142,13 +132,7 @@ def _check_uri_template(value: str | None) -> str | None:
     return value
 
 
-def infer_format(uri: str) -> InputFormat | None:
-    """The input format implied by the extension of ``uri`` (or of its glob), else None."""
-    path = uri.split("?", 1)[0].rstrip("/").lower()
-    for suffix, fmt in FORMAT_BY_SUFFIX:
-        if path.endswith(suffix):
-            return fmt
-    return None
+infer_format = formats.infer_format
 
 
 class InputSection(_Section):
@@ -163,12 +147,8 @@ class InputSection(_Section):
     format: InputFormat | None = Field(
         default=None,
         validate_default=True,
-        description=(
-            "jsonl | parquet | openai_batch. When omitted, inferred from the URI's extension: "
-            ".jsonl, .json, .ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet. "
-            "openai_batch (OpenAI Batch API / vllm run-batch request lines, JSONL files) is "
-            "never inferred: set it; it needs task generate."
-        ),
+        description="The format of the input files; when omitted, inferred from the URI's "
+        "file name ending. " + formats.describe("input") + ".",
     )
     id_column: str | None = Field(
         default=None,
@@ -220,8 +200,9 @@ class InputSection(_Section):
             return None
         inferred = infer_format(uri)
         if inferred is None:
+            inferable = " or ".join(r.name for r in formats.READERS.values() if r.inferred)
             raise ValueError(
-                f"cannot infer the format from {uri!r}; set input.format to jsonl or parquet"
+                f"cannot infer the format from {uri!r}; set input.format to {inferable}"
             )
         return inferred
 
@@ -521,9 +502,8 @@ class OutputSection(_Section):
         "<uri>/<run id>/. May contain {date} and {run_id}.",
     )
     format: OutputFormat = Field(
-        default="parquet",
-        description="Format of the part files: parquet, jsonl (one row per line), or "
-        "openai_batch (OpenAI batch response lines, .jsonl; needs input.format openai_batch).",
+        default=formats.output_names()[0],
+        description="Format of the part files. " + formats.describe("output") + ".",
     )
     rows_per_file: int = Field(
         default=1024,
@@ -607,12 +587,16 @@ class JobConfig(_Section):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _openai_batch(cls, data: Any, handler: Any) -> JobConfig:
-        """The openai_batch formats' needs, each error at the field to change."""
+    def _formats(cls, data: Any, handler: Any) -> JobConfig:
+        """What the input and output formats need of the config, each error at its field."""
         config = handler(data)
+        problems = [
+            *formats.reader(config.input.format).config_problems(config),
+            *formats.writer(config.output.format).config_problems(config),
+        ]
         errors = [
             InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
-            for loc, message in _openai_batch_problems(config)
+            for loc, message in problems
         ]
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
@@ -681,36 +665,12 @@ class JobConfig(_Section):
         A glob lists its matching files; a directory lists every file below it with an extension
         of ``input.format`` (names starting with ``_`` or ``.`` skipped); a file is itself.
         """
-        from pipeline.config.preflight import list_files  # preflight imports this module
-
         uri = self.input.uri
         if not self.is_rendered and _has_placeholders(uri):
             raise ConfigError.at(
                 "input.uri", "has {date}/{run_id} placeholders: render the config first"
             )
-        return list_files(uri, self.input.format, self.input.storage_options)
-
-
-def _openai_batch_problems(config: JobConfig) -> list[tuple[tuple[str, ...], str]]:
-    problems: list[tuple[tuple[str, ...], str]] = []
-    inp = config.input
-    if inp.format == "openai_batch":
-        if config.task != "generate":
-            problems.append((("task",), "input.format openai_batch needs task generate"))
-        if inp.id_column is not None:
-            message = "not used with input.format openai_batch: custom_id is the id"
-            problems.append((("input", "id_column"), message))
-        if inp.passthrough:
-            message = "not supported with input.format openai_batch (the request is the row)"
-            problems.append((("input", "passthrough"), message))
-        prompts = config.prompts
-        if prompts.generate != PromptsSection.model_fields["generate"].default:
-            message = "not used with input.format openai_batch: each request is its own prompt"
-            problems.append((("prompts", "generate"), message))
-    elif config.output.format == "openai_batch":
-        message = "openai_batch output needs input.format openai_batch (it answers custom_ids)"
-        problems.append((("output", "format"), message))
-    return problems
+        return formats.list_files(uri, self.input.format, self.input.storage_options)
 
 
 def _check_date(date: str | dt.date | None) -> str:

@@ -10,6 +10,7 @@ from pipeline_helpers import job_config, job_yaml
 
 import pipeline.plan
 from pipeline import columns as S
+from pipeline.model_stage import engine_options
 from pipeline.plan import build_stages, source_columns
 from pipeline.progress import InputTotal, ProgressReporter
 from pipeline.report.page import throughput_rates
@@ -81,7 +82,8 @@ def test_stages_own_their_ray_arguments(fixtures, tmp_path) -> None:
     )
     assert capped[0].ray_args["compute"].max_size == 4
     assert toxicity.ray_args["batch_size"] == cfg.toxicity.batch_size
-    engine = model.constructor_kwargs["engine_options"]
+    assert model.constructor_kwargs["generation"] == cfg.generation
+    engine = engine_options(model.constructor_kwargs["model"], cfg.generation)
     assert engine["max_slots"] == cfg.generation.max_slots == 8
 
 
