@@ -43,7 +43,7 @@ from model.tokenizer import Tokenizer
 from pipeline import columns as S
 from pipeline.request import RequestSettings, row_settings
 from pipeline.secrets import mask_uri
-from pipeline.stage import PlanContext, Stage
+from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig, ModelSection
@@ -361,6 +361,7 @@ MODEL_ADDS = (
 )
 
 
+@declares(*MODEL_ADDS)
 def model_stage(config: JobConfig, context: PlanContext) -> Stage:
     """The model replicas: a fixed pool, one engine per actor on its accelerators.
 

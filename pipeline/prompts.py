@@ -67,7 +67,7 @@ from pipeline.columns import (
     set_column,
 )
 from pipeline.config.schema import PROMPT_PLACEHOLDERS, TASKS, TRUNCATIONS, PromptsSection
-from pipeline.stage import PlanContext, Stage
+from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -420,6 +420,7 @@ _PROMPT_ADDS = (
 )
 
 
+@declares(*_PROMPT_ADDS)
 def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
     """Prompt building: an autoscaling pool of CPU actors, each with its own tokenizer copy.
 

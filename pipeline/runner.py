@@ -1,7 +1,8 @@
 """One job, end to end, on Ray Data: the plan (read -> stages -> write), then finalisation.
 
 Ray Data does the sharding, streaming, backpressure, retries and resume: its checkpointing is keyed
-on the row id, so rerunning an interrupted run id generates only the rows that were not committed.
+on the resume key (the ``row_key`` column: file and position, unique even where ids repeat), so
+rerunning an interrupted run id generates only the rows that were not committed.
 The caller connects to Ray (``ray.init``) before calling :func:`run_job`; nothing here changes
 global Ray state: the current DataContext's checkpoint config is set for the run and restored.
 
@@ -39,7 +40,7 @@ from pipeline import formats
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import Lease, check_identity, record_identity, run_identity
 from pipeline.formats.base import ReadSpec
-from pipeline.plan import build_dataset
+from pipeline.plan import build_dataset, check_passthrough
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
 from pipeline.secrets import mask_text, mask_uri
@@ -108,6 +109,7 @@ def run_job(config: JobConfig) -> RunResult:
     """Runs (or resumes) ``config`` as its run id; a run id that has _SUCCESS is not touched."""
     if not config.is_rendered:
         raise ValueError("run_job needs a rendered config (load_job_config renders it)")
+    check_passthrough(config)  # what load_job_config checks, for configs built otherwise
     run_uri = run_dir_uri(config)
     out = config.output
     fs, run_dir = filesystem(run_uri, out.storage_options)
@@ -259,14 +261,28 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
+def checkpoint_uri(config: JobConfig) -> str | None:
+    """The run's own place in ``run.checkpoint_uri``: ``<checkpoint uri>/<run id>``, unless the
+    template already names the run id; None when the checkpoint lives under the run directory.
+
+    A checkpoint belongs to one run id: it lists the rows that run committed, so a second run id
+    sharing the location would take those rows as its own and write none of them.
+    """
+    uri = config.run.checkpoint_uri
+    if not uri:
+        return None
+    if "{run_id}" in (config.templates.get("run.checkpoint_uri") or ""):
+        return uri
+    return posixpath.join(uri.rstrip("/"), config.run_id)
+
+
 def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> CheckpointConfig:
-    """Ray Data's resume, keyed on the row key (unique even when ids repeat): in the user's
-    location or under the run."""
-    if config.run.checkpoint_uri:
+    """Ray Data's resume, keyed on the row key (unique even when ids repeat; not the id): in
+    the run's place of the user's location (:func:`checkpoint_uri`) or under the run."""
+    own = checkpoint_uri(config)
+    if own is not None:
         return CheckpointConfig(
-            id_column=S.ROW_KEY,
-            checkpoint_path=config.run.checkpoint_uri,
-            delete_checkpoint_on_success=False,
+            id_column=S.ROW_KEY, checkpoint_path=own, delete_checkpoint_on_success=False
         )
     return CheckpointConfig(
         id_column=S.ROW_KEY,

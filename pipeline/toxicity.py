@@ -42,9 +42,9 @@ import ray
 
 from model.storage import is_local, localize
 from pipeline import columns as S
-from pipeline.config.schema import TOXICITY_ACTIONS
+from pipeline.config.schema import TOXICITY_ACTIONS, ToxicitySection
 from pipeline.secrets import mask_text, mask_uri
-from pipeline.stage import PlanContext, Stage
+from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -77,34 +77,26 @@ _POSITION_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert")
 
 
 class ToxicityScorer:
-    """Scores texts with one detoxify model, loaded once.
+    """Scores texts with one detoxify model, loaded once, as the ``toxicity`` section says.
 
-    ``model`` names a released detoxify model and is used only when ``checkpoint`` is None.
-    ``batch_size`` bounds how many texts go through the model at once. ``storage_options`` go to
-    fsspec for a remote checkpoint.
+    ``settings.model`` names a released detoxify model and is used only when
+    ``settings.checkpoint`` is None (read through fsspec with ``settings.storage_options``).
+    ``settings.batch_size`` texts go through the model at once. Every default is the section's.
     """
 
-    def __init__(
-        self,
-        model: str = "original",
-        checkpoint: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
-        *,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, settings: ToxicitySection, device: str = "cpu") -> None:
         from detoxify import Detoxify
         from detoxify.detoxify import MODEL_URLS
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        model, checkpoint = settings.model, settings.checkpoint
         if checkpoint is None and model not in MODEL_URLS:
             raise ValueError(f"unknown detoxify model {model!r}; known: {sorted(MODEL_URLS)}")
-        self.batch_size = batch_size
+        self.batch_size = settings.batch_size
         if checkpoint is None:
             self._detoxify = Detoxify(model_type=model, device=device)
         else:
-            self._detoxify = _detoxify_from_checkpoint(checkpoint, storage_options, device)
+            options = settings.storage_options
+            self._detoxify = _detoxify_from_checkpoint(checkpoint, options, device)
         _cap_max_length(self._detoxify.tokenizer, self._detoxify.model.config)
         self._labels = tuple(self._detoxify.class_names)
 
@@ -132,32 +124,18 @@ class ToxicityScorer:
 class ToxicityStage:
     """Ray Data stage: scores ``output_text`` (and optionally the input) and applies the policy.
 
-    ``model``, ``checkpoint``, ``device``, ``batch_size`` and ``storage_options`` go to
-    ``ToxicityScorer``. ``action`` is one of ``TOXICITY_ACTIONS``; a row is toxic when any output label
-    scores >= ``threshold``.
+    Built from the job config's ``toxicity`` section (its settings and defaults): the scorer is
+    :class:`ToxicityScorer` on ``device``; a row is toxic when any output label scores >=
+    ``threshold``, and ``action`` decides what happens to it.
     """
 
-    def __init__(
-        self,
-        model: str = "original",
-        checkpoint: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
-        *,
-        threshold: float = 0.5,
-        action: str = "annotate",
-        score_inputs: bool = False,
-        redaction_text: str = "[redacted]",
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        _check_policy(threshold, action)
-        self.threshold = threshold
-        self.action = action
-        self.score_inputs = score_inputs
-        self.redaction_text = redaction_text
-        self.scorer = ToxicityScorer(
-            model, checkpoint, device, batch_size, storage_options=storage_options
-        )
+    def __init__(self, settings: ToxicitySection, device: str = "cpu") -> None:
+        _check_policy(settings.threshold, settings.action)
+        self.threshold = settings.threshold
+        self.action = settings.action
+        self.score_inputs = settings.score_inputs
+        self.redaction_text = settings.redaction_text
+        self.scorer = ToxicityScorer(settings, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = score_table(batch, self.scorer, score_inputs=self.score_inputs)
@@ -206,7 +184,7 @@ def apply_policy(
     table: pa.Table,
     threshold: float,
     action: str,
-    redaction_text: str = "[redacted]",
+    redaction_text: str | None = None,
     labels: Sequence[str] | None = None,
 ) -> pa.Table:
     """Sets ``toxic`` and ``toxicity_decision`` from the ``toxicity_<label>`` columns.
@@ -214,7 +192,7 @@ def apply_policy(
     ``toxic`` is true when any label scores >= ``threshold``, else null when a label has no score
     (null or NaN), else false. annotate keeps every row as it is. drop marks toxic rows "drop" (the
     writer sends them to rejected/); redact marks them "redact" and replaces their ``output_text``
-    with ``redaction_text``. ``labels`` defaults to every float column named ``toxicity_<label>``.
+    with ``redaction_text`` (default: the config's ``toxicity.redaction_text``). ``labels`` defaults to every float column named ``toxicity_<label>``.
 
     Under drop and redact the policy fails closed: a row with an ``output_text`` but no verdict
     (``toxic`` null, e.g. its batch failed to score) is treated like a toxic one, not kept: its
@@ -224,6 +202,8 @@ def apply_policy(
     error row, and its unchecked text is written nowhere. Rows without an output are kept.
     """
     _check_policy(threshold, action)
+    if redaction_text is None:
+        redaction_text = ToxicitySection.model_fields["redaction_text"].default
     names = _score_columns(table) if labels is None else [S.TOXICITY_PREFIX + x for x in labels]
     if not names:
         raise ValueError(f"no {S.TOXICITY_PREFIX}<label> columns to apply the policy to")
@@ -392,33 +372,30 @@ def _mark_errors(table: pa.Table, rows: pa.Array, message: str) -> pa.Table:
 # Stage ----------------------------------------------------------------------------------------------
 
 
+TOXICITY_ADDS = (
+    S.TOXICITY_PREFIX + "*",
+    S.INPUT_TOXICITY_PREFIX + "*",
+    S.TOXIC,
+    S.TOXICITY_DECISION,
+    S.ERROR,
+    S.ERROR_KIND,
+)
+"""Every column the toxicity stage may add (the input scores only with score_inputs)."""
+
+
+@declares(*TOXICITY_ADDS)
 def toxicity_stage(config: JobConfig, context: PlanContext) -> Stage | None:
     """Scoring and the policy in a pool of detoxify actors; None when scoring is off."""
     tox = config.toxicity
     if not tox.enabled:
         return None
+    skipped = () if tox.score_inputs else (S.INPUT_TOXICITY_PREFIX + "*",)
     return Stage(
         name="toxicity",
         fn=ToxicityStage,
         requires=(S.OUTPUT_TEXT, *((S.TEXT, S.PROMPT) if tox.score_inputs else ())),
-        adds=(
-            S.TOXICITY_PREFIX + "*",
-            *((S.INPUT_TOXICITY_PREFIX + "*",) if tox.score_inputs else ()),
-            S.TOXIC,
-            S.TOXICITY_DECISION,
-            S.ERROR,
-            S.ERROR_KIND,
-        ),
-        constructor_kwargs=dict(
-            model=tox.model,
-            checkpoint=tox.checkpoint,
-            storage_options=tox.storage_options,
-            threshold=tox.threshold,
-            action=tox.action,
-            score_inputs=tox.score_inputs,
-            redaction_text=tox.redaction_text,
-            device="cuda" if tox.gpus_per_replica else "cpu",
-        ),
+        adds=tuple(c for c in TOXICITY_ADDS if c not in skipped),
+        constructor_kwargs=dict(settings=tox, device="cuda" if tox.gpus_per_replica else "cpu"),
         ray_args=dict(
             compute=ray.data.ActorPoolStrategy(size=tox.replicas),
             num_gpus=tox.gpus_per_replica or None,

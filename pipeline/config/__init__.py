@@ -28,6 +28,7 @@ Layout
         derived from it (:data:`TASKS`, ...), for other modules to check against.
     :mod:`pipeline.config.loading`
         :func:`load_job_config`, :func:`apply_overrides`, :func:`interpolate_env`,
+        :func:`check_plan` (the checks that need the plan's declared columns),
         :func:`new_run_id` and :func:`redacted_dict`.
     :mod:`pipeline.config.preflight`
         :func:`list_files` and :func:`preflight` (storage checks under one deadline).
@@ -40,6 +41,7 @@ from __future__ import annotations
 from pipeline.config.loading import (
     MASK,
     apply_overrides,
+    check_plan,
     interpolate_env,
     load_job_config,
     new_run_id,
@@ -47,8 +49,11 @@ from pipeline.config.loading import (
 )
 from pipeline.config.preflight import configured_columns, input_columns, list_files, preflight
 from pipeline.config.schema import (
+    CONTENT_IDENTITY,
     DTYPES,
+    IDENTITY,
     INPUT_FORMATS,
+    NOT_IDENTITY,
     OUTPUT_FORMATS,
     PROMPT_PLACEHOLDERS,
     ROOT,
@@ -78,9 +83,12 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
+    "CONTENT_IDENTITY",
     "DTYPES",
+    "IDENTITY",
     "INPUT_FORMATS",
     "MASK",
+    "NOT_IDENTITY",
     "OUTPUT_FORMATS",
     "PROMPT_PLACEHOLDERS",
     "ROOT",
@@ -107,6 +115,7 @@ __all__ = [
     "ToxicitySection",
     "Truncation",
     "apply_overrides",
+    "check_plan",
     "configured_columns",
     "infer_format",
     "input_columns",

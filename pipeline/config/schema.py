@@ -31,7 +31,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model import prefix_cache
 from model.engine_config import EngineConfig
-from pipeline import columns, formats
+from pipeline import formats
 
 # Allowed values: one Literal per set, the tuples derived from it ---------------------------------
 
@@ -52,6 +52,12 @@ TOXICITY_ACTIONS: tuple[ToxicityAction, ...] = get_args(ToxicityAction)
 TOXICITY_MODELS: tuple[ToxicityModel, ...] = get_args(ToxicityModel)
 
 ROOT = "<root>"  # the path named by errors about the document as a whole
+
+# The run identity (pipeline.contract.run_identity) is read from these marks: every field of
+# every section carries one (a test walks the schema), so a new field cannot be forgotten.
+IDENTITY = {"identity": True}  # decides what the output rows hold: part of the run identity
+CONTENT_IDENTITY = {"identity": "content"}  # a location whose content decides them, too
+NOT_IDENTITY = {"identity": False}  # speed, resources, credentials, where the run's files go
 URI_FIELDS = ("input.uri", "output.uri", "run.checkpoint_uri")
 URI_PLACEHOLDERS = ("date", "run_id")
 
@@ -62,31 +68,6 @@ PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "qa": ("text", "question"),
     "generate": ("prompt",),
 }
-# Columns the pipeline itself writes: a passthrough column of the same name would clash.
-_RESERVED_COLUMNS = frozenset(
-    {
-        columns.ID,
-        columns.SOURCE,
-        columns.ERROR,
-        columns.ERROR_KIND,
-        columns.TASK,
-        columns.PROMPT_IDS,
-        columns.PROMPT_TOKENS,
-        columns.PROMPT_TRUNCATED,
-        columns.OUTPUT_TEXT,
-        columns.OUTPUT_TOKENS,
-        columns.FINISH_REASON,
-        columns.TOXIC,
-        columns.TOXICITY_DECISION,
-        columns.MODEL,
-        columns.RUN_ID,
-    }
-)
-_RESERVED_PREFIXES = (
-    columns.TOXICITY_PREFIX,
-    columns.INPUT_TOXICITY_PREFIX,
-    *(name[:-1] for r in formats.READERS.values() for name in r.reserved),
-)
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -137,6 +118,7 @@ infer_format = formats.infer_format
 
 class InputSection(_Section):
     uri: str = Field(
+        json_schema_extra=IDENTITY,
         min_length=1,
         description=(
             "Input files: a local path, a glob (`data/*.jsonl`, `s3://b/p/**/*.parquet`), a "
@@ -145,39 +127,54 @@ class InputSection(_Section):
         ),
     )
     format: InputFormat | None = Field(
+        json_schema_extra=IDENTITY,
         default=None,
         validate_default=True,
         description="The format of the input files; when omitted, inferred from the URI's "
         "file name ending. " + formats.describe("input") + ".",
     )
     id_column: str | None = Field(
+        json_schema_extra=IDENTITY,
         default=None,
         description="Column holding a stable row id; when absent the id is a hash of source file "
         "and row content.",
     )
     text_column: str = Field(
-        default="text", description="Column with the document (summarize) or the context (qa)."
+        json_schema_extra=IDENTITY,
+        default="text",
+        description="Column with the document (summarize) or the context (qa).",
     )
     question_column: str = Field(
+        json_schema_extra=IDENTITY,
         default="question",
         description="Column with the question (qa). A list of questions gives one output row "
         "per question, id <row id>/q<k> (k from 0), the question in the `question` column.",
     )
-    prompt_column: str = Field(default="prompt", description="Column with the prompt (generate).")
+    prompt_column: str = Field(
+        json_schema_extra=IDENTITY,
+        default="prompt",
+        description="Column with the prompt (generate).",
+    )
     passthrough: list[str] = Field(
-        default_factory=list, description="Input columns copied unchanged to the output rows."
+        json_schema_extra=IDENTITY,
+        default_factory=list,
+        description="Input columns copied unchanged to the output rows; a column named like one "
+        "the pipeline writes (output_text, generated_at, toxicity_*, ...) is refused.",
     )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for the input filesystem (redacted in the manifest).",
     )
     max_row_bytes: int = Field(
+        json_schema_extra=IDENTITY,
         default=32 << 20,
         ge=1024,
         description="Longest JSONL line read as a row (bytes); a longer line becomes an error "
         "row (row_too_large) and is never held in memory whole.",
     )
     num_blocks: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Repartition the input into this many blocks (spreads small inputs over "
@@ -214,38 +211,55 @@ class InputSection(_Section):
             if name in seen:
                 raise ValueError(f"column {name!r} is listed twice")
             seen.add(name)
-            if name in _RESERVED_COLUMNS or name.startswith(_RESERVED_PREFIXES):
-                raise ValueError(f"column {name!r} clashes with a column the pipeline writes")
         return value
 
 
 class ModelSection(_Section):
     checkpoint: str = Field(
+        json_schema_extra=CONTENT_IDENTITY,
         min_length=1,
         description="RecurrentGemma checkpoint: a Kaggle variant directory (tokenizer.model in "
         "its parent) or a Hugging Face directory; local path or fsspec URI.",
     )
-    dtype: Dtype = Field(default="bfloat16", description="Dtype of parameters and activations.")
-    replicas: int = Field(default=1, ge=1, description="Number of model actors (replicas).")
+    dtype: Dtype = Field(
+        json_schema_extra=IDENTITY,
+        default="bfloat16",
+        description="Dtype of parameters and activations.",
+    )
+    replicas: int = Field(
+        json_schema_extra=NOT_IDENTITY,
+        default=1,
+        ge=1,
+        description="Number of model actors (replicas).",
+    )
     gpus_per_replica: float = Field(
-        default=0, ge=0, description="GPUs per replica; 0 runs the model on CPU."
+        json_schema_extra=NOT_IDENTITY,
+        default=0,
+        ge=0,
+        description="GPUs per replica; 0 runs the model on CPU.",
     )
     resources_per_replica: dict[str, float] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description='Extra Ray resources per replica, e.g. {"TPU": 4} for one TPU host. CPU and '
         "GPU go in cpus_per_replica / gpus_per_replica.",
     )
-    cpus_per_replica: float = Field(default=1, ge=0, description="CPUs per replica.")
+    cpus_per_replica: float = Field(
+        json_schema_extra=NOT_IDENTITY, default=1, ge=0, description="CPUs per replica."
+    )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for reading the checkpoint (redacted in the manifest).",
     )
     chat_template: bool | None = Field(
+        json_schema_extra=IDENTITY,
         default=None,
         description="Wrap prompts in the Gemma chat turn format; None means on when the "
         "checkpoint's name ends in -it (instruction-tuned).",
     )
     compilation_cache: bool = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=True,
         description="Keep compiled executables on each node's local disk (JAX's persistent "
         "compilation cache, under $RGBATCH_CACHE_DIR/xla): restarted actors and later runs "
@@ -253,6 +267,7 @@ class ModelSection(_Section):
     )
 
     tensor_parallel: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Devices one replica's weights and slot states are split over. None: the "
@@ -261,6 +276,7 @@ class ModelSection(_Section):
         "(the sharded path without an accelerator).",
     )
     memory_fraction: float | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         gt=0,
         le=1,
@@ -269,6 +285,7 @@ class ModelSection(_Section):
         "Lower it so a toxicity actor can share the GPU.",
     )
     memory_headroom: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=0.1,
         ge=0,
         lt=1,
@@ -276,6 +293,7 @@ class ModelSection(_Section):
         "fragmentation, XLA temporaries it does not model).",
     )
     max_restarts: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=4,
         ge=-1,
         description="Times Ray restarts a model actor that died (its process or node lost, or a "
@@ -283,12 +301,14 @@ class ModelSection(_Section):
         "that can never work then retries forever).",
     )
     batch_retries: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=2,
         ge=0,
         description="Times a model batch whose engine step raised is retried on the same actor "
         "(the engine is reset in between) before the run fails.",
     )
     max_failed_steps: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=3,
         ge=1,
         description="Consecutive failed engine steps after which a replica counts as broken and "
@@ -344,50 +364,79 @@ class ModelSection(_Section):
 
 
 class GenerationSection(_Section):
-    max_new_tokens: int = Field(default=256, ge=1, description="Most tokens generated per row.")
+    max_new_tokens: int = Field(
+        json_schema_extra=IDENTITY, default=256, ge=1, description="Most tokens generated per row."
+    )
     max_prompt_tokens: int = Field(
+        json_schema_extra=IDENTITY,
         default=8192,
         ge=8,
         description="Most prompt tokens (template, BOS and chat markers included); longer "
         "prompts are handled by `truncation`.",
     )
     truncation: Truncation = Field(
+        json_schema_extra=IDENTITY,
         default="head",
         description="What to do with a prompt over max_prompt_tokens. Only the document text "
         "(the {text} / {prompt} value) is cut, never the template or the question: 'head' "
         "keeps the first tokens of the document text (drops its end), 'tail' keeps its last "
         "tokens (drops its start), 'error' makes the row an error (prompt_too_long).",
     )
-    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
-    top_k: int = Field(default=0, ge=0, description="Sample from the k most likely; 0 is off.")
+    temperature: float = Field(
+        json_schema_extra=IDENTITY,
+        default=0.0,
+        ge=0,
+        description="Sampling temperature; 0 is greedy.",
+    )
+    top_k: int = Field(
+        json_schema_extra=IDENTITY,
+        default=0,
+        ge=0,
+        description="Sample from the k most likely; 0 is off.",
+    )
     top_p: float = Field(
-        default=1.0, gt=0, le=1, description="Nucleus sampling probability mass; 1 is off."
+        json_schema_extra=IDENTITY,
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Nucleus sampling probability mass; 1 is off.",
     )
     seed: int = Field(
-        default=0, description="Base sampling seed; each row's seed derives from it and its id."
+        json_schema_extra=IDENTITY,
+        default=0,
+        description="Base sampling seed; each row's seed derives from it and its id.",
     )
     max_slots: int | Literal["auto"] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=EngineConfig.max_slots,
         description="Sequences decoded at once per replica (engine slots). 'auto': the most "
         "that fit each device's memory (weights, slot states and workspace, per the memory "
         "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit).",
     )
     prefill_batch: int = Field(
-        default=EngineConfig.prefill_batch, ge=1, description="Prompts prefilled together."
+        json_schema_extra=NOT_IDENTITY,
+        default=EngineConfig.prefill_batch,
+        ge=1,
+        description="Prompts prefilled together.",
     )
     prefill_chunk: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=EngineConfig.prefill_chunk,
         ge=1,
         description="Prompt tokens per prefill step (longer prompts are chunked).",
     )
     decode_steps: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=EngineConfig.decode_steps,
         ge=1,
         description="Most decode steps per host round-trip (a call returns early once "
         "prefill_batch slots are free and prompts are waiting).",
     )
-    batch_size: int = Field(default=256, ge=1, description="Rows per model-stage batch.")
+    batch_size: int = Field(
+        json_schema_extra=NOT_IDENTITY, default=256, ge=1, description="Rows per model-stage batch."
+    )
     prefix_cache_bytes: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=prefix_cache.DEFAULT_PREFIX_CACHE_BYTES,
         ge=0,
         description="Host memory (bytes) per replica for the states after shared prompt "
@@ -404,6 +453,7 @@ class GenerationSection(_Section):
         return value
 
     prompt_workers: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Most prompt-building actors (one CPU each; the pool grows from one as "
@@ -417,17 +467,21 @@ def _template_fields(template: str) -> list[tuple[str | None, str, str | None]]:
 
 class PromptsSection(_Section):
     summarize: str = Field(
+        json_schema_extra=IDENTITY,
         default="Summarize the following text.\n\n{text}\n\nSummary:",
         description="Template for summarize (str.format): must use {text}; write {{ and }} for "
         "literal braces.",
     )
     qa: str = Field(
+        json_schema_extra=IDENTITY,
         default="Answer the question using the context.\n\nContext: {text}\n\n"
         "Question: {question}\n\nAnswer:",
         description="Template for qa (str.format): must use {text} (the context) and {question}.",
     )
     generate: str = Field(
-        default="{prompt}", description="Template for generate (str.format): must use {prompt}."
+        json_schema_extra=IDENTITY,
+        default="{prompt}",
+        description="Template for generate (str.format): must use {prompt}.",
     )
 
     @field_validator("summarize", "qa", "generate")
@@ -462,50 +516,84 @@ class PromptsSection(_Section):
 
 
 class ToxicitySection(_Section):
-    enabled: bool = Field(default=True, description="Score outputs with detoxify.")
-    model: ToxicityModel = Field(default="original", description="detoxify model type.")
+    enabled: bool = Field(
+        json_schema_extra=IDENTITY, default=True, description="Score outputs with detoxify."
+    )
+    model: ToxicityModel = Field(
+        json_schema_extra=IDENTITY, default="original", description="detoxify model type."
+    )
     checkpoint: str | None = Field(
+        json_schema_extra=CONTENT_IDENTITY,
         default=None,
         description="Local path or URI of a detoxify checkpoint (for clusters without internet); "
         "None downloads the released weights.",
     )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for reading the checkpoint (redacted in the manifest).",
     )
     threshold: float = Field(
-        default=0.5, ge=0, le=1, description="A row is toxic when any label scores >= threshold."
+        json_schema_extra=IDENTITY,
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A row is toxic when any label scores >= threshold.",
     )
     action: ToxicityAction = Field(
+        json_schema_extra=IDENTITY,
         default="annotate",
         description="Policy for toxic rows: annotate (keep, flagged), drop (to rejected/ with "
         "scores) or redact (output_text replaced by redaction_text).",
     )
     score_inputs: bool = Field(
-        default=False, description="Also score the input text (input_toxicity_<label>)."
+        json_schema_extra=IDENTITY,
+        default=False,
+        description="Also score the input text (input_toxicity_<label>).",
     )
-    replicas: int = Field(default=1, ge=1, description="Number of toxicity actors.")
+    replicas: int = Field(
+        json_schema_extra=NOT_IDENTITY, default=1, ge=1, description="Number of toxicity actors."
+    )
     gpus_per_replica: float = Field(
-        default=0, ge=0, description="GPUs per toxicity actor; 0 runs on CPU."
+        json_schema_extra=NOT_IDENTITY,
+        default=0,
+        ge=0,
+        description="GPUs per toxicity actor; 0 runs on CPU.",
     )
-    cpus_per_replica: float = Field(default=1, ge=0, description="CPUs per toxicity actor.")
-    batch_size: int = Field(default=64, ge=1, description="Rows per toxicity batch.")
+    cpus_per_replica: float = Field(
+        json_schema_extra=NOT_IDENTITY, default=1, ge=0, description="CPUs per toxicity actor."
+    )
+    batch_size: int = Field(
+        json_schema_extra=NOT_IDENTITY, default=64, ge=1, description="Rows per toxicity batch."
+    )
     redaction_text: str = Field(
-        default="[redacted]", description="Replacement output text for redacted rows."
+        json_schema_extra=IDENTITY,
+        default="[redacted]",
+        description="Replacement output text for redacted rows.",
     )
+
+    def identity_exempt(self) -> set[str]:
+        """Marked fields that do not decide the rows here: all but ``enabled`` when scoring is
+        off, ``redaction_text`` unless the action is redact."""
+        if not self.enabled:
+            return set(type(self).model_fields) - {"enabled"}
+        return set() if self.action == "redact" else {"redaction_text"}
 
 
 class OutputSection(_Section):
     uri: str = Field(
+        json_schema_extra=NOT_IDENTITY,
         min_length=1,
         description="Output directory (local path or fsspec URI); the run writes under "
         "<uri>/<run id>/. May contain {date} and {run_id}.",
     )
     format: OutputFormat = Field(
+        json_schema_extra=IDENTITY,
         default=formats.output_names()[0],
         description="Format of the part files. " + formats.describe("output") + ".",
     )
     rows_per_file: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=1024,
         ge=1,
         description="Rows gathered into one part file (and one resume checkpoint commit): larger "
@@ -513,6 +601,7 @@ class OutputSection(_Section):
         "crash.",
     )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for the output filesystem (redacted in the manifest).",
     )
@@ -526,21 +615,30 @@ class OutputSection(_Section):
 
 class RunSection(_Section):
     ray_address: str | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         description="Ray cluster address ('auto', 'ray://...'); None starts a local one.",
     )
     num_cpus: int | None = Field(
-        default=None, ge=1, description="Logical CPUs of the local cluster; None lets Ray decide."
+        json_schema_extra=NOT_IDENTITY,
+        default=None,
+        ge=1,
+        description="Logical CPUs of the local cluster; None lets Ray decide.",
     )
     checkpoint_uri: str | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         description="Where Ray Data's resume checkpoint lives; None lets the runner derive it. "
         "May contain {date} and {run_id}.",
     )
     progress_interval_s: float = Field(
-        default=10, gt=0, description="Seconds between progress log lines."
+        json_schema_extra=NOT_IDENTITY,
+        default=10,
+        gt=0,
+        description="Seconds between progress log lines.",
     )
     preflight_timeout_s: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=60,
         gt=0,
         description="Seconds preflight waits for storage (input listing, checkpoint lookups) "
@@ -548,6 +646,7 @@ class RunSection(_Section):
     )
 
     max_error_fraction: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=0.5,
         ge=0,
         le=1,
@@ -555,6 +654,7 @@ class RunSection(_Section):
         "the run fails (exit 1, no _SUCCESS) and the manifest names the dominant error kinds.",
     )
     lease_timeout_s: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=120,
         gt=0,
         description="Seconds without a heartbeat after which another driver may take over a "
@@ -570,7 +670,7 @@ class RunSection(_Section):
 class JobConfig(_Section):
     """A whole job. See the :mod:`pipeline.config` docstring for raw vs rendered URIs."""
 
-    task: Task = Field(description="summarize | qa | generate.")
+    task: Task = Field(json_schema_extra=IDENTITY, description="summarize | qa | generate.")
     input: InputSection = Field(description="Where the rows come from.")
     model: ModelSection = Field(description="The RecurrentGemma model and its replicas.")
     generation: GenerationSection = Field(
@@ -654,6 +754,12 @@ class JobConfig(_Section):
         copy._date = date_str
         copy._interpolated = self._interpolated
         return copy
+
+    def identity_exempt(self) -> set[str]:
+        """Marked fields that do not decide this job's rows: the other tasks' templates, and
+        the toxicity section's as it says (:meth:`ToxicitySection.identity_exempt`)."""
+        exempt = {f"prompts.{task}" for task in TASKS if task != self.task}
+        return exempt | {f"toxicity.{name}" for name in self.toxicity.identity_exempt()}
 
     def prompt_template(self) -> str:
         """The prompt template of this job's task."""

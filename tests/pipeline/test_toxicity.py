@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 
 from pipeline import columns as S
+from pipeline.config import ToxicitySection
 from pipeline.toxicity import ToxicityScorer, ToxicityStage, apply_policy
 from testkit.tiny_detoxify import build_tiny_detoxify
 
@@ -35,7 +36,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def scorer(checkpoint: Path) -> ToxicityScorer:
-    return ToxicityScorer(checkpoint=str(checkpoint))
+    return ToxicityScorer(ToxicitySection(checkpoint=str(checkpoint)))
 
 
 def _batch() -> pa.Table:
@@ -108,13 +109,13 @@ def test_scorer_handles_one_text_none_and_empty(scorer: ToxicityScorer) -> None:
 
 
 def test_scores_do_not_depend_on_batching(scorer: ToxicityScorer, checkpoint: Path) -> None:
-    small = ToxicityScorer(checkpoint=str(checkpoint), batch_size=1).score(TEXTS)
+    small = ToxicityScorer(ToxicitySection(checkpoint=str(checkpoint), batch_size=1)).score(TEXTS)
     for label, values in scorer.score(TEXTS).items():
         np.testing.assert_allclose(small[label], values, atol=1e-5)
 
 
 def test_two_loads_give_the_same_scores(scorer: ToxicityScorer, checkpoint: Path) -> None:
-    again = ToxicityScorer(checkpoint=str(checkpoint))
+    again = ToxicityScorer(ToxicitySection(checkpoint=str(checkpoint)))
     first, second = scorer.score(TEXTS), again.score(TEXTS)
     for label in LABELS:
         np.testing.assert_array_equal(first[label], second[label])
@@ -128,17 +129,19 @@ def test_moved_fixture_still_loads(tmp_path: Path, scorer: ToxicityScorer) -> No
     moved = tmp_path / "after" / built.name
     with pytest.raises(OSError):  # detoxify alone follows the stale model_type path
         Detoxify(checkpoint=str(moved))
-    scores = ToxicityScorer(checkpoint=str(moved)).score(TEXTS)
+    scores = ToxicityScorer(ToxicitySection(checkpoint=str(moved))).score(TEXTS)
     for label, values in scorer.score(TEXTS).items():
         np.testing.assert_array_equal(scores[label], values)
 
 
 def test_labels_follow_the_model_type(tmp_path: Path) -> None:
-    unbiased = ToxicityScorer(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
-    assert len(unbiased.labels) == 7 and "sexual_explicit" in unbiased.labels
-    table = ToxicityStage(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))(
-        _batch()
+    unbiased = ToxicityScorer(
+        ToxicitySection(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
     )
+    assert len(unbiased.labels) == 7 and "sexual_explicit" in unbiased.labels
+    table = ToxicityStage(
+        ToxicitySection(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
+    )(_batch())
     assert "toxicity_sexual_explicit" in table.column_names
 
 
@@ -147,7 +150,7 @@ def test_labels_follow_the_model_type(tmp_path: Path) -> None:
 
 def test_stage_adds_typed_columns_and_keeps_rows(checkpoint: Path) -> None:
     batch = _batch()
-    out = ToxicityStage(checkpoint=str(checkpoint))(batch)
+    out = ToxicityStage(ToxicitySection(checkpoint=str(checkpoint)))(batch)
     assert out.column(S.ID).to_pylist() == batch.column(S.ID).to_pylist()
     assert out.column(S.OUTPUT_TEXT).equals(batch.column(S.OUTPUT_TEXT))
     for label in LABELS:
@@ -174,9 +177,11 @@ def test_stage_adds_typed_columns_and_keeps_rows(checkpoint: Path) -> None:
 def test_policy_actions(
     checkpoint: Path, action: str, threshold: float, decision: str, redacted: bool
 ) -> None:
-    stage = ToxicityStage(
+    # A threshold over 1 (no row is toxic) is past what the config accepts: built unchecked.
+    settings = ToxicitySection.model_construct(
         checkpoint=str(checkpoint), threshold=threshold, action=action, redaction_text="<gone>"
     )
+    stage = ToxicityStage(settings)
     out = stage(_batch())
     scored = [0, 1, 3, 4]
     assert [out.column(S.TOXIC)[i].as_py() for i in scored] == [threshold <= 1.0] * 4
@@ -211,7 +216,7 @@ def test_apply_policy_without_a_model() -> None:
 
 
 def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicityScorer) -> None:
-    out = ToxicityStage(checkpoint=str(checkpoint), score_inputs=True)(_batch())
+    out = ToxicityStage(ToxicitySection(checkpoint=str(checkpoint), score_inputs=True))(_batch())
     column = out.column(S.INPUT_TOXICITY_PREFIX + "insult")
     assert column.type == pa.float32()
     inputs = ["a long report about the city", "write a poem about the sea", "the context"]
@@ -231,7 +236,7 @@ def _fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray
 def test_failing_scorer_becomes_row_errors(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch, action: str
 ) -> None:
-    stage = ToxicityStage(checkpoint=str(checkpoint), action=action, threshold=0.0)
+    stage = ToxicityStage(ToxicitySection(checkpoint=str(checkpoint), action=action, threshold=0.0))
     monkeypatch.setattr(ToxicityScorer, "score", _fail)
     batch = _batch()
     out = stage(batch)
@@ -314,7 +319,7 @@ def test_checkpoint_needing_code_is_refused_without_running_it(
         {"config": good["config"], "state_dict": good["state_dict"], "x": _Payload(marker)}, evil
     )
     with pytest.raises(ValueError, match="weights-only") as info:
-        ToxicityScorer(checkpoint=str(evil))
+        ToxicityScorer(ToxicitySection(checkpoint=str(evil)))
     assert str(evil) in str(info.value)
     assert not marker.exists()
 
@@ -323,7 +328,7 @@ def test_checkpoint_needing_code_is_refused_without_running_it(
         {"config": _Payload(marker), "state_dict": {}}, legacy, _use_new_zipfile_serialization=False
     )
     with pytest.raises(ValueError, match="weights-only"):
-        ToxicityScorer(checkpoint=str(legacy))
+        ToxicityScorer(ToxicitySection(checkpoint=str(legacy)))
     assert not marker.exists()
 
 
@@ -343,7 +348,7 @@ def test_loading_never_unpickles_unsafely(
     built = build_tiny_detoxify(tmp_path / "before")
     shutil.move(tmp_path / "before", tmp_path / "after")  # model_type rewritten at load time
     for path in (checkpoint, tmp_path / "after" / built.name):
-        assert ToxicityScorer(checkpoint=str(path)).labels == LABELS
+        assert ToxicityScorer(ToxicitySection(checkpoint=str(path))).labels == LABELS
     assert calls and all(c is True for c in calls), calls
 
 
@@ -353,7 +358,7 @@ def test_checkpoint_without_config_names_itself(tmp_path: Path) -> None:
     path = tmp_path / "weights-only.ckpt"
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match=r"weights-only\.ckpt.*config"):
-        ToxicityScorer(checkpoint=str(path))
+        ToxicityScorer(ToxicitySection(checkpoint=str(path)))
 
 
 # Inside Ray Data ---------------------------------------------------------------------------------
@@ -380,10 +385,10 @@ def test_stage_in_ray_data_matches_direct_call(ray_cluster: None, checkpoint: Pa
         "score_inputs": True,
     }
     batch = _batch()
-    direct = ToxicityStage(**kwargs)(batch)
+    direct = ToxicityStage(ToxicitySection(**kwargs))(batch)
     dataset = ray.data.from_arrow(batch).map_batches(
         ToxicityStage,
-        fn_constructor_kwargs=kwargs,
+        fn_constructor_kwargs={"settings": ToxicitySection(**kwargs)},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_format="pyarrow",
     )
@@ -415,7 +420,7 @@ def test_remote_checkpoint_loads_with_its_model_dir(
     s3fs.S3FileSystem(**options).put(str(built.parent) + "/", f"{bucket}/detox/", recursive=True)
     shutil.rmtree(built.parent)  # model_type now names a missing local directory
     uri = f"s3://{bucket}/detox/{built.name}"
-    remote = ToxicityScorer(checkpoint=uri, storage_options=options).score(TEXTS)
+    remote = ToxicityScorer(ToxicitySection(checkpoint=uri, storage_options=options)).score(TEXTS)
     for label, values in scorer.score(TEXTS).items():
         np.testing.assert_array_equal(remote[label], values)
     cached = [p for p in (tmp_path / "cache" / "objects").iterdir() if p.is_dir()]
