@@ -39,12 +39,11 @@ from pydantic.fields import FieldInfo
 
 from model.storage import content_identity, filesystem
 from pipeline.config import ConfigError, JobConfig
+from pipeline.rundir import LEASE, RUN_RECORD
 from pipeline.secrets import mask_text
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = "_run.json"
-LEASE = "_lease.json"
 LEASE_SETTLE_S = 0.5
 
 

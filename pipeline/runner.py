@@ -7,7 +7,7 @@ The caller connects to Ray (``ray.init``) before calling :func:`run_job`; nothin
 global Ray state: the current DataContext's checkpoint config is set for the run and restored.
 
 Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
-are merged in Ray tasks (:func:`pipeline.writer.collect`), rows in and out are compared per input
+are merged in Ray tasks (:func:`pipeline.rundir.collect`), rows in and out are compared per input
 file (a difference fails the run), then ``_summary.json``, ``report.html`` (a report that fails
 to build is recorded in the manifest, and the run still succeeds), ``_manifest.json`` and
 ``_SUCCESS`` are written, in that order.
@@ -31,11 +31,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.data.checkpoint import CheckpointConfig
 
 from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
-from pipeline import columns as S
 from pipeline import formats
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import Lease, check_identity, record_identity, run_identity
@@ -43,26 +41,26 @@ from pipeline.formats.base import ReadSpec
 from pipeline.plan import build_dataset, check_passthrough
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
+from pipeline.rundir import (
+    MANIFEST,
+    SUMMARY,
+    InputLedger,
+    check_rows,
+    checkpoint_config,
+    collect,
+    count_repeats,
+    drop_checkpoint,
+    is_complete,
+    mark_success,
+    prepare,
+    read_manifest,
+    run_dir_uri,
+    write_json,
+)
 from pipeline.secrets import mask_text, mask_uri
 from pipeline.stage import PlanContext
 from pipeline.summary import RunSummary
-from pipeline.writer import (
-    CHECKPOINT_DIR,
-    IDS_DIR,
-    INPUTS_DIR,
-    MANIFEST,
-    REJECTED,
-    STATS_DIR,
-    SUMMARY,
-    InputLedger,
-    RunDatasink,
-    check_rows,
-    collect,
-    count_repeats,
-    is_complete,
-    mark_success,
-    write_json,
-)
+from pipeline.writer import RunDatasink
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +95,6 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_dir_uri(config: JobConfig) -> str:
-    """<output uri>/<run id>, unless the output URI template already names the run id."""
-    uri = config.output.uri.rstrip("/")
-    if "{run_id}" in (config.templates.get("output.uri") or ""):
-        return uri
-    return f"{uri}/{config.run_id}"
-
-
 def run_job(config: JobConfig) -> RunResult:
     """Runs (or resumes) ``config`` as its run id; a run id that has _SUCCESS is not touched."""
     if not config.is_rendered:
@@ -117,7 +107,7 @@ def run_job(config: JobConfig) -> RunResult:
     recorded = check_identity(fs, run_dir, config.run_id, identity)
     if is_complete(fs, run_dir):
         log.info("run %s already complete at %s: nothing to do", config.run_id, mask_uri(run_uri))
-        manifest = json.loads(fs.cat_file(posixpath.join(run_dir, MANIFEST)))
+        manifest = read_manifest(fs, run_dir)
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
     fs.makedirs(run_dir, exist_ok=True)
     with Lease(run_uri, out.storage_options, config.run.lease_timeout_s):
@@ -128,12 +118,11 @@ def run_job(config: JobConfig) -> RunResult:
 
 def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResult:
     started = time.time()
-    for sub in ("", STATS_DIR, INPUTS_DIR, IDS_DIR, REJECTED if _drops(config) else ""):
-        fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
+    prepare(fs, run_dir, rejected=_drops(config))
     pa_fs = arrow_filesystem(fs)
     context = ray.data.DataContext.get_current()
     settings = {
-        "checkpoint_config": _checkpoint_config(config, run_dir, pa_fs),
+        "checkpoint_config": checkpoint_config(config, run_dir, pa_fs),
         "retried_io_errors": _merged(context.retried_io_errors, RETRIED_IO_ERRORS),
         "retried_map_errors": list(ENGINE_RETRIED_ERRORS),
         "max_map_retries": config.model.batch_retries,
@@ -198,7 +187,7 @@ def _run(
     manifest["report"] = _report(fs, run_dir, manifest, summary, progress.samples)
     write_json(fs, posixpath.join(run_dir, MANIFEST), manifest)
     mark_success(fs, run_dir)
-    _drop_checkpoint(fs, config, run_dir)
+    drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
 
@@ -259,45 +248,6 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
             f"model.checkpoint: no tokenizer.model in or beside {mask_uri(config.model.checkpoint)}"
         )
     return Tokenizer.load(path)
-
-
-def checkpoint_uri(config: JobConfig) -> str | None:
-    """The run's own place in ``run.checkpoint_uri``: ``<checkpoint uri>/<run id>``, unless the
-    template already names the run id; None when the checkpoint lives under the run directory.
-
-    A checkpoint belongs to one run id: it lists the rows that run committed, so a second run id
-    sharing the location would take those rows as its own and write none of them.
-    """
-    uri = config.run.checkpoint_uri
-    if not uri:
-        return None
-    if "{run_id}" in (config.templates.get("run.checkpoint_uri") or ""):
-        return uri
-    return posixpath.join(uri.rstrip("/"), config.run_id)
-
-
-def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> CheckpointConfig:
-    """Ray Data's resume, keyed on the row key (unique even when ids repeat; not the id): in
-    the run's place of the user's location (:func:`checkpoint_uri`) or under the run."""
-    own = checkpoint_uri(config)
-    if own is not None:
-        return CheckpointConfig(
-            id_column=S.ROW_KEY, checkpoint_path=own, delete_checkpoint_on_success=False
-        )
-    return CheckpointConfig(
-        id_column=S.ROW_KEY,
-        checkpoint_path=posixpath.join(run_dir, CHECKPOINT_DIR),
-        override_filesystem=pa_fs,
-        delete_checkpoint_on_success=False,
-    )
-
-
-def _drop_checkpoint(fs: Any, config: JobConfig, run_dir: str) -> None:
-    if config.run.checkpoint_uri:
-        return  # the user's location: theirs to manage
-    path = posixpath.join(run_dir, CHECKPOINT_DIR)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
 
 
 def _manifest(

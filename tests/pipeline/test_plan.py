@@ -15,9 +15,9 @@ from pipeline.model_stage import engine_options
 from pipeline.plan import build_stages, reserved_columns, source_columns
 from pipeline.progress import InputTotal, ProgressReporter
 from pipeline.report.page import throughput_rates
+from pipeline.rundir import RunIntegrityError, check_rows
 from pipeline.stage import PlanContext, PlanError, Stage, check_columns, declared, declares
 from pipeline.summary import RunSummary
-from pipeline.writer import RunIntegrityError, check_rows
 
 
 def config(fixtures, tmp_path, **extra):

@@ -25,8 +25,8 @@ from pipeline_helpers import (
 )
 from pydantic.fields import FieldInfo
 
+import pipeline.rundir
 import pipeline.runner
-import pipeline.writer
 from pipeline import columns as S
 from pipeline.cli import main as cli_main
 from pipeline.contract import LEASE, RunRefused, identity_fields, identity_mark
@@ -71,9 +71,9 @@ def test_repeated_ids_never_wedge_a_run_or_lose_a_row(
     # "a" repeats; 42 and "42" are different ids.
     assert counts["ids_repeated"] == 1 and counts["rows_with_repeated_ids"] == 2
     # Past the one-task size the count is a Ray Data group-by: the same figures.
-    monkeypatch.setattr(pipeline.writer, "SMALL_ID_COUNT", 0)
+    monkeypatch.setattr(pipeline.rundir, "SMALL_ID_COUNT", 0)
     run_uri = str(tmp_path / "out" / "dup")
-    by_shuffle = pipeline.writer.count_repeats(run_uri, {}, pafs.LocalFileSystem(), rows=5)
+    by_shuffle = pipeline.rundir.count_repeats(run_uri, {}, pafs.LocalFileSystem(), rows=5)
     assert by_shuffle == {"ids_repeated": 1, "rows_with_repeated_ids": 2}
 
 
@@ -301,6 +301,6 @@ def test_runs_sharing_a_checkpoint_uri_both_finish(tmp_path, fixtures, ray_clust
         check_complete_run(LOCAL, str(tmp_path / "out" / run_id), rows)
         assert (shared / run_id).is_dir()
     templated = yaml_for(fixtures, tmp_path, run={"checkpoint_uri": str(shared / "t-{run_id}")})
-    assert pipeline.runner.checkpoint_uri(job_config(templated, run_id="c3")) == str(
+    assert pipeline.rundir.checkpoint_uri(job_config(templated, run_id="c3")) == str(
         shared / "t-c3"
     )
