@@ -38,17 +38,19 @@ if not __package__:  # run as a script (python benchmarks/...py): import from th
 
 import jax
 import jax.numpy as jnp
+import pyarrow as pa
 import ray
 import yaml
 
 from benchmarks import harness
 from model.engine import Engine, GenerationRequest, enable_compilation_cache
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import load_job_config
-from pipeline.model_stage import stop_ids_for
+from pipeline.formats import ReadSpec
 from pipeline.prompts import PromptBuilder
-from pipeline.readers import read_file_rows
+from pipeline.readers import read_file
+from pipeline.request import RequestSettings
 from pipeline.runner import run_job
 from testkit.ray_local import start_local_ray
 from testkit.tiny_model import random_params, tiny_config, write_kaggle_checkpoint
@@ -98,7 +100,8 @@ def engine_only(config_dict: dict, checkpoint: Path, root: Path) -> tuple[float,
     ckpt = load_checkpoint(checkpoint)
     tokenizer = Tokenizer.load(ckpt.tokenizer_path)
     cfg = load_job_config(text=yaml.safe_dump(config_dict), run_id="engine-only")
-    table = read_file_rows(str(root / "corpus.jsonl"), fmt="jsonl", id_column="id")
+    spec = ReadSpec(format="jsonl", id_column="id")
+    table = pa.concat_tables(list(read_file(str(root / "corpus.jsonl"), spec)))
     builder = PromptBuilder(
         tokenizer,
         task=cfg.task,
@@ -119,7 +122,8 @@ def engine_only(config_dict: dict, checkpoint: Path, root: Path) -> tuple[float,
         dtype=jnp.float32,
     )
     # The stop ids the model stage uses, so both sides generate the same tokens.
-    stop_ids = stop_ids_for(tokenizer, cfg.model.use_chat_template)
+    settings = RequestSettings.from_config(gen, chat=cfg.model.use_chat_template)
+    stop_ids = settings.stop_ids(tokenizer, limit=engine.engine_config.max_stop_ids)
     requests = [GenerationRequest(p, gen.max_new_tokens, stop_ids=stop_ids) for p in prompts]
     _, compile_s = harness.time_call(engine.warmup)
     results, generate_s = harness.time_call(engine.generate, requests)

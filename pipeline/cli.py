@@ -105,7 +105,7 @@ def _load_config(args: argparse.Namespace):
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_dir_uri
+    from pipeline.rundir import run_dir_uri
 
     config = _load_config(args)
     print(f"{args.config}: ok ({config.task}, {len(config.input_files())} input files)")

@@ -1,11 +1,15 @@
 """A run is a contract: one run id, one configuration, one writer at a time.
 
 ``<run dir>/_run.json`` records, when a run starts, everything that decides what its rows hold
-(:func:`run_identity`: the task and its prompt template, the input columns read, the model
-checkpoint and its content identity, the generation and toxicity settings, the output format).
-Rerunning the run id with a config whose identity differs, finished or not, is refused with the
-fields that differ: two configurations never share one run directory and manifest. Settings that
-change speed but not outputs (replicas, slots, batch sizes) are not part of it.
+(:func:`run_identity`): every config field the schema marks ``IDENTITY`` (the task and its
+prompt template, the input location as rendered, its format, the columns read, the longest row
+read, the model checkpoint and its content identity, the generation and toxicity settings, the
+output format). Rerunning the run id with a config whose identity differs, finished or not, is
+refused with the fields that differ: two configurations never share one run directory and
+manifest. So a rerun of a run id with another ``--date`` (an ``input.uri`` with ``{date}``) is
+refused naming ``input.uri``: a run id stands for one input, and resuming it must not mix in rows
+of another; give each date its own run id (the CLI's default run id is the date). Settings that
+change speed but not outputs (replicas, slots, batch sizes) are marked ``NOT_IDENTITY``.
 
 ``<run dir>/_lease.json`` names the driver working on the run (host, pid, since) and its last
 heartbeat. A second driver finds a live lease and is refused, naming the holder; a lease whose
@@ -18,6 +22,7 @@ own, so of two drivers starting together at most one goes on.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -29,15 +34,16 @@ import uuid
 from typing import Any
 
 import fsspec
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
 from model.storage import content_identity, filesystem
 from pipeline.config import ConfigError, JobConfig
-from pipeline.secrets import mask_text, mask_uri
+from pipeline.rundir import LEASE, RUN_RECORD
+from pipeline.secrets import mask_text
 
 log = logging.getLogger(__name__)
 
-RUN_RECORD = "_run.json"
-LEASE = "_lease.json"
 LEASE_SETTLE_S = 0.5
 
 
@@ -45,46 +51,59 @@ class RunRefused(ConfigError):
     """The run id is taken: by another configuration, or by a live driver (exit 2)."""
 
 
+def identity_mark(field: FieldInfo) -> bool | str:
+    """A config field's identity mark (``IDENTITY`` / ``CONTENT_IDENTITY`` / ``NOT_IDENTITY`` of
+    :mod:`pipeline.config.schema`); ValueError for a field without one."""
+    extra = field.json_schema_extra
+    if not isinstance(extra, dict) or "identity" not in extra:
+        raise ValueError(f"config field {field!r} is not marked for the run identity")
+    return extra["identity"]  # type: ignore[return-value]
+
+
+def identity_fields(model: type[BaseModel] = JobConfig, prefix: str = "") -> dict[str, bool | str]:
+    """Every leaf field of the config schema (dotted path) and its identity mark."""
+    marks: dict[str, bool | str] = {}
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            marks.update(identity_fields(kind, f"{prefix}{name}."))
+        else:
+            marks[prefix + name] = identity_mark(field)
+    return marks
+
+
 def run_identity(config: JobConfig) -> dict[str, Any]:
-    """The settings that decide a run's outputs (see the module docstring)."""
-    inp, model, gen, tox = config.input, config.model, config.generation, config.toxicity
-    identity: dict[str, Any] = {
-        "task": config.task,
-        "prompt_template": config.prompt_template(),
-        "input.id_column": inp.id_column,
-        "input.text_column": inp.text_column,
-        "input.question_column": inp.question_column,
-        "input.prompt_column": inp.prompt_column,
-        "input.passthrough": list(inp.passthrough),
-        "model.checkpoint": mask_uri(model.checkpoint),
-        "model.content": content_identity(model.checkpoint, model.storage_options),
-        "model.dtype": model.dtype,
-        "model.chat_template": model.use_chat_template,
-        "output.format": config.output.format,
-        "toxicity.enabled": tox.enabled,
-    }
-    if inp.format == "openai_batch":  # requests, not columns: only then (older records lack it)
-        identity["input.format"] = inp.format
-    for name in (
-        "max_new_tokens",
-        "max_prompt_tokens",
-        "truncation",
-        "temperature",
-        "top_k",
-        "top_p",
-        "seed",
-    ):
-        identity[f"generation.{name}"] = getattr(gen, name)
-    if tox.enabled:
-        for name in ("model", "checkpoint", "threshold", "action", "score_inputs"):
-            value = getattr(tox, name)
-            identity[f"toxicity.{name}"] = (
-                mask_uri(value) if name == "checkpoint" and value else value
-            )
-        identity["toxicity.redaction_text"] = tox.redaction_text if tox.action == "redact" else None
-        if tox.checkpoint is not None:
-            identity["toxicity.content"] = content_identity(tox.checkpoint, tox.storage_options)
+    """The settings that decide a run's outputs (see the module docstring), by dotted path.
+
+    Every field marked in the schema, with its rendered value (``input.uri`` with the date in
+    it), except those the config exempts (:meth:`JobConfig.identity_exempt`); a location marked
+    for its content also gets ``<section>.content``. Values that came from ``${...}`` are
+    recorded as a digest, and URIs with their credentials masked.
+    """
+    data = config.model_dump(mode="json")
+    exempt = config.identity_exempt()
+    identity: dict[str, Any] = {}
+    for path, mark in identity_fields().items():
+        if mark is False or path in exempt:
+            continue
+        section, _, name = path.rpartition(".")
+        value = data[section][name] if section else data[name]
+        identity[path] = _recorded(path, value, config.interpolated_paths)
+        if mark == "content" and value is not None:
+            options = getattr(config, section).storage_options
+            identity[f"{section}.content"] = content_identity(value, options)
     return identity
+
+
+def _recorded(path: str, value: Any, interpolated: frozenset[str]) -> Any:
+    if any(p == path or p.startswith(path + ".") for p in interpolated):
+        text = json.dumps(value, sort_keys=True)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:24]
+    if isinstance(value, str):
+        return mask_text(value)
+    if isinstance(value, list):
+        return [mask_text(v) if isinstance(v, str) else v for v in value]
+    return value
 
 
 def check_identity(

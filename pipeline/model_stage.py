@@ -18,8 +18,9 @@ Fault tests set it (``testkit.faults``); unset, nothing is imported or called.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import importlib
+import inspect
 import logging
 import os
 import queue
@@ -36,15 +37,17 @@ import ray
 
 from model.checkpoint import fingerprint, load_checkpoint
 from model.engine import Engine, GenerationRequest, GenerationResult, enable_compilation_cache
+from model.engine_config import EngineConfig
 from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
-from pipeline.openai_batch import RequestSettings
+from pipeline import columns as S
+from pipeline.request import RequestSettings, row_settings
 from pipeline.secrets import mask_uri
-from pipeline.stage import PlanContext, Stage
+from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
-    from pipeline.config import JobConfig
+    from pipeline.config import JobConfig, ModelSection
+    from pipeline.config.schema import GenerationSection
 
 log = logging.getLogger(__name__)
 
@@ -189,18 +192,15 @@ class EngineWorker:
             future.set_exception(error)
 
 
-def stop_ids_for(tokenizer: Tokenizer, chat: bool) -> tuple[int, ...]:
-    """What ends a generation: EOS, and the end-of-turn marker for chat (-it) checkpoints."""
-    stop_ids = [tokenizer.eos_id]
-    if chat and tokenizer.end_of_turn_id is not None:
-        stop_ids.append(tokenizer.end_of_turn_id)
-    return tuple(stop_ids)
-
-
-def row_seed(base_seed: int, row_id: str) -> int:
-    """A per-row sampling seed: the same row gets the same draw in any batch, on any replica."""
-    digest = hashlib.sha256(f"{base_seed}:{row_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+def engine_options(model: ModelSection, generation: GenerationSection) -> dict[str, Any]:
+    """The engine's settings from the job config: every ``generation`` field the engine takes by
+    name (:class:`~model.engine_config.EngineConfig`'s fields and :class:`Engine`'s keyword
+    arguments), and the replica's devices (``tensor_parallel``)."""
+    names = {f.name for f in dataclasses.fields(EngineConfig)}
+    names |= set(inspect.signature(Engine).parameters)
+    options = {n: getattr(generation, n) for n in type(generation).model_fields if n in names}
+    options["tensor_parallel"] = model.replica_devices
+    return options
 
 
 def planned_engine_options(
@@ -248,49 +248,37 @@ def planned_engine_options(
 class ModelStage:
     """Ray Data actor class: prompted rows in, generated rows out (one-to-one).
 
-    Every setting comes from the job config (:func:`model_stage`): no defaults here.
+    Built from the job config's ``model`` and ``generation`` sections (every setting and default
+    is theirs); each row's request is the job's :class:`~pipeline.request.RequestSettings` with
+    the row's own settings applied (:data:`pipeline.request.ROW_SETTINGS`, when the rows have
+    them).
     """
 
     def __init__(
-        self,
-        *,
-        checkpoint: str,
-        storage_options: dict[str, Any],
-        dtype: str,
-        chat: bool | None,
-        max_new_tokens: int,
-        temperature: float,
-        top_k: int,
-        top_p: float,
-        seed: int,
-        engine_options: dict[str, Any],
-        compilation_cache: bool,
-        memory_headroom: float,
-        max_failed_steps: int,
-        progress: Any = None,
+        self, model: ModelSection, generation: GenerationSection, progress: Any = None
     ) -> None:
         self.progress = progress  # a ProgressCounter actor handle, or None
         self._phase("loading the model")
-        if compilation_cache:
+        if model.compilation_cache:
             enable_compilation_cache()
-        ckpt = load_checkpoint(checkpoint, storage_options=storage_options)
+        ckpt = load_checkpoint(model.checkpoint, storage_options=model.storage_options)
         if ckpt.tokenizer_path is None:
-            raise FileNotFoundError(f"no tokenizer.model found beside {mask_uri(checkpoint)}")
+            raise FileNotFoundError(f"no tokenizer.model found beside {mask_uri(model.checkpoint)}")
         self.tokenizer = Tokenizer.load(ckpt.tokenizer_path)
+        chat = model.use_chat_template
         chat = ckpt.variant.endswith("-it") if chat is None else chat
-        self.stop_ids = stop_ids_for(self.tokenizer, chat)
-        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
-        self.max_new_tokens = max_new_tokens
-        self.seed = seed
+        self.settings = RequestSettings.from_config(generation, chat=chat)
         self.model_name = f"{ckpt.variant}@{fingerprint(ckpt.params)}"
-        options = planned_engine_options(ckpt.config, dtype, engine_options, memory_headroom)
-        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(dtype), **options)
+        options = planned_engine_options(
+            ckpt.config, model.dtype, engine_options(model, generation), model.memory_headroom
+        )
+        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(model.dtype), **options)
         self._phase("compiling")
         engine.warmup()
         self._phase("generating")
         self.worker = EngineWorker(
             engine,
-            max_failed_steps=max_failed_steps,
+            max_failed_steps=model.max_failed_steps,
             on_broken=exit_broken_actor,
             fault_hook=fault_hook_from_env(),
         )
@@ -312,21 +300,17 @@ class ModelStage:
             else [0] * table.num_rows
         )
         todo = [i for i, err in enumerate(errors) if err is None]
+        rows = row_settings(table)
+        settings = {i: self.settings.for_row(rows[i], ids[i]) for i in todo}
+        limit = self.worker.max_stop_ids
         requests = [
-            GenerationRequest(
+            settings[i].engine_request(
                 prompts[i],
                 prefix_len=shared[i] or 0,
-                max_new_tokens=self.max_new_tokens,
-                stop_ids=self.stop_ids,
-                seed=row_seed(self.seed, ids[i]),
-                **self.sampling,
+                stop_ids=settings[i].stop_ids(self.tokenizer, limit),
             )
             for i in todo
         ]
-        # Per-row settings of OpenAI batch requests (req_* columns), when the rows carry them.
-        per_row = RequestSettings.of(table, self.tokenizer, self.worker.max_stop_ids)
-        if per_row is not None:
-            requests = [per_row.apply(i, r) for i, r in zip(todo, requests, strict=True)]
         n = table.num_rows
         text: list[str | None] = [None] * n
         n_out = [0] * n
@@ -336,12 +320,13 @@ class ModelStage:
             if result.finish_reason == "error":
                 errors[i], kinds[i] = result.error, "generation"
             else:
-                text[i] = self.tokenizer.decode(result.token_ids)
-                n_out[i] = result.output_tokens
-                if per_row is not None:
-                    text[i], n_out[i], reasons[i] = per_row.finish(
-                        i, result.token_ids, text[i], n_out[i], result.finish_reason
-                    )
+                text[i], n_out[i], reasons[i] = settings[i].finish(
+                    self.tokenizer,
+                    result.token_ids,
+                    self.tokenizer.decode(result.token_ids),
+                    result.output_tokens,
+                    result.finish_reason,
+                )
         drop = [S.PROMPT_IDS, S.PREFIX_LEN, S.ERROR, S.ERROR_KIND]
         table = table.drop_columns([c for c in drop if c in table.column_names])
         columns = {
@@ -384,6 +369,7 @@ MODEL_ADDS = (
 )
 
 
+@declares(*MODEL_ADDS)
 def model_stage(config: JobConfig, context: PlanContext) -> Stage:
     """The model replicas: a fixed pool, one engine per actor on its accelerators.
 
@@ -397,30 +383,7 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
         requires=(S.ID, S.PROMPT_IDS, S.ERROR, S.ERROR_KIND),
         adds=MODEL_ADDS,
         drops=(S.PROMPT_IDS, S.PREFIX_LEN),
-        constructor_kwargs=dict(
-            checkpoint=model.checkpoint,
-            storage_options=model.storage_options,
-            dtype=model.dtype,
-            chat=model.use_chat_template,
-            max_new_tokens=gen.max_new_tokens,
-            temperature=gen.temperature,
-            top_k=gen.top_k,
-            top_p=gen.top_p,
-            seed=gen.seed,
-            engine_options=dict(
-                max_slots=gen.max_slots,
-                prefill_batch=gen.prefill_batch,
-                prefill_chunk=gen.prefill_chunk,
-                decode_steps=gen.decode_steps,
-                max_prompt_tokens=gen.max_prompt_tokens,
-                tensor_parallel=model.replica_devices,
-                prefix_cache_bytes=gen.prefix_cache_bytes,
-            ),
-            compilation_cache=model.compilation_cache,
-            memory_headroom=model.memory_headroom,
-            max_failed_steps=model.max_failed_steps,
-            progress=context.progress,
-        ),
+        constructor_kwargs=dict(model=model, generation=gen, progress=context.progress),
         ray_args=dict(
             compute=ray.data.ActorPoolStrategy(
                 size=model.replicas,

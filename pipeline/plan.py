@@ -14,12 +14,22 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import ray
 
-from pipeline import openai_batch
-from pipeline import schema as S
+from pipeline import columns as S
+from pipeline import formats
+from pipeline.config import ConfigError
+from pipeline.formats.base import ReadSpec
 from pipeline.model_stage import model_stage
 from pipeline.prompts import prompt_stage
 from pipeline.readers import CorpusDatasource, FileLedger
-from pipeline.stage import PlanContext, Stage, check_columns
+from pipeline.stage import (
+    PlanContext,
+    PlanError,
+    Stage,
+    check_columns,
+    declared,
+    declares,
+    matches,
+)
 from pipeline.toxicity import toxicity_stage
 
 if TYPE_CHECKING:
@@ -30,6 +40,7 @@ StageBuilder = Callable[["JobConfig", PlanContext], "Stage | None"]
 INPUT_TEXT = (S.TEXT, S.QUESTION, S.PROMPT)
 
 
+@declares(S.RUN_ID)
 def output_stage(config: JobConfig, context: PlanContext) -> Stage:
     """The documented output row: stamps the run id; drops input text still in the plan (a qa
     row keeps its question)."""
@@ -64,11 +75,9 @@ TASK_STAGES: dict[str, tuple[str, ...]] = {
 
 
 def source_columns(config: JobConfig) -> list[str]:
-    """What the reader provides: the read schema and the passthrough columns (the request
-    columns for OpenAI batch files)."""
-    if config.input.format == openai_batch.FORMAT:
-        return [*S.READ_SCHEMA.names, *openai_batch.REQUEST_SCHEMA.names]
-    return [*S.READ_SCHEMA.names, *config.input.passthrough]
+    """What the reader provides: the read schema, then the passthrough columns or the format's
+    own."""
+    return formats.reader(config.input.format).columns(ReadSpec.from_config(config))
 
 
 def sink_columns(config: JobConfig) -> tuple[str, ...]:
@@ -77,15 +86,54 @@ def sink_columns(config: JobConfig) -> tuple[str, ...]:
     needs = (S.ID, S.ROW_KEY, S.SOURCE)
     if config.toxicity.enabled and config.toxicity.action == "drop":
         needs += (S.TOXICITY_DECISION,)
-    if config.output.format == openai_batch.FORMAT:
-        needs += tuple(c for c in openai_batch.SINK_COLUMNS if c not in needs)
+    needs += tuple(c for c in formats.writer(config.output.format).requires if c not in needs)
     return needs
+
+
+def reserved_columns() -> dict[str, str]:
+    """Every column name the pipeline may write, in any configuration (``x_*``: a prefix), and
+    what writes it: every reader's own columns and every stage builder's declared ones."""
+    reserved: dict[str, str] = {}
+    for reader in formats.READERS.values():
+        for name in [*reader.columns(ReadSpec()), *reader.reserved]:
+            reserved.setdefault(name, f"the {reader.name} reader")
+    for stage, builder in BUILDERS.items():
+        for name in declared(builder):
+            reserved.setdefault(name, f"the {stage} stage")
+    return reserved
+
+
+def check_passthrough(config: JobConfig) -> None:
+    """Raises ConfigError (at ``input.passthrough``) for a passthrough column of a name the
+    pipeline writes itself (:func:`reserved_columns`): the output would hold it twice."""
+    reserved = reserved_columns()
+    errors = []
+    for name in config.input.passthrough:
+        owner = next((who for col, who in reserved.items() if matches(name, [col])), None)
+        if owner is not None:
+            errors.append(
+                (
+                    "input.passthrough",
+                    f"column {name!r} clashes with a column the pipeline writes ({owner} adds "
+                    "it); rename it in the input or leave it out",
+                )
+            )
+    if errors:
+        raise ConfigError(errors)
 
 
 def build_stages(config: JobConfig, context: PlanContext) -> list[Stage]:
     """The task's stages, checked against each other (PlanError before any work)."""
-    stages = [BUILDERS[name](config, context) for name in TASK_STAGES[config.task]]
-    built = [s for s in stages if s is not None]
+    built = []
+    for name in TASK_STAGES[config.task]:
+        builder = BUILDERS[name]
+        stage = builder(config, context)
+        if stage is None:
+            continue
+        undeclared = [c for c in stage.adds if not matches(c, declared(builder))]
+        if undeclared:
+            raise PlanError(f"stage {name!r} adds {undeclared}, which its builder does not declare")
+        built.append(stage)
     check_columns(source_columns(config), built, sink_columns(config))
     return built
 
@@ -100,24 +148,10 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray Data plan for a job: one row out for every row in."""
     stages = build_stages(config, context)
-    inp = config.input
-    source = CorpusDatasource(
-        files,
-        fmt=inp.format,
-        id_column=inp.id_column,
-        text_column=inp.text_column,
-        question_column=inp.question_column,
-        prompt_column=inp.prompt_column,
-        passthrough=inp.passthrough,
-        storage_options=inp.storage_options,
-        file_sizes=sizes,
-        ledger=ledger,
-        max_row_bytes=inp.max_row_bytes,
-        expand_questions=config.task == "qa",
-    )
+    source = CorpusDatasource(files, ReadSpec.from_config(config), file_sizes=sizes, ledger=ledger)
     dataset = ray.data.read_datasource(source)
-    if inp.num_blocks:
-        dataset = dataset.repartition(inp.num_blocks)
+    if config.input.num_blocks:
+        dataset = dataset.repartition(config.input.num_blocks)
     for stage in stages:
         dataset = stage.apply(dataset)
     return dataset

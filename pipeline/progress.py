@@ -25,10 +25,9 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any
 
-import pyarrow.parquet as pq
 import ray
 
-from model.storage import filesystem
+from pipeline import formats
 
 log = logging.getLogger("rgbatch.progress")
 
@@ -81,7 +80,8 @@ class ProgressCounter:
 
 
 class InputTotal:
-    """The corpus' rows: exact for Parquet (footers), estimated from bytes for JSONL."""
+    """The corpus' rows: exact where the format's metadata holds them (Parquet footers), else
+    estimated from the bytes read so far (JSONL)."""
 
     def __init__(self, rows: int | None = None, bytes_total: int | None = None) -> None:
         self.rows = rows
@@ -95,14 +95,15 @@ class InputTotal:
         sizes: Sequence[int] | None,
         storage_options: dict[str, Any],
     ) -> InputTotal:
-        if fmt == "parquet":
-            total = 0
-            for uri in files:
-                fs, path = filesystem(uri, storage_options)
-                with fs.open(path, "rb") as handle:
-                    total += pq.ParquetFile(handle).metadata.num_rows
-            return cls(rows=total)
-        return cls(bytes_total=sum(sizes) if sizes is not None else None)
+        """The total of ``files`` as the reader of their format ``fmt`` can tell it."""
+        reader = formats.reader(fmt)
+        counts = []
+        for uri in files:
+            count = reader.row_count(uri, storage_options)
+            if count is None:
+                return cls(bytes_total=sum(sizes) if sizes is not None else None)
+            counts.append(count)
+        return cls(rows=sum(counts))
 
     def estimate(self, file_rows: int, file_bytes: int) -> tuple[int | None, bool]:
         """(total rows, whether it is an estimate)."""

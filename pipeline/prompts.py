@@ -52,14 +52,8 @@ import pyarrow as pa
 import ray
 
 from model.tokenizer import Tokenizer
-from pipeline.config.schema import (
-    DOCUMENT_PLACEHOLDER,
-    PROMPT_PLACEHOLDERS,
-    TASKS,
-    TRUNCATIONS,
-    PromptsSection,
-)
-from pipeline.schema import (
+from pipeline import formats
+from pipeline.columns import (
     ERROR,
     ERROR_KIND,
     PREFIX_LEN,
@@ -72,7 +66,14 @@ from pipeline.schema import (
     TEXT,
     set_column,
 )
-from pipeline.stage import PlanContext, Stage
+from pipeline.config.schema import (
+    DOCUMENT_PLACEHOLDER,
+    PROMPT_PLACEHOLDERS,
+    TASKS,
+    TRUNCATIONS,
+    PromptsSection,
+)
+from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -425,6 +426,7 @@ _PROMPT_ADDS = (
 )
 
 
+@declares(*_PROMPT_ADDS)
 def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
     """Prompt building: an autoscaling pool of CPU actors, each with its own tokenizer copy.
 
@@ -433,8 +435,8 @@ def prompt_stage(config: JobConfig, context: PlanContext) -> Stage:
     """
     gen, tox = config.generation, config.toxicity
     template, chat, truncation = config.prompt_template(), config.model.use_chat_template, None
-    if config.input.format == "openai_batch":
-        # Requests arrive as finished prompts (chat already in Gemma's markers): no template,
+    if formats.reader(config.input.format).prompts_ready:
+        # Rows arrive as finished prompts (chat already in Gemma's markers): no template,
         # no second chat wrapping, and no cutting (it would cut the chat markers off).
         template, chat, truncation = "{prompt}", False, "error"
     keep: tuple[str, ...] = (TEXT, PROMPT) if tox.enabled and tox.score_inputs else ()

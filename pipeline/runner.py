@@ -1,7 +1,8 @@
 """One job, end to end, on Ray Data: the plan (read -> stages -> write), then finalisation.
 
 Ray Data does the sharding, streaming, backpressure, retries and resume: its checkpointing is keyed
-on the row id, so rerunning an interrupted run id generates only the rows that were not committed.
+on the resume key (the ``row_key`` column: file and position, unique even where ids repeat), so
+rerunning an interrupted run id generates only the rows that were not committed.
 The caller connects to Ray (``ray.init``) before calling :func:`run_job`; nothing here changes
 global Ray state: the current DataContext's checkpoint config is set for the run and restored.
 Before anything is written the run waits (``run.resource_wait_s``) until the cluster has room for
@@ -9,7 +10,7 @@ one actor of each stage (:mod:`pipeline.resources`). A finished run id is left a
 what a driver killed after ``_SUCCESS`` left: its lease and the resume checkpoint are removed.
 
 Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
-are merged in Ray tasks (:func:`pipeline.writer.collect`), rows in and out are compared per input
+are merged in Ray tasks (:func:`pipeline.rundir.collect`), rows in and out are compared per input
 file (a difference fails the run), then ``_summary.json``, ``report.html`` (a report that fails
 to build is recorded in the manifest, and the run still succeeds), ``_manifest.json`` and
 ``_SUCCESS`` are written, in that order.
@@ -33,11 +34,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray
-from ray.data.checkpoint import CheckpointConfig
 
 from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import formats
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import (
     Lease,
@@ -46,30 +46,31 @@ from pipeline.contract import (
     release_dead_lease,
     run_identity,
 )
-from pipeline.plan import build_dataset
+from pipeline.formats.base import ReadSpec
+from pipeline.plan import build_dataset, check_passthrough
 from pipeline.progress import InputTotal, ProgressCounter, ProgressReporter
 from pipeline.report import write_report
 from pipeline.resources import wait_for_resources
+from pipeline.rundir import (
+    MANIFEST,
+    SUMMARY,
+    InputLedger,
+    check_rows,
+    checkpoint_config,
+    collect,
+    count_repeats,
+    drop_checkpoint,
+    is_complete,
+    mark_success,
+    prepare,
+    read_manifest,
+    run_dir_uri,
+    write_json,
+)
 from pipeline.secrets import mask_text, mask_uri
 from pipeline.stage import PlanContext
 from pipeline.summary import RunSummary
-from pipeline.writer import (
-    CHECKPOINT_DIR,
-    IDS_DIR,
-    INPUTS_DIR,
-    MANIFEST,
-    REJECTED,
-    STATS_DIR,
-    SUMMARY,
-    InputLedger,
-    RunDatasink,
-    check_rows,
-    collect,
-    count_repeats,
-    is_complete,
-    mark_success,
-    write_json,
-)
+from pipeline.writer import RunDatasink
 
 log = logging.getLogger(__name__)
 
@@ -104,18 +105,11 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_dir_uri(config: JobConfig) -> str:
-    """<output uri>/<run id>, unless the output URI template already names the run id."""
-    uri = config.output.uri.rstrip("/")
-    if "{run_id}" in (config.templates.get("output.uri") or ""):
-        return uri
-    return f"{uri}/{config.run_id}"
-
-
 def run_job(config: JobConfig) -> RunResult:
     """Runs (or resumes) ``config`` as its run id; a run id that has _SUCCESS is not touched."""
     if not config.is_rendered:
         raise ValueError("run_job needs a rendered config (load_job_config renders it)")
+    check_passthrough(config)  # what load_job_config checks, for configs built otherwise
     run_uri = run_dir_uri(config)
     out = config.output
     fs, run_dir = filesystem(run_uri, out.storage_options)
@@ -124,7 +118,7 @@ def run_job(config: JobConfig) -> RunResult:
     if is_complete(fs, run_dir):
         log.info("run %s already complete at %s: nothing to do", config.run_id, mask_uri(run_uri))
         _tidy_finished_run(config, run_uri, fs, run_dir)
-        manifest = json.loads(fs.cat_file(posixpath.join(run_dir, MANIFEST)))
+        manifest = read_manifest(fs, run_dir)
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
     wait_for_resources(config)  # nothing is written before the cluster has room for the plan
     fs.makedirs(run_dir, exist_ok=True)
@@ -136,12 +130,11 @@ def run_job(config: JobConfig) -> RunResult:
 
 def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResult:
     started = time.time()
-    for sub in ("", STATS_DIR, INPUTS_DIR, IDS_DIR, REJECTED if _drops(config) else ""):
-        fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
+    prepare(fs, run_dir, rejected=_drops(config))
     pa_fs = arrow_filesystem(fs)
     context = ray.data.DataContext.get_current()
     settings = {
-        "checkpoint_config": _checkpoint_config(config, run_dir, pa_fs),
+        "checkpoint_config": checkpoint_config(config, run_dir, pa_fs),
         "retried_io_errors": _merged(context.retried_io_errors, RETRIED_IO_ERRORS),
         "retried_map_errors": list(ENGINE_RETRIED_ERRORS),
         "max_map_retries": config.model.batch_retries,
@@ -187,7 +180,7 @@ def _run(
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
     per_file = check_rows([mask_uri(f) for f in files], rows_in, summary)
     repeats = {}
-    if config.input.id_column or config.input.format == "openai_batch":  # custom_id: the id
+    if formats.reader(config.input.format).records_ids(ReadSpec.from_config(config)):
         repeats = count_repeats(run_uri, out.storage_options, pa_fs, summary.rows)
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
@@ -206,7 +199,7 @@ def _run(
     manifest["report"] = _report(fs, run_dir, manifest, summary, progress.samples)
     write_json(fs, posixpath.join(run_dir, MANIFEST), manifest)
     mark_success(fs, run_dir)
-    _drop_checkpoint(fs, config, run_dir)
+    drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
 
@@ -269,36 +262,11 @@ def _driver_tokenizer(config: JobConfig) -> Tokenizer:
     return Tokenizer.load(path)
 
 
-def _checkpoint_config(config: JobConfig, run_dir: str, pa_fs: Any) -> CheckpointConfig:
-    """Ray Data's resume, keyed on the row key (unique even when ids repeat): in the user's
-    location or under the run."""
-    if config.run.checkpoint_uri:
-        return CheckpointConfig(
-            id_column=S.ROW_KEY,
-            checkpoint_path=config.run.checkpoint_uri,
-            delete_checkpoint_on_success=False,
-        )
-    return CheckpointConfig(
-        id_column=S.ROW_KEY,
-        checkpoint_path=posixpath.join(run_dir, CHECKPOINT_DIR),
-        override_filesystem=pa_fs,
-        delete_checkpoint_on_success=False,
-    )
-
-
 def _tidy_finished_run(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> None:
     """What a driver killed after ``_SUCCESS`` left behind: its lease and the resume checkpoint
     (kept while a live driver still holds the run: it removes them itself)."""
     if release_dead_lease(run_uri, config.output.storage_options, config.run.lease_timeout_s):
-        _drop_checkpoint(fs, config, run_dir)
-
-
-def _drop_checkpoint(fs: Any, config: JobConfig, run_dir: str) -> None:
-    if config.run.checkpoint_uri:
-        return  # the user's location: theirs to manage
-    path = posixpath.join(run_dir, CHECKPOINT_DIR)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+        drop_checkpoint(fs, config, run_dir)
 
 
 def _manifest(

@@ -10,14 +10,18 @@ the ones it declares, never rows.
 :class:`PlanError` naming the first stage that needs a column no earlier step provides, before
 any work starts. A column name ending in ``*`` stands for every column with that prefix (the
 toxicity labels depend on the checkpoint).
+
+Each builder declares every column its stage may add, in any configuration (:func:`declares`);
+the plan refuses a stage that adds more, and the columns a passthrough may not take are derived
+from those declarations (:func:`pipeline.plan.reserved_columns`).
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -31,6 +35,29 @@ class PlanContext:
 
     tokenizer: Any = None  # model.tokenizer.Tokenizer of the checkpoint (prompt building)
     progress: Any = None  # a pipeline.progress.ProgressCounter actor handle, or None
+
+
+Builder = TypeVar("Builder", bound=Callable[..., Any])
+
+
+def declares(*adds: str) -> Callable[[Builder], Builder]:
+    """Marks a stage builder with every column its stage may add (``x_*``: a prefix)."""
+
+    def mark(builder: Builder) -> Builder:
+        builder.adds = tuple(adds)  # type: ignore[attr-defined]
+        return builder
+
+    return mark
+
+
+def declared(builder: Callable[..., Any]) -> tuple[str, ...]:
+    """The columns a builder declares its stage may add (none when it declares nothing)."""
+    return tuple(getattr(builder, "adds", ()))
+
+
+def matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether ``name`` is one of ``patterns`` or starts with a ``prefix*`` among them."""
+    return any(name == p or (p.endswith("*") and name.startswith(p[:-1])) for p in patterns)
 
 
 class PlanError(ValueError):

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import schema as S
+from pipeline import columns as S
 
 TOXICITY_BINS = 20
 SAMPLE_ROWS = 5

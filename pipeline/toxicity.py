@@ -41,10 +41,10 @@ import pyarrow.compute as pc
 import ray
 
 from model.storage import is_local, localize
-from pipeline import schema
-from pipeline.config.schema import TOXICITY_ACTIONS
+from pipeline import columns as S
+from pipeline.config.schema import TOXICITY_ACTIONS, ToxicitySection
 from pipeline.secrets import mask_text, mask_uri
-from pipeline.stage import PlanContext, Stage
+from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
     from pipeline.config import JobConfig
@@ -77,34 +77,26 @@ _POSITION_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert")
 
 
 class ToxicityScorer:
-    """Scores texts with one detoxify model, loaded once.
+    """Scores texts with one detoxify model, loaded once, as the ``toxicity`` section says.
 
-    ``model`` names a released detoxify model and is used only when ``checkpoint`` is None.
-    ``batch_size`` bounds how many texts go through the model at once. ``storage_options`` go to
-    fsspec for a remote checkpoint.
+    ``settings.model`` names a released detoxify model and is used only when
+    ``settings.checkpoint`` is None (read through fsspec with ``settings.storage_options``).
+    ``settings.batch_size`` texts go through the model at once. Every default is the section's.
     """
 
-    def __init__(
-        self,
-        model: str = "original",
-        checkpoint: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
-        *,
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
+    def __init__(self, settings: ToxicitySection, device: str = "cpu") -> None:
         from detoxify import Detoxify
         from detoxify.detoxify import MODEL_URLS
 
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        model, checkpoint = settings.model, settings.checkpoint
         if checkpoint is None and model not in MODEL_URLS:
             raise ValueError(f"unknown detoxify model {model!r}; known: {sorted(MODEL_URLS)}")
-        self.batch_size = batch_size
+        self.batch_size = settings.batch_size
         if checkpoint is None:
             self._detoxify = Detoxify(model_type=model, device=device)
         else:
-            self._detoxify = _detoxify_from_checkpoint(checkpoint, storage_options, device)
+            options = settings.storage_options
+            self._detoxify = _detoxify_from_checkpoint(checkpoint, options, device)
         _cap_max_length(self._detoxify.tokenizer, self._detoxify.model.config)
         self._labels = tuple(self._detoxify.class_names)
 
@@ -132,32 +124,18 @@ class ToxicityScorer:
 class ToxicityStage:
     """Ray Data stage: scores ``output_text`` (and optionally the input) and applies the policy.
 
-    ``model``, ``checkpoint``, ``device``, ``batch_size`` and ``storage_options`` go to
-    ``ToxicityScorer``. ``action`` is one of ``TOXICITY_ACTIONS``; a row is toxic when any output label
-    scores >= ``threshold``.
+    Built from the job config's ``toxicity`` section (its settings and defaults): the scorer is
+    :class:`ToxicityScorer` on ``device``; a row is toxic when any output label scores >=
+    ``threshold``, and ``action`` decides what happens to it.
     """
 
-    def __init__(
-        self,
-        model: str = "original",
-        checkpoint: str | None = None,
-        device: str = "cpu",
-        batch_size: int = 64,
-        *,
-        threshold: float = 0.5,
-        action: str = "annotate",
-        score_inputs: bool = False,
-        redaction_text: str = "[redacted]",
-        storage_options: dict[str, Any] | None = None,
-    ) -> None:
-        _check_policy(threshold, action)
-        self.threshold = threshold
-        self.action = action
-        self.score_inputs = score_inputs
-        self.redaction_text = redaction_text
-        self.scorer = ToxicityScorer(
-            model, checkpoint, device, batch_size, storage_options=storage_options
-        )
+    def __init__(self, settings: ToxicitySection, device: str = "cpu") -> None:
+        _check_policy(settings.threshold, settings.action)
+        self.threshold = settings.threshold
+        self.action = settings.action
+        self.score_inputs = settings.score_inputs
+        self.redaction_text = settings.redaction_text
+        self.scorer = ToxicityScorer(settings, device)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         scored = score_table(batch, self.scorer, score_inputs=self.score_inputs)
@@ -172,7 +150,7 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
     Null texts get null scores. If the scorer raises, every row with a text gets null scores and,
     unless it already has one, an error of kind ``toxicity``.
     """
-    outputs = table.column(schema.OUTPUT_TEXT).to_pylist()
+    outputs = table.column(S.OUTPUT_TEXT).to_pylist()
     inputs = _input_texts(table) if score_inputs else []
     texts = outputs + inputs
     try:
@@ -191,14 +169,14 @@ def score_table(table: pa.Table, scorer: ToxicityScorer, *, score_inputs: bool =
         )
         texts = [None] * len(texts)
     n = table.num_rows
-    columns = [(schema.TOXICITY_PREFIX, 0)]
+    columns = [(S.TOXICITY_PREFIX, 0)]
     if score_inputs:
-        columns.append((schema.INPUT_TOXICITY_PREFIX, n))
+        columns.append((S.INPUT_TOXICITY_PREFIX, n))
     for prefix, offset in columns:
         missing = np.array([t is None for t in texts[offset : offset + n]], dtype=bool)
         for label in scorer.labels:
             values = pa.array(scores[label][offset : offset + n], pa.float32(), mask=missing)
-            table = schema.set_column(table, prefix + label, values)
+            table = S.set_column(table, prefix + label, values)
     return table
 
 
@@ -206,7 +184,7 @@ def apply_policy(
     table: pa.Table,
     threshold: float,
     action: str,
-    redaction_text: str = "[redacted]",
+    redaction_text: str | None = None,
     labels: Sequence[str] | None = None,
 ) -> pa.Table:
     """Sets ``toxic`` and ``toxicity_decision`` from the ``toxicity_<label>`` columns.
@@ -214,7 +192,7 @@ def apply_policy(
     ``toxic`` is true when any label scores >= ``threshold``, else null when a label has no score
     (null or NaN), else false. annotate keeps every row as it is. drop marks toxic rows "drop" (the
     writer sends them to rejected/); redact marks them "redact" and replaces their ``output_text``
-    with ``redaction_text``. ``labels`` defaults to every float column named ``toxicity_<label>``.
+    with ``redaction_text`` (default: the config's ``toxicity.redaction_text``). ``labels`` defaults to every float column named ``toxicity_<label>``.
 
     Under drop and redact the policy fails closed: a row with an ``output_text`` but no verdict
     (``toxic`` null, e.g. its batch failed to score) is treated like a toxic one, not kept: its
@@ -224,22 +202,22 @@ def apply_policy(
     error row, and its unchecked text is written nowhere. Rows without an output are kept.
     """
     _check_policy(threshold, action)
-    names = (
-        _score_columns(table) if labels is None else [schema.TOXICITY_PREFIX + x for x in labels]
-    )
+    if redaction_text is None:
+        redaction_text = ToxicitySection.model_fields["redaction_text"].default
+    names = _score_columns(table) if labels is None else [S.TOXICITY_PREFIX + x for x in labels]
     if not names:
-        raise ValueError(f"no {schema.TOXICITY_PREFIX}<label> columns to apply the policy to")
+        raise ValueError(f"no {S.TOXICITY_PREFIX}<label> columns to apply the policy to")
     toxic = None
     for name in names:
         scores = table.column(name)
         scores = pc.if_else(pc.is_nan(scores), pa.scalar(None, scores.type), scores)
         hit = pc.greater_equal(scores, pa.scalar(float(threshold)))
         toxic = hit if toxic is None else pc.or_kleene(toxic, hit)
-    table = schema.set_column(table, schema.TOXIC, toxic)
+    table = S.set_column(table, S.TOXIC, toxic)
     if action == "annotate":
         decision = pa.array([KEEP] * table.num_rows, pa.string())
-        return schema.set_column(table, schema.TOXICITY_DECISION, decision)
-    text = table.column(schema.OUTPUT_TEXT).cast(pa.string())
+        return S.set_column(table, S.TOXICITY_DECISION, decision)
+    text = table.column(S.OUTPUT_TEXT).cast(pa.string())
     unscored = pc.and_(pc.is_valid(text), pc.is_null(toxic))
     acted = pc.or_(pc.fill_null(toxic, False), unscored)
     decision = pc.if_else(acted, pa.scalar(action), pa.scalar(KEEP))
@@ -252,8 +230,8 @@ def apply_policy(
             table, unscored, f"no toxicity score for this output; text withheld ({action})"
         )
     if action == "redact" or withhold:
-        table = schema.set_column(table, schema.OUTPUT_TEXT, text)
-    return schema.set_column(table, schema.TOXICITY_DECISION, decision)
+        table = S.set_column(table, S.OUTPUT_TEXT, text)
+    return S.set_column(table, S.TOXICITY_DECISION, decision)
 
 
 # Loading ------------------------------------------------------------------------------------------
@@ -363,7 +341,7 @@ def _check_policy(threshold: float, action: str) -> None:
 
 def _input_texts(table: pa.Table) -> list[str | None]:
     """The input of each row: ``text`` when set, else ``prompt`` (generate rows)."""
-    names = [c for c in (schema.TEXT, schema.PROMPT) if c in table.column_names]
+    names = [c for c in (S.TEXT, S.PROMPT) if c in table.column_names]
     if not names:
         return [None] * table.num_rows
     merged = pc.coalesce(*(table.column(c).cast(pa.string()) for c in names))
@@ -374,57 +352,52 @@ def _score_columns(table: pa.Table) -> list[str]:
     return [
         field.name
         for field in table.schema
-        if field.name.startswith(schema.TOXICITY_PREFIX)
-        and field.name != schema.TOXICITY_DECISION
+        if field.name.startswith(S.TOXICITY_PREFIX)
+        and field.name != S.TOXICITY_DECISION
         and pa.types.is_floating(field.type)
     ]
 
 
 def _mark_errors(table: pa.Table, rows: pa.Array, message: str) -> pa.Table:
     """Sets ``error`` and ``error_kind="toxicity"`` on ``rows`` that have no error yet."""
-    for name in (schema.ERROR, schema.ERROR_KIND):
+    for name in (S.ERROR, S.ERROR_KIND):
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-    error = table.column(schema.ERROR).cast(pa.string())
+    error = table.column(S.ERROR).cast(pa.string())
     set_here = pc.and_(rows, pc.is_null(error))
     new_error = pc.if_else(set_here, pa.scalar(message), error)
-    kind = pc.if_else(
-        set_here, pa.scalar("toxicity"), table.column(schema.ERROR_KIND).cast(pa.string())
-    )
-    table = schema.set_column(table, schema.ERROR, new_error)
-    return schema.set_column(table, schema.ERROR_KIND, kind)
+    kind = pc.if_else(set_here, pa.scalar("toxicity"), table.column(S.ERROR_KIND).cast(pa.string()))
+    table = S.set_column(table, S.ERROR, new_error)
+    return S.set_column(table, S.ERROR_KIND, kind)
 
 
 # Stage ----------------------------------------------------------------------------------------------
 
 
+TOXICITY_ADDS = (
+    S.TOXICITY_PREFIX + "*",
+    S.INPUT_TOXICITY_PREFIX + "*",
+    S.TOXIC,
+    S.TOXICITY_DECISION,
+    S.ERROR,
+    S.ERROR_KIND,
+)
+"""Every column the toxicity stage may add (the input scores only with score_inputs)."""
+
+
+@declares(*TOXICITY_ADDS)
 def toxicity_stage(config: JobConfig, context: PlanContext) -> Stage | None:
     """Scoring and the policy in a pool of detoxify actors; None when scoring is off."""
     tox = config.toxicity
     if not tox.enabled:
         return None
+    skipped = () if tox.score_inputs else (S.INPUT_TOXICITY_PREFIX + "*",)
     return Stage(
         name="toxicity",
         fn=ToxicityStage,
-        requires=(schema.OUTPUT_TEXT, *((schema.TEXT, schema.PROMPT) if tox.score_inputs else ())),
-        adds=(
-            schema.TOXICITY_PREFIX + "*",
-            *((schema.INPUT_TOXICITY_PREFIX + "*",) if tox.score_inputs else ()),
-            schema.TOXIC,
-            schema.TOXICITY_DECISION,
-            schema.ERROR,
-            schema.ERROR_KIND,
-        ),
-        constructor_kwargs=dict(
-            model=tox.model,
-            checkpoint=tox.checkpoint,
-            storage_options=tox.storage_options,
-            threshold=tox.threshold,
-            action=tox.action,
-            score_inputs=tox.score_inputs,
-            redaction_text=tox.redaction_text,
-            device="cuda" if tox.gpus_per_replica else "cpu",
-        ),
+        requires=(S.OUTPUT_TEXT, *((S.TEXT, S.PROMPT) if tox.score_inputs else ())),
+        adds=tuple(c for c in TOXICITY_ADDS if c not in skipped),
+        constructor_kwargs=dict(settings=tox, device="cuda" if tox.gpus_per_replica else "cpu"),
         ray_args=dict(
             compute=ray.data.ActorPoolStrategy(size=tox.replicas),
             num_gpus=tox.gpus_per_replica or None,

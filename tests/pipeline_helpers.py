@@ -20,8 +20,10 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import yaml
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import JobConfig, load_job_config
+from pipeline.formats import ReadSpec
+from pipeline.readers import read_file
 from testkit.tiny_detoxify import build_tiny_detoxify
 from testkit.tiny_model import build_tiny_checkpoint
 
@@ -130,6 +132,12 @@ def job_yaml(
         else:
             data[section] = values
     return yaml.safe_dump(data)
+
+
+def read_table(uri: str, fmt: str | None = None, **settings: Any) -> pa.Table:
+    """Every row of one input file in one table: the reader's batches (:func:`read_file`) joined;
+    ``fmt`` and ``settings`` make the :class:`ReadSpec`."""
+    return pa.concat_tables(list(read_file(uri, ReadSpec(format=fmt, **settings))))
 
 
 def job_config(text: str, run_id: str, **kwargs: Any) -> JobConfig:

@@ -28,6 +28,7 @@ Layout
         derived from it (:data:`TASKS`, ...), for other modules to check against.
     :mod:`pipeline.config.loading`
         :func:`load_job_config`, :func:`apply_overrides`, :func:`interpolate_env`,
+        :func:`check_plan` (the checks that need the plan's declared columns),
         :func:`check_expanded_size` (the bound on YAML aliases), :func:`new_run_id` and
         :func:`redacted_dict`.
     :mod:`pipeline.config.preflight`
@@ -45,6 +46,7 @@ from pipeline.config.loading import (
     MAX_EXPANDED_VALUES,
     apply_overrides,
     check_expanded_size,
+    check_plan,
     interpolate_env,
     load_job_config,
     new_run_id,
@@ -53,12 +55,14 @@ from pipeline.config.loading import (
 )
 from pipeline.config.preflight import configured_columns, input_columns, list_files, preflight
 from pipeline.config.schema import (
+    CONTENT_IDENTITY,
     DOCUMENT_PLACEHOLDER,
     DTYPES,
-    FORMAT_BY_SUFFIX,
+    IDENTITY,
     INPUT_FORMATS,
     INT32,
     INT32_MAX,
+    NOT_IDENTITY,
     OUTPUT_FORMATS,
     PROMPT_PLACEHOLDERS,
     ROOT,
@@ -89,9 +93,10 @@ from pipeline.config.schema import (
 )
 
 __all__ = [
+    "CONTENT_IDENTITY",
     "DOCUMENT_PLACEHOLDER",
     "DTYPES",
-    "FORMAT_BY_SUFFIX",
+    "IDENTITY",
     "INPUT_FORMATS",
     "INT32",
     "INT32_MAX",
@@ -99,6 +104,7 @@ __all__ = [
     "MAX_DEPTH",
     "MAX_EXPANDED_CHARS",
     "MAX_EXPANDED_VALUES",
+    "NOT_IDENTITY",
     "OUTPUT_FORMATS",
     "PROMPT_PLACEHOLDERS",
     "ROOT",
@@ -127,6 +133,7 @@ __all__ = [
     "Truncation",
     "apply_overrides",
     "check_expanded_size",
+    "check_plan",
     "configured_columns",
     "infer_format",
     "input_columns",

@@ -27,9 +27,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline.config.schema import ROOT, ConfigError, JobConfig
-from pipeline.secrets import mask_text
+from pipeline.secrets import MASK, mask_text
 
-MASK = "***"
 MAX_EXPANDED_VALUES = 100_000
 """Most values (mappings, lists, scalars, keys) a config may hold with its aliases expanded."""
 MAX_EXPANDED_CHARS = 16 << 20
@@ -87,8 +86,18 @@ def load_job_config(
     except ValidationError as exc:
         raise ConfigError(_pydantic_errors(exc, interpolated)) from None
     config._interpolated = frozenset(interpolated)
+    check_plan(config)
     now = dt.datetime.now(dt.UTC)
     return config.rendered(run_id or new_run_id(now), date or now.date())
+
+
+def check_plan(config: JobConfig) -> None:
+    """The checks that need the plan's declarations (ConfigError): a passthrough column may not
+    take the name of a column the pipeline writes. The plan imports the stages (and JAX), so it
+    is imported only here, when a config is loaded."""
+    from pipeline.plan import check_passthrough
+
+    check_passthrough(config)
 
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:

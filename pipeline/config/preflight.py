@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import glob as _glob
-import json
 import os
 import posixpath
 import threading
@@ -18,23 +17,12 @@ from typing import Any
 
 import fsspec
 
-from model import storage
-from pipeline import schema as columns
-from pipeline.config.schema import (
-    FORMAT_BY_SUFFIX,
-    PROMPT_PLACEHOLDERS,
-    ConfigError,
-    JobConfig,
-)
+from pipeline import columns, formats
+from pipeline.config.schema import PROMPT_PLACEHOLDERS, ConfigError, JobConfig
+from pipeline.formats import list_files
 from pipeline.secrets import mask_text, mask_uri
 
-
-def list_files(uri: str, fmt: str | None, storage_options: Mapping[str, Any]) -> list[str]:
-    """Sorted, fully qualified input files matched by ``uri`` (a glob, a directory or a file); a
-    directory lists the files with an extension of ``fmt`` (any input format when None)."""
-    listed = "jsonl" if fmt == "openai_batch" else fmt  # OpenAI batch files are JSONL files
-    suffixes = tuple(s for s, f in FORMAT_BY_SUFFIX if listed is None or f == listed)
-    return storage.list_files(uri, suffixes, storage_options)
+__all__ = ["configured_columns", "input_columns", "list_files", "preflight"]
 
 
 def _exists(uri: str, storage_options: Mapping[str, Any]) -> bool:
@@ -76,15 +64,13 @@ def preflight(config: JobConfig) -> None:
 _Check = Callable[[], "str | list[tuple[str, str]] | None"]
 """A preflight check: None when fine, else a message (for its own path) or (path, message)s."""
 
-_JSONL_SNIFF_LINES = 100
-_JSONL_SNIFF_BYTES = 1 << 20
-
 
 def configured_columns(config: JobConfig) -> list[tuple[str, str]]:
-    """(config path, input column) of every column the job reads."""
+    """(config path, input column) of every column the job reads (none for a format whose rows
+    are not read from configured columns)."""
     inp = config.input
-    if inp.format == "openai_batch":
-        return []  # request lines, checked line by line: a bad one is an error line
+    if not formats.reader(inp.format).maps_columns:
+        return []
     by_field = {
         columns.TEXT: ("input.text_column", inp.text_column),
         columns.QUESTION: ("input.question_column", inp.question_column),
@@ -98,35 +84,23 @@ def configured_columns(config: JobConfig) -> list[tuple[str, str]]:
 
 
 def input_columns(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> set[str]:
-    """The columns of an input file: its Parquet schema, or the keys of its first JSONL lines."""
-    if fmt == "parquet":
-        import pyarrow.parquet as pq
-
-        with fsspec.open(uri, "rb", **storage_options) as handle:
-            return set(pq.ParquetFile(handle).schema_arrow.names)
-    found: set[str] = set()
-    with fsspec.open(uri, "rb", compression="infer", **storage_options) as handle:
-        lines = handle.read(_JSONL_SNIFF_BYTES).splitlines()[:_JSONL_SNIFF_LINES]
-    for line in lines:
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(obj, dict):
-            found.update(obj)
-    return found
+    """The columns of an input file (its Parquet schema, the keys of its first JSONL lines...)."""
+    return formats.reader(fmt).file_columns(uri, storage_options)
 
 
 def _input_check(config: JobConfig) -> str | list[tuple[str, str]] | None:
     files = config.input_files()
     if not files:
         return f"no files match {mask_uri(config.input.uri)}"
+    needed = configured_columns(config)
+    if not needed:
+        return None
     first = files[0]
-    found = input_columns(first, config.input.format or "jsonl", config.input.storage_options)
+    found = input_columns(first, config.input.format, config.input.storage_options)
     shown = ", ".join(sorted(found)) or "none"
     return [
         (path, f"column {name!r} is not in {mask_uri(first)} (columns found: {shown})")
-        for path, name in configured_columns(config)
+        for path, name in needed
         if name not in found
     ] or None
 

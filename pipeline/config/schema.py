@@ -2,7 +2,8 @@
 
 Each set of allowed values is defined once, as a ``Literal`` (:data:`Task`, :data:`InputFormat`,
 ...), and the tuples other modules check against (:data:`TASKS`, :data:`INPUT_FORMATS`, ...) are
-derived from it with :func:`typing.get_args`.
+derived from it with :func:`typing.get_args`; the formats' come from the registry of
+:mod:`pipeline.formats`.
 
 The raw vs rendered URIs of :class:`JobConfig` and its record of interpolated values are
 described in the :mod:`pipeline.config` docstring.
@@ -32,13 +33,13 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from model import prefix_cache
 from model.engine_config import EngineConfig
-from pipeline import schema as columns
+from pipeline import formats
 
 # Allowed values: one Literal per set, the tuples derived from it ---------------------------------
 
 Task = Literal["summarize", "qa", "generate"]
-InputFormat = Literal["jsonl", "parquet", "openai_batch"]
-OutputFormat = Literal["parquet", "jsonl", "openai_batch"]
+InputFormat = Literal[formats.input_names()]  # type: ignore[valid-type]
+OutputFormat = Literal[formats.output_names()]  # type: ignore[valid-type]
 Dtype = Literal["bfloat16", "float32"]
 Truncation = Literal["head", "tail", "error"]
 ToxicityAction = Literal["annotate", "drop", "redact"]
@@ -53,21 +54,16 @@ TOXICITY_ACTIONS: tuple[ToxicityAction, ...] = get_args(ToxicityAction)
 TOXICITY_MODELS: tuple[ToxicityModel, ...] = get_args(ToxicityModel)
 
 ROOT = "<root>"  # the path named by errors about the document as a whole
+
+# The run identity (pipeline.contract.run_identity) is read from these marks: every field of
+# every section carries one (a test walks the schema), so a new field cannot be forgotten.
+IDENTITY = {"identity": True}  # decides what the output rows hold: part of the run identity
+CONTENT_IDENTITY = {"identity": "content"}  # a location whose content decides them, too
+NOT_IDENTITY = {"identity": False}  # speed, resources, credentials, where the run's files go
 URI_FIELDS = ("input.uri", "output.uri", "run.checkpoint_uri")
 URI_PLACEHOLDERS = ("date", "run_id")
 
 
-FORMAT_BY_SUFFIX: tuple[tuple[str, InputFormat], ...] = (
-    (".jsonl.gz", "jsonl"),
-    (".json.gz", "jsonl"),
-    (".ndjson.gz", "jsonl"),
-    (".jsonl", "jsonl"),
-    (".json", "jsonl"),
-    (".ndjson", "jsonl"),
-    (".parquet", "parquet"),
-    (".pq", "parquet"),
-)
-"""File name endings and the input format they mean (the one list: config, listing, readers)."""
 # Placeholders each prompt template may use; all of them are required.
 PROMPT_PLACEHOLDERS: dict[str, tuple[str, ...]] = {
     "summarize": ("text",),
@@ -90,31 +86,6 @@ def _fits_int32(value: Any) -> Any:
 INT32 = AfterValidator(_fits_int32)
 """The bound of every integer setting that reaches an int32 array: ``Annotated[int, INT32]``."""
 Int32 = Annotated[int, INT32]
-# Columns the pipeline itself writes: a passthrough column of the same name would clash.
-_RESERVED_COLUMNS = frozenset(
-    {
-        columns.ID,
-        columns.SOURCE,
-        columns.ERROR,
-        columns.ERROR_KIND,
-        columns.TASK,
-        columns.PROMPT_IDS,
-        columns.PROMPT_TOKENS,
-        columns.PROMPT_TRUNCATED,
-        columns.OUTPUT_TEXT,
-        columns.OUTPUT_TOKENS,
-        columns.FINISH_REASON,
-        columns.TOXIC,
-        columns.TOXICITY_DECISION,
-        columns.MODEL,
-        columns.RUN_ID,
-    }
-)
-_RESERVED_PREFIXES = (
-    columns.TOXICITY_PREFIX,
-    columns.INPUT_TOXICITY_PREFIX,
-    columns.REQUEST_PREFIX,
-)
 _RUN_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DATE_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}")
 
@@ -160,13 +131,7 @@ def _check_uri_template(value: str | None) -> str | None:
     return value
 
 
-def infer_format(uri: str) -> InputFormat | None:
-    """The input format implied by the extension of ``uri`` (or of its glob), else None."""
-    path = uri.split("?", 1)[0].rstrip("/").lower()
-    for suffix, fmt in FORMAT_BY_SUFFIX:
-        if path.endswith(suffix):
-            return fmt
-    return None
+infer_format = formats.infer_format
 
 
 _FOLDER_FILES_LOOKED_AT = 1000  # a folder's format is inferred from (about) this many names
@@ -199,6 +164,7 @@ def _infer_folder_format(uri: str) -> InputFormat | None:
 
 class InputSection(_Section):
     uri: str = Field(
+        json_schema_extra=IDENTITY,
         min_length=1,
         description=(
             "Input files: a local path, a glob (`data/*.jsonl`, `s3://b/p/**/*.parquet`), a "
@@ -207,17 +173,15 @@ class InputSection(_Section):
         ),
     )
     format: InputFormat | None = Field(
+        json_schema_extra=IDENTITY,
         default=None,
         validate_default=True,
-        description=(
-            "jsonl | parquet | openai_batch. When omitted, inferred from the URI's extension: "
-            ".jsonl, .json, .ndjson (each optionally .gz) -> jsonl; .parquet, .pq -> parquet; "
-            "for a local folder, from its files' endings when they all name one format. "
-            "openai_batch (OpenAI Batch API / vllm run-batch request lines, JSONL files) is "
-            "never inferred: set it; it needs task generate."
-        ),
+        description="The format of the input files; when omitted, inferred from the URI's "
+        "file name ending, or for a local folder from its files' endings when they all name one "
+        "format. " + formats.describe("input") + ".",
     )
     id_column: str | None = Field(
+        json_schema_extra=IDENTITY,
         default=None,
         description="Column holding a stable row id; when absent the id is a hash of the source "
         'file, the row\'s position in it and its content. Values keep their type (42 and "42" '
@@ -225,32 +189,43 @@ class InputSection(_Section):
         "the manifest counts them (ids_repeated, rows_with_repeated_ids).",
     )
     text_column: str = Field(
-        default="text", description="Column with the document (summarize) or the context (qa)."
+        json_schema_extra=IDENTITY,
+        default="text",
+        description="Column with the document (summarize) or the context (qa).",
     )
     question_column: str = Field(
+        json_schema_extra=IDENTITY,
         default="question",
         description="Column with the question (qa). A list of questions gives one output row "
         "per question, id <row id>/q<k> (k from 0), the question in the `question` column.",
     )
-    prompt_column: str = Field(default="prompt", description="Column with the prompt (generate).")
+    prompt_column: str = Field(
+        json_schema_extra=IDENTITY,
+        default="prompt",
+        description="Column with the prompt (generate).",
+    )
     passthrough: list[str] = Field(
+        json_schema_extra=IDENTITY,
         default_factory=list,
-        description="Input columns copied unchanged to the output rows; a column the pipeline "
-        "writes itself is refused.",
+        description="Input columns copied unchanged to the output rows; a column named like one "
+        "the pipeline writes (output_text, generated_at, toxicity_*, ...) is refused.",
     )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for the input filesystem (redacted in the manifest), "
         "e.g. {client_kwargs: {endpoint_url: ...}}; without them the standard environment "
         "applies (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, GOOGLE_APPLICATION_CREDENTIALS, ...).",
     )
     max_row_bytes: int = Field(
+        json_schema_extra=IDENTITY,
         default=32 << 20,
         ge=1024,
         description="Longest JSONL line read as a row (bytes); a longer line becomes an error "
         "row (row_too_large) and is never held in memory whole.",
     )
     num_blocks: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Repartition the input into this many blocks (spreads small inputs over "
@@ -273,8 +248,9 @@ class InputSection(_Section):
             return None
         inferred = infer_format(uri) or _infer_folder_format(uri)
         if inferred is None:
+            inferable = " or ".join(r.name for r in formats.READERS.values() if r.inferred)
             raise ValueError(
-                f"cannot infer the format from {uri!r}; set input.format to jsonl or parquet"
+                f"cannot infer the format from {uri!r}; set input.format to {inferable}"
             )
         return inferred
 
@@ -286,42 +262,57 @@ class InputSection(_Section):
             if name in seen:
                 raise ValueError(f"column {name!r} is listed twice")
             seen.add(name)
-            if name in _RESERVED_COLUMNS or name.startswith(_RESERVED_PREFIXES):
-                raise ValueError(f"column {name!r} clashes with a column the pipeline writes")
         return value
 
 
 class ModelSection(_Section):
     checkpoint: str = Field(
+        json_schema_extra=CONTENT_IDENTITY,
         min_length=1,
         description="RecurrentGemma checkpoint: a Kaggle variant directory (tokenizer.model in "
         "its parent) or a Hugging Face directory; local path or fsspec URI. A remote one is "
         "copied once into $RGBATCH_CACHE_DIR (default ~/.cache/rg-batch), keyed by URI and "
         "content, and read from there.",
     )
-    dtype: Dtype = Field(default="bfloat16", description="Dtype of parameters and activations.")
+    dtype: Dtype = Field(
+        json_schema_extra=IDENTITY,
+        default="bfloat16",
+        description="Dtype of parameters and activations.",
+    )
     replicas: int = Field(
-        default=1, ge=1, description="Number of model actors, each holding one model replica."
+        json_schema_extra=NOT_IDENTITY,
+        default=1,
+        ge=1,
+        description="Number of model actors, each holding one model replica.",
     )
     gpus_per_replica: float = Field(
-        default=0, ge=0, description="GPUs per replica; 0 runs the model on CPU."
+        json_schema_extra=NOT_IDENTITY,
+        default=0,
+        ge=0,
+        description="GPUs per replica; 0 runs the model on CPU.",
     )
     resources_per_replica: dict[str, float] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description='Extra Ray resources per replica, e.g. {"TPU": 4} for one TPU host. CPU and '
         "GPU go in cpus_per_replica / gpus_per_replica.",
     )
-    cpus_per_replica: float = Field(default=1, ge=0, description="CPUs per replica.")
+    cpus_per_replica: float = Field(
+        json_schema_extra=NOT_IDENTITY, default=1, ge=0, description="CPUs per replica."
+    )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for reading the checkpoint (redacted in the manifest).",
     )
     chat_template: bool | None = Field(
+        json_schema_extra=IDENTITY,
         default=None,
         description="Wrap prompts in the Gemma chat turn format; null means on when the "
         "checkpoint's name ends in -it (instruction-tuned).",
     )
     compilation_cache: bool = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=True,
         description="Keep compiled executables on each node's local disk (JAX's persistent "
         "compilation cache, under $RGBATCH_CACHE_DIR/xla): restarted actors and later runs "
@@ -329,6 +320,7 @@ class ModelSection(_Section):
     )
 
     tensor_parallel: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Devices one replica's weights and slot states are split over. null: the "
@@ -337,6 +329,7 @@ class ModelSection(_Section):
         "(the sharded path without an accelerator).",
     )
     memory_fraction: float | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         gt=0,
         le=1,
@@ -345,6 +338,7 @@ class ModelSection(_Section):
         "Lower it so a toxicity actor can share the GPU.",
     )
     memory_headroom: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=0.1,
         ge=0,
         lt=1,
@@ -352,6 +346,7 @@ class ModelSection(_Section):
         "fragmentation, XLA temporaries it does not model).",
     )
     max_restarts: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=4,
         ge=-1,
         description="Times Ray restarts a model actor that died (its process or node lost, or a "
@@ -359,12 +354,14 @@ class ModelSection(_Section):
         "that can never work then retries forever).",
     )
     batch_retries: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=2,
         ge=0,
         description="Times a model batch whose engine step raised is retried on the same actor "
         "(the engine is reset in between) before the run fails.",
     )
     max_failed_steps: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=3,
         ge=1,
         description="Consecutive failed engine steps after which a replica counts as broken and "
@@ -420,14 +417,18 @@ class ModelSection(_Section):
 
 
 class GenerationSection(_Section):
-    max_new_tokens: Int32 = Field(default=256, ge=1, description="Most tokens generated per row.")
+    max_new_tokens: Int32 = Field(
+        json_schema_extra=IDENTITY, default=256, ge=1, description="Most tokens generated per row."
+    )
     max_prompt_tokens: Int32 = Field(
+        json_schema_extra=IDENTITY,
         default=8192,
         ge=8,
         description="Most prompt tokens (template, BOS and chat markers included); longer "
         "prompts are handled by `truncation`.",
     )
     truncation: Truncation = Field(
+        json_schema_extra=IDENTITY,
         default="head",
         description="What to do with a prompt over max_prompt_tokens. Only the document text "
         "(the {text} / {prompt} value) is cut, never the template or the question: 'head' "
@@ -435,41 +436,65 @@ class GenerationSection(_Section):
         "tokens (drops its start), 'error' makes the row an error (prompt_too_long). Cut rows "
         "have prompt_truncated set.",
     )
-    temperature: float = Field(default=0.0, ge=0, description="Sampling temperature; 0 is greedy.")
-    top_k: Int32 = Field(default=0, ge=0, description="Sample from the k most likely; 0 is off.")
+    temperature: float = Field(
+        json_schema_extra=IDENTITY,
+        default=0.0,
+        ge=0,
+        description="Sampling temperature; 0 is greedy.",
+    )
+    top_k: Int32 = Field(
+        json_schema_extra=IDENTITY,
+        default=0,
+        ge=0,
+        description="Sample from the k most likely; 0 is off.",
+    )
     top_p: float = Field(
-        default=1.0, gt=0, le=1, description="Nucleus sampling probability mass; 1 is off."
+        json_schema_extra=IDENTITY,
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Nucleus sampling probability mass; 1 is off.",
     )
     seed: int = Field(
-        default=0, description="Base sampling seed; each row's seed derives from it and its id."
+        json_schema_extra=IDENTITY,
+        default=0,
+        description="Base sampling seed; each row's seed derives from it and its id.",
     )
     max_slots: Annotated[int | Literal["auto"], INT32] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=EngineConfig.max_slots,
         description="Sequences decoded at once per replica (engine slots). 'auto': the most "
         "that fit each device's memory (weights, slot states and workspace, per the memory "
         "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit).",
     )
     prefill_batch: Int32 = Field(
-        default=EngineConfig.prefill_batch, ge=1, description="Prompts prefilled together."
+        json_schema_extra=NOT_IDENTITY,
+        default=EngineConfig.prefill_batch,
+        ge=1,
+        description="Prompts prefilled together.",
     )
     prefill_chunk: Int32 = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=EngineConfig.prefill_chunk,
         ge=1,
         description="Prompt tokens per prefill step (longer prompts are chunked).",
     )
     decode_steps: Int32 = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=EngineConfig.decode_steps,
         ge=1,
         description="Most decode steps per host round-trip (a call returns early once "
         "prefill_batch slots are free and prompts are waiting).",
     )
     batch_size: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=256,
         ge=1,
         description="Rows per batch of the prompt and model stages; qa rows share their "
         "document's prefill only with rows of the same batch.",
     )
     prefix_cache_bytes: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=prefix_cache.DEFAULT_PREFIX_CACHE_BYTES,
         ge=0,
         description="Host memory (bytes) per replica for the states after shared prompt "
@@ -503,6 +528,7 @@ class GenerationSection(_Section):
         return self
 
     prompt_workers: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Most prompt-building actors (one CPU each; the pool grows from one as "
@@ -516,17 +542,20 @@ def _template_fields(template: str) -> list[tuple[str | None, str, str | None]]:
 
 class PromptsSection(_Section):
     summarize: str = Field(
+        json_schema_extra=IDENTITY,
         default="Summarize the following text.\n\n{text}\n\nSummary:",
         description="Template for summarize (str.format): must use {text} exactly once; write {{ "
         "and }} for literal braces.",
     )
     qa: str = Field(
+        json_schema_extra=IDENTITY,
         default="Answer the question using the context.\n\nContext: {text}\n\n"
         "Question: {question}\n\nAnswer:",
         description="Template for qa (str.format): must use {text} (the context) exactly once "
         "and {question}.",
     )
     generate: str = Field(
+        json_schema_extra=IDENTITY,
         default="{prompt}",
         description="Template for generate (str.format): must use {prompt} exactly once.",
     )
@@ -569,51 +598,84 @@ class PromptsSection(_Section):
 
 
 class ToxicitySection(_Section):
-    enabled: bool = Field(default=True, description="Score outputs with detoxify.")
-    model: ToxicityModel = Field(default="original", description="detoxify model type.")
+    enabled: bool = Field(
+        json_schema_extra=IDENTITY, default=True, description="Score outputs with detoxify."
+    )
+    model: ToxicityModel = Field(
+        json_schema_extra=IDENTITY, default="original", description="detoxify model type."
+    )
     checkpoint: str | None = Field(
+        json_schema_extra=CONTENT_IDENTITY,
         default=None,
         description="Local path or URI of a detoxify checkpoint (for clusters without internet); "
         "null downloads the released weights.",
     )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for reading the checkpoint (redacted in the manifest).",
     )
     threshold: float = Field(
-        default=0.5, ge=0, le=1, description="A row is toxic when any label scores >= threshold."
+        json_schema_extra=IDENTITY,
+        default=0.5,
+        ge=0,
+        le=1,
+        description="A row is toxic when any label scores >= threshold.",
     )
     action: ToxicityAction = Field(
+        json_schema_extra=IDENTITY,
         default="annotate",
         description="Policy for toxic rows: annotate (keep, flagged), drop (to rejected/ with "
         "scores) or redact (output_text replaced by redaction_text).",
     )
     score_inputs: bool = Field(
-        default=False, description="Also score the input text (input_toxicity_<label>)."
+        json_schema_extra=IDENTITY,
+        default=False,
+        description="Also score the input text (input_toxicity_<label>).",
     )
-    replicas: int = Field(default=1, ge=1, description="Number of toxicity actors.")
+    replicas: int = Field(
+        json_schema_extra=NOT_IDENTITY, default=1, ge=1, description="Number of toxicity actors."
+    )
     gpus_per_replica: float = Field(
-        default=0, ge=0, description="GPUs per toxicity actor; 0 runs on CPU."
+        json_schema_extra=NOT_IDENTITY,
+        default=0,
+        ge=0,
+        description="GPUs per toxicity actor; 0 runs on CPU.",
     )
-    cpus_per_replica: float = Field(default=1, ge=0, description="CPUs per toxicity actor.")
-    batch_size: int = Field(default=64, ge=1, description="Rows per toxicity batch.")
+    cpus_per_replica: float = Field(
+        json_schema_extra=NOT_IDENTITY, default=1, ge=0, description="CPUs per toxicity actor."
+    )
+    batch_size: int = Field(
+        json_schema_extra=NOT_IDENTITY, default=64, ge=1, description="Rows per toxicity batch."
+    )
     redaction_text: str = Field(
-        default="[redacted]", description="Replacement output text for redacted rows."
+        json_schema_extra=IDENTITY,
+        default="[redacted]",
+        description="Replacement output text for redacted rows.",
     )
+
+    def identity_exempt(self) -> set[str]:
+        """Marked fields that do not decide the rows here: all but ``enabled`` when scoring is
+        off, ``redaction_text`` unless the action is redact."""
+        if not self.enabled:
+            return set(type(self).model_fields) - {"enabled"}
+        return set() if self.action == "redact" else {"redaction_text"}
 
 
 class OutputSection(_Section):
     uri: str = Field(
+        json_schema_extra=NOT_IDENTITY,
         min_length=1,
         description="Output directory (local path or fsspec URI); the run writes under "
         "<uri>/<run id>/. May contain {date} and {run_id}.",
     )
     format: OutputFormat = Field(
-        default="parquet",
-        description="Format of the part files: parquet, jsonl (one row per line), or "
-        "openai_batch (OpenAI batch response lines, .jsonl; needs input.format openai_batch).",
+        json_schema_extra=IDENTITY,
+        default=formats.output_names()[0],
+        description="Format of the part files. " + formats.describe("output") + ".",
     )
     rows_per_file: int = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=1024,
         ge=1,
         description="Rows gathered into one part file (and one resume checkpoint commit): larger "
@@ -621,6 +683,7 @@ class OutputSection(_Section):
         "crash.",
     )
     storage_options: dict[str, Any] = Field(
+        json_schema_extra=NOT_IDENTITY,
         default_factory=dict,
         description="fsspec storage options for the output filesystem (redacted in the manifest).",
     )
@@ -634,12 +697,14 @@ class OutputSection(_Section):
 
 class RunSection(_Section):
     ray_address: str | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         description="Ray cluster address ('auto', 'ray://...'); null starts a Ray of the run's "
         "own, which never joins a cluster already running on the machine. 'auto' joins the "
         "cluster of this machine (submitted jobs and the nightly config use it).",
     )
     num_cpus: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         ge=1,
         description="Logical CPUs of the local Ray that `rgbatch run` starts; null gives "
@@ -647,15 +712,20 @@ class RunSection(_Section):
         "for the read tasks.",
     )
     checkpoint_uri: str | None = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=None,
         description="Where Ray Data's resume checkpoint lives; null puts it in the run "
         "directory (<run dir>/_checkpoint, removed once _SUCCESS is written); a location set "
         "here is left in place. May contain {date} and {run_id}.",
     )
     progress_interval_s: float = Field(
-        default=10, gt=0, description="Seconds between progress log lines."
+        json_schema_extra=NOT_IDENTITY,
+        default=10,
+        gt=0,
+        description="Seconds between progress log lines.",
     )
     preflight_timeout_s: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=60,
         gt=0,
         description="Seconds preflight waits for storage (input listing, checkpoint lookups) "
@@ -663,6 +733,7 @@ class RunSection(_Section):
     )
 
     max_error_fraction: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=0.5,
         ge=0,
         le=1,
@@ -679,6 +750,7 @@ class RunSection(_Section):
         "error at once (exit 2).",
     )
     lease_timeout_s: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=120,
         gt=0,
         description="Seconds without a heartbeat after which another driver may take over a "
@@ -695,9 +767,10 @@ class JobConfig(_Section):
     """A whole job. See the :mod:`pipeline.config` docstring for raw vs rendered URIs."""
 
     task: Task = Field(
+        json_schema_extra=IDENTITY,
         description="What each row asks for: summarize (input.text_column), qa (answer "
         "input.question_column about input.text_column) or generate (continue "
-        "input.prompt_column)."
+        "input.prompt_column).",
     )
     input: InputSection = Field(description="Where the rows come from.")
     model: ModelSection = Field(description="The RecurrentGemma model and its replicas.")
@@ -715,12 +788,16 @@ class JobConfig(_Section):
 
     @model_validator(mode="wrap")
     @classmethod
-    def _openai_batch(cls, data: Any, handler: Any) -> JobConfig:
-        """The openai_batch formats' needs, each error at the field to change."""
+    def _formats(cls, data: Any, handler: Any) -> JobConfig:
+        """What the input and output formats need of the config, each error at its field."""
         config = handler(data)
+        problems = [
+            *formats.reader(config.input.format).config_problems(config),
+            *formats.writer(config.output.format).config_problems(config),
+        ]
         errors = [
             InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
-            for loc, message in _openai_batch_problems(config)
+            for loc, message in problems
         ]
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
@@ -779,6 +856,12 @@ class JobConfig(_Section):
         copy._interpolated = self._interpolated
         return copy
 
+    def identity_exempt(self) -> set[str]:
+        """Marked fields that do not decide this job's rows: the other tasks' templates, and
+        the toxicity section's as it says (:meth:`ToxicitySection.identity_exempt`)."""
+        exempt = {f"prompts.{task}" for task in TASKS if task != self.task}
+        return exempt | {f"toxicity.{name}" for name in self.toxicity.identity_exempt()}
+
     def prompt_template(self) -> str:
         """The prompt template of this job's task."""
         return self.prompts.template(self.task)
@@ -789,36 +872,12 @@ class JobConfig(_Section):
         A glob lists its matching files; a directory lists every file below it with an extension
         of ``input.format`` (names starting with ``_`` or ``.`` skipped); a file is itself.
         """
-        from pipeline.config.preflight import list_files  # preflight imports this module
-
         uri = self.input.uri
         if not self.is_rendered and _has_placeholders(uri):
             raise ConfigError.at(
                 "input.uri", "has {date}/{run_id} placeholders: render the config first"
             )
-        return list_files(uri, self.input.format, self.input.storage_options)
-
-
-def _openai_batch_problems(config: JobConfig) -> list[tuple[tuple[str, ...], str]]:
-    problems: list[tuple[tuple[str, ...], str]] = []
-    inp = config.input
-    if inp.format == "openai_batch":
-        if config.task != "generate":
-            problems.append((("task",), "input.format openai_batch needs task generate"))
-        if inp.id_column is not None:
-            message = "not used with input.format openai_batch: custom_id is the id"
-            problems.append((("input", "id_column"), message))
-        if inp.passthrough:
-            message = "not supported with input.format openai_batch (the request is the row)"
-            problems.append((("input", "passthrough"), message))
-        prompts = config.prompts
-        if prompts.generate != PromptsSection.model_fields["generate"].default:
-            message = "not used with input.format openai_batch: each request is its own prompt"
-            problems.append((("prompts", "generate"), message))
-    elif config.output.format == "openai_batch":
-        message = "openai_batch output needs input.format openai_batch (it answers custom_ids)"
-        problems.append((("output", "format"), message))
-    return problems
+        return formats.list_files(uri, self.input.format, self.input.storage_options)
 
 
 def _check_date(date: str | dt.date | None) -> str:

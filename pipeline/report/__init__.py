@@ -26,10 +26,10 @@ from typing import Any
 import fsspec
 
 from model.storage import filesystem
-from pipeline.report.page import _get, _models, render
-from pipeline.report.svg import _duration, _int, _num
+from pipeline.report.page import model_names, nested_value, render
+from pipeline.report.svg import format_duration, format_int, format_number
+from pipeline.rundir import MANIFEST, SUMMARY
 from pipeline.summary import RunSummary
-from pipeline.writer import MANIFEST, SUMMARY
 
 REPORT = "report.html"
 
@@ -67,20 +67,20 @@ def summarize(manifest: dict[str, Any], report_path: str | None = None) -> str:
         items = sorted((values or {}).items(), key=lambda kv: (-int(kv[1]), str(kv[0])))
         return ", ".join(f"{k} {int(v):,}" for k, v in items) or "none"
 
-    task = manifest.get("task") or _get(manifest, "config", "task") or "?"
+    task = manifest.get("task") or nested_value(manifest, "config", "task") or "?"
     lines = [
         f"run {manifest.get('run_id') or '?'}: {manifest.get('status') or 'unknown'} "
-        f"({task}, model {_models(manifest)})",
-        f"rows:           {_int(counts.get('rows'))} ({_int(counts.get('rows_written'))} written, "
-        f"{_int(counts.get('rows_rejected'))} rejected); {_int(counts.get('prompt_tokens'))} prompt "
-        f"tokens ({_int(counts.get('prompts_truncated'))} truncated), "
-        f"{_int(counts.get('output_tokens'))} output tokens",
+        f"({task}, model {model_names(manifest)})",
+        f"rows:           {format_int(counts.get('rows'))} ({format_int(counts.get('rows_written'))} written, "
+        f"{format_int(counts.get('rows_rejected'))} rejected); {format_int(counts.get('prompt_tokens'))} prompt "
+        f"tokens ({format_int(counts.get('prompts_truncated'))} truncated), "
+        f"{format_int(counts.get('output_tokens'))} output tokens",
         f"finish reasons: {listing(counts.get('finish_reasons'))}",
         f"errors:         {listing(counts.get('error_kinds'))}",
         f"toxicity:       {listing(counts.get('toxicity_decisions'))} "
-        f"({_int(counts.get('toxic'))} toxic)",
-        f"throughput:     {_num(throughput.get('output_tokens_per_s'))} output tokens/s, "
-        f"{_num(throughput.get('rows_per_s'), 2)} rows/s; elapsed {_duration(manifest.get('elapsed_s'))}",
+        f"({format_int(counts.get('toxic'))} toxic)",
+        f"throughput:     {format_number(throughput.get('output_tokens_per_s'))} output tokens/s, "
+        f"{format_number(throughput.get('rows_per_s'), 2)} rows/s; elapsed {format_duration(manifest.get('elapsed_s'))}",
     ]
     if report_path:
         lines.append(f"report:         {report_path}")

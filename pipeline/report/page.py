@@ -14,21 +14,21 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.report.svg import (
-    _bar_svg,
-    _clip,
-    _duration,
-    _e,
-    _empty_svg,
-    _Frame,
-    _histogram_svg,
-    _int,
-    _length_histogram,
-    _num,
-    _svg,
-    _ticks,
-    _y_top,
+    ChartFrame,
+    bar_svg,
+    clip_label,
+    empty_svg,
+    escape_html,
+    format_duration,
+    format_int,
+    format_number,
+    histogram_svg,
+    length_histogram,
+    nice_ticks,
+    svg_element,
+    y_axis_top,
 )
 from pipeline.secrets import mask_text, mask_uri
 from pipeline.summary import EXAMPLE_CHARS, RunSummary
@@ -80,12 +80,12 @@ def _throughput(samples: Sequence[Sequence[float]], rows: int) -> tuple[str, str
     rates, row_bins, bin_s = throughput_rates(samples)
     if not rates:
         caption = "No progress samples were recorded." if rows else "The run has no rows."
-        return _empty_svg(name, title, "no timing data" if rows else "no rows", width, 200), caption
+        return empty_svg(name, title, "no timing data" if rows else "no rows", width, 200), caption
     span = bin_s * len(rates)
     unit_s, unit = _time_unit(span)
-    top, y_ticks = _y_top(max(rates))
-    frame = _Frame(width, 300, 0.0, span / unit_s, top, left=70)
-    x_ticks = _ticks(0.0, span / unit_s, 10)
+    top, y_ticks = y_axis_top(max(rates))
+    frame = ChartFrame(width, 300, 0.0, span / unit_s, top, left=70)
+    x_ticks = nice_ticks(0.0, span / unit_s, 10)
     parts = [
         frame.axes(x_ticks, y_ticks, f"time since the run started ({unit})", "output tokens/s")
     ]
@@ -104,21 +104,21 @@ def _throughput(samples: Sequence[Sequence[float]], rows: int) -> tuple[str, str
         x0, x1 = frame.x(i * bin_s / unit_s), frame.x((i + 1) * bin_s / unit_s)
         parts.append(
             f'<rect x="{x0:.1f}" y="{frame.top}" width="{max(x1 - x0, 0.5):.1f}" height="{frame.base - frame.top:.1f}" class="hover">'
-            f"<title>{_num(i * bin_s, 1)}–{_num((i + 1) * bin_s, 1)} s: {_num(rate)} tokens/s, {n:,} rows</title></rect>"
+            f"<title>{format_number(i * bin_s, 1)}–{format_number((i + 1) * bin_s, 1)} s: {format_number(rate)} tokens/s, {n:,} rows</title></rect>"
         )
     total_tokens = sum(rate * bin_s for rate in rates)
     mean = total_tokens / span
     y = frame.y(mean)
     parts.append(
         f'<line x1="{frame.left}" x2="{width - frame.right}" y1="{y:.1f}" y2="{y:.1f}" class="marker"/>'
-        f'<text x="{width - frame.right - 4}" y="{y - 5:.1f}" text-anchor="end" class="marker-text">mean {_e(_num(mean))} tokens/s</text>'
+        f'<text x="{width - frame.right - 4}" y="{y - 5:.1f}" text-anchor="end" class="marker-text">mean {escape_html(format_number(mean))} tokens/s</text>'
     )
     caption = (
-        f"{total_tokens:,.0f} output tokens over the run's {_duration(span)}, from {len(samples):,} "
-        f"progress samples, in bins of {_num(bin_s, 2)} s; peak {_num(max(rates))} tokens/s, "
-        f"mean {_num(mean)} tokens/s."
+        f"{total_tokens:,.0f} output tokens over the run's {format_duration(span)}, from {len(samples):,} "
+        f"progress samples, in bins of {format_number(bin_s, 2)} s; peak {format_number(max(rates))} tokens/s, "
+        f"mean {format_number(mean)} tokens/s."
     )
-    return _svg(name, title, width, 300, "".join(parts)), caption
+    return svg_element(name, title, width, 300, "".join(parts)), caption
 
 
 def _toxicity_svg(summary: RunSummary, label: str) -> str:
@@ -126,7 +126,7 @@ def _toxicity_svg(summary: RunSummary, label: str) -> str:
     name = f"toxicity_{label}"
     title = f"{label} score"
     if not sum(bins):
-        return _empty_svg(name, title, "no scores", 360, 200)
+        return empty_svg(name, title, "no scores", 360, 200)
     edges = [i / TOXICITY_BINS for i in range(TOXICITY_BINS + 1)]
     tips = [
         f"{lo:.2f}–{hi:.2f}: {int(c):,} rows"
@@ -135,7 +135,7 @@ def _toxicity_svg(summary: RunSummary, label: str) -> str:
     marker = None
     if summary.threshold is not None:
         marker = (summary.threshold, f"threshold {summary.threshold:g}")
-    return _histogram_svg(
+    return histogram_svg(
         name,
         title,
         edges,
@@ -211,7 +211,7 @@ footer { color: var(--muted); font-size: 12px; margin-top: 22px; }
 """
 
 
-def _get(mapping: Any, *keys: str) -> Any:
+def nested_value(mapping: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(mapping, dict):
             return None
@@ -220,17 +220,17 @@ def _get(mapping: Any, *keys: str) -> Any:
 
 
 def _threshold(manifest: dict[str, Any]) -> float | None:
-    value = _get(manifest, "config", "toxicity", "threshold")
+    value = nested_value(manifest, "config", "toxicity", "threshold")
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
-def _models(manifest: dict[str, Any]) -> str:
+def model_names(manifest: dict[str, Any]) -> str:
     model = manifest.get("model")
     if isinstance(model, list):
         return mask_text(", ".join(str(m) for m in model)) or "–"
     if model:
         return mask_text(str(model))
-    return mask_text(str(_get(manifest, "config", "model", "checkpoint") or "–"))
+    return mask_text(str(nested_value(manifest, "config", "model", "checkpoint") or "–"))
 
 
 def _header(manifest: dict[str, Any], summary: RunSummary) -> str:
@@ -238,7 +238,7 @@ def _header(manifest: dict[str, Any], summary: RunSummary) -> str:
     throughput = manifest.get("throughput") or {}
     status = str(manifest.get("status") or "unknown")
     badge = "ok" if status in ("succeeded", "already_complete") else "bad"
-    task = manifest.get("task") or _get(manifest, "config", "task") or "–"
+    task = manifest.get("task") or nested_value(manifest, "config", "task") or "–"
     rows = counts.get("rows", summary.rows)
     errors = (
         sum(int(v) for v in (counts.get("error_kinds") or {}).values())
@@ -246,36 +246,36 @@ def _header(manifest: dict[str, Any], summary: RunSummary) -> str:
         else sum(summary.error_kinds.values())
     )
     stats = [
-        ("Rows", _int(rows)),
-        ("Rows written", _int(counts.get("rows_written", summary.rows - summary.rejected))),
-        ("Rows rejected", _int(counts.get("rows_rejected", summary.rejected))),
-        ("Rows with errors", _int(errors)),
-        ("Prompt tokens", _int(counts.get("prompt_tokens"))),
-        ("Prompts truncated", _int(counts.get("prompts_truncated"))),
-        ("Output tokens", _int(counts.get("output_tokens"))),
-        ("Output tokens/s", _num(throughput.get("output_tokens_per_s"))),
-        ("Rows/s", _num(throughput.get("rows_per_s"), 2)),
-        ("Elapsed", _duration(manifest.get("elapsed_s"))),
-        ("Toxic rows", _int(counts.get("toxic"))),
+        ("Rows", format_int(rows)),
+        ("Rows written", format_int(counts.get("rows_written", summary.rows - summary.rejected))),
+        ("Rows rejected", format_int(counts.get("rows_rejected", summary.rejected))),
+        ("Rows with errors", format_int(errors)),
+        ("Prompt tokens", format_int(counts.get("prompt_tokens"))),
+        ("Prompts truncated", format_int(counts.get("prompts_truncated"))),
+        ("Output tokens", format_int(counts.get("output_tokens"))),
+        ("Output tokens/s", format_number(throughput.get("output_tokens_per_s"))),
+        ("Rows/s", format_number(throughput.get("rows_per_s"), 2)),
+        ("Elapsed", format_duration(manifest.get("elapsed_s"))),
+        ("Toxic rows", format_int(counts.get("toxic"))),
         ("Status", status),
     ]
     cards = "".join(
-        f'<div class="stat"><div class="k">{_e(k)}</div><div class="v">{_e(v)}</div></div>'
+        f'<div class="stat"><div class="k">{escape_html(k)}</div><div class="v">{escape_html(v)}</div></div>'
         for k, v in stats
     )
     started, finished = manifest.get("started_at") or "?", manifest.get("finished_at") or "?"
     return (
-        f"<header><h1>Run {_e(manifest.get('run_id') or '?')}"
-        f'<span class="badge {badge}">{_e(status)}</span></h1>'
-        f'<p class="sub">task <b>{_e(task)}</b> · model <span class="mono">{_e(_models(manifest))}</span>'
-        f" · {_e(started)} → {_e(finished)}</p>"
+        f"<header><h1>Run {escape_html(manifest.get('run_id') or '?')}"
+        f'<span class="badge {badge}">{escape_html(status)}</span></h1>'
+        f'<p class="sub">task <b>{escape_html(task)}</b> · model <span class="mono">{escape_html(model_names(manifest))}</span>'
+        f" · {escape_html(started)} → {escape_html(finished)}</p>"
         f'<div class="stats">{cards}</div></header>'
     )
 
 
 def _figure(svg: str, caption: str = "", heading: str = "") -> str:
-    head = f"<h3>{_e(heading)}</h3>" if heading else ""
-    cap = f"<figcaption>{_e(caption)}</figcaption>" if caption else ""
+    head = f"<h3>{escape_html(heading)}</h3>" if heading else ""
+    cap = f"<figcaption>{escape_html(caption)}</figcaption>" if caption else ""
     return f"<figure>{head}{svg}{cap}</figure>"
 
 
@@ -288,7 +288,7 @@ def _length_caption(lengths: Counter) -> str:
 
 
 def _toxicity_section(summary: RunSummary) -> str:
-    decisions = _bar_svg(
+    decisions = bar_svg(
         "toxicity_decisions", "Toxicity decisions", summary.decisions, "no toxicity decisions"
     )
     if summary.toxicity:
@@ -307,10 +307,10 @@ def _toxicity_section(summary: RunSummary) -> str:
         note = ""
     return (
         f"<section><h2>Toxicity scores per label</h2>"
-        f"{f'<p class=caption>{_e(note)}</p>' if note else ''}{scores}</section>"
+        f"{f'<p class=caption>{escape_html(note)}</p>' if note else ''}{scores}</section>"
         f'<div class="row2"><section><h2>Toxicity decisions</h2>{_figure(decisions)}</section>'
         f"<section><h2>Finish reasons</h2>"
-        f"{_figure(_bar_svg('finish_reasons', 'Finish reasons', summary.finish_reasons, 'no rows'))}"
+        f"{_figure(bar_svg('finish_reasons', 'Finish reasons', summary.finish_reasons, 'no rows'))}"
         f"</section></div>"
     )
 
@@ -320,8 +320,8 @@ def _errors_section(summary: RunSummary) -> str:
         body = '<p class="none">No errors.</p>'
     else:
         rows = "".join(
-            f"<tr><td><code>{_e(kind)}</code></td><td class=n>{count:,}</td>"
-            f'<td><div class="text">{_e(_clip(mask_text(summary.error_examples.get(kind, "")), EXAMPLE_CHARS))}</div></td></tr>'
+            f"<tr><td><code>{escape_html(kind)}</code></td><td class=n>{count:,}</td>"
+            f'<td><div class="text">{escape_html(clip_label(mask_text(summary.error_examples.get(kind, "")), EXAMPLE_CHARS))}</div></td></tr>'
             for kind, count in sorted(summary.error_kinds.items(), key=lambda kv: (-kv[1], kv[0]))
         )
         body = f"<table><thead><tr><th>Kind</th><th class=n>Rows</th><th>Example message</th></tr></thead><tbody>{rows}</tbody></table>"
@@ -335,12 +335,12 @@ def _samples_section(summary: RunSummary) -> str:
     for sample in summary.samples:
         text = sample.get(S.OUTPUT_TEXT)
         if text is None:
-            content = f'<span class="none">no output: {_e(_clip(str(sample.get(S.ERROR) or ""), EXAMPLE_CHARS))}</span>'
+            content = f'<span class="none">no output: {escape_html(clip_label(str(sample.get(S.ERROR) or ""), EXAMPLE_CHARS))}</span>'
         else:
-            content = _e(_clip(str(text), SAMPLE_CHARS))
+            content = escape_html(clip_label(str(text), SAMPLE_CHARS))
         rows.append(
-            f"<tr><td><code>{_e(_clip(str(sample.get(S.ID, '')), 24))}</code></td>"
-            f"<td>{_e(sample.get(S.FINISH_REASON) or '')}</td>"
+            f"<tr><td><code>{escape_html(clip_label(str(sample.get(S.ID, '')), 24))}</code></td>"
+            f"<td>{escape_html(sample.get(S.FINISH_REASON) or '')}</td>"
             f'<td><div class="text">{content}</div></td></tr>'
         )
     return (
@@ -360,7 +360,7 @@ def _config_section(manifest: dict[str, Any]) -> str:
         else "{}"
     )
     files = manifest.get("input_files") or []
-    listing = "".join(f"<li class=mono>{_e(mask_uri(str(f)))}</li>" for f in files[:200])
+    listing = "".join(f"<li class=mono>{escape_html(mask_uri(str(f)))}</li>" for f in files[:200])
     if len(files) > 200:
         listing += f"<li>… and {len(files) - 200:,} more</li>"
     inputs = (
@@ -371,7 +371,7 @@ def _config_section(manifest: dict[str, Any]) -> str:
     return (
         "<section><h2>Config</h2>"
         '<p class="caption">As recorded in the manifest; secrets and storage options are redacted.</p>'
-        f"<pre>{_e(text)}</pre>{inputs}</section>"
+        f"<pre>{escape_html(text)}</pre>{inputs}</section>"
     )
 
 
@@ -383,10 +383,10 @@ def render(
 ) -> str:
     """The page for a manifest, the summary of its rows and its progress samples."""
     throughput_svg, throughput_caption = _throughput(samples, summary.rows)
-    prompt_svg = _length_histogram(
+    prompt_svg = length_histogram(
         "prompt_tokens", "Prompt length (tokens)", summary.prompt_lengths, "prompt tokens"
     )
-    output_svg = _length_histogram(
+    output_svg = length_histogram(
         "output_tokens", "Output length (tokens)", summary.output_lengths, "output tokens"
     )
     body = [
@@ -400,7 +400,7 @@ def render(
         _errors_section(summary),
         _samples_section(summary),
         _config_section(manifest),
-        f"<footer>rg-batch report for <span class=mono>{_e(mask_uri(run_dir))}</span> · {summary.rows:,} rows "
+        f"<footer>rg-batch report for <span class=mono>{escape_html(mask_uri(run_dir))}</span> · {summary.rows:,} rows "
         f"in {summary.parts:,} parts ({summary.rejected:,} rejected) · built "
         f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M:%S} UTC</footer>",
     ]
@@ -408,6 +408,6 @@ def render(
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>"
+        f"<title>{escape_html(title)}</title><style>{_CSS}</style></head>"
         f"<body><main>{''.join(body)}</main></body></html>\n"
     )

@@ -13,18 +13,18 @@ MAX_LENGTH_BINS = 30
 _BLUE = "#3563c9"
 
 
-def _e(value: Any) -> str:
+def escape_html(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _int(value: Any) -> str:
+def format_int(value: Any) -> str:
     try:
         return f"{int(value):,}"
     except (TypeError, ValueError):
         return "–"
 
 
-def _num(value: Any, digits: int = 1) -> str:
+def format_number(value: Any, digits: int = 1) -> str:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -45,7 +45,7 @@ def _short(value: float) -> str:
     return f"{value:.3g}"
 
 
-def _duration(seconds: Any) -> str:
+def format_duration(seconds: Any) -> str:
     try:
         total = float(seconds)
     except (TypeError, ValueError):
@@ -61,7 +61,7 @@ def _duration(seconds: Any) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
-def _clip(text: str, limit: int) -> str:
+def clip_label(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -76,7 +76,7 @@ def _nice_step(span: float, target: int, integer: bool = False) -> float:
     return 10 * magnitude
 
 
-def _ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> list[float]:
+def nice_ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> list[float]:
     step = _nice_step(hi - lo, target, integer)
     first = math.ceil(lo / step - 1e-9)
     ticks = []
@@ -87,12 +87,12 @@ def _ticks(lo: float, hi: float, target: int = 5, integer: bool = False) -> list
     return ticks
 
 
-def _y_top(peak: float, integer: bool = False) -> tuple[float, list[float]]:
+def y_axis_top(peak: float, integer: bool = False) -> tuple[float, list[float]]:
     """A y-axis top at a round number at or above ``peak``, and its ticks from 0."""
     peak = max(peak, 1.0)
     step = _nice_step(peak, 4, integer)
     top = math.ceil(peak / step - 1e-9) * step
-    return top, _ticks(0, top, 4, integer)
+    return top, nice_ticks(0, top, 4, integer)
 
 
 # SVG charts ---------------------------------------------------------------------------------------
@@ -109,25 +109,25 @@ _NAMED_COLORS = {
 }
 
 
-def _svg(name: str, title: str, width: int, height: int, body: str) -> str:
+def svg_element(name: str, title: str, width: int, height: int, body: str) -> str:
     return (
-        f'<svg data-chart="{_e(name)}" role="img" aria-label="{_e(title)}" '
+        f'<svg data-chart="{escape_html(name)}" role="img" aria-label="{escape_html(title)}" '
         f'viewBox="0 0 {width} {height}" width="{width}" height="{height}" '
-        f'preserveAspectRatio="xMidYMid meet"><title>{_e(title)}</title>{body}</svg>'
+        f'preserveAspectRatio="xMidYMid meet"><title>{escape_html(title)}</title>{body}</svg>'
     )
 
 
-def _empty_svg(name: str, title: str, message: str, width: int = 560, height: int = 220) -> str:
+def empty_svg(name: str, title: str, message: str, width: int = 560, height: int = 220) -> str:
     body = (
         f'<rect x="1" y="1" width="{width - 2}" height="{height - 2}" rx="6" class="empty"/>'
         f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" dominant-baseline="middle" '
-        f'class="empty-text">{_e(message)}</text>'
+        f'class="empty-text">{escape_html(message)}</text>'
     )
-    return _svg(name, title, width, height, body)
+    return svg_element(name, title, width, height, body)
 
 
 @dataclass(frozen=True)
-class _Frame:
+class ChartFrame:
     """The plot area of a chart with x and y axes; maps data to SVG coordinates."""
 
     width: int
@@ -164,24 +164,24 @@ class _Frame:
             y = self.y(tick)
             parts.append(
                 f'<line x1="{self.left}" x2="{self.width - self.right}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>'
-                f'<text x="{self.left - 6}" y="{y:.1f}" text-anchor="end" dominant-baseline="middle" class="tick">{_e(_short(tick))}</text>'
+                f'<text x="{self.left - 6}" y="{y:.1f}" text-anchor="end" dominant-baseline="middle" class="tick">{escape_html(_short(tick))}</text>'
             )
         for tick in x_ticks:
             x = self.x(tick)
             parts.append(
                 f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{self.base:.1f}" y2="{self.base + 4:.1f}" class="axis"/>'
-                f'<text x="{x:.1f}" y="{self.base + 16:.1f}" text-anchor="middle" class="tick">{_e(x_format(tick))}</text>'
+                f'<text x="{x:.1f}" y="{self.base + 16:.1f}" text-anchor="middle" class="tick">{escape_html(x_format(tick))}</text>'
             )
         parts.append(
             f'<line x1="{self.left}" x2="{self.width - self.right}" y1="{self.base:.1f}" y2="{self.base:.1f}" class="axis"/>'
             f'<line x1="{self.left}" x2="{self.left}" y1="{self.top}" y2="{self.base:.1f}" class="axis"/>'
-            f'<text x="{(self.left + self.width - self.right) / 2:.1f}" y="{self.height - 8}" text-anchor="middle" class="label">{_e(x_label)}</text>'
-            f'<text transform="translate(14 {(self.top + self.base) / 2:.1f}) rotate(-90)" text-anchor="middle" class="label">{_e(y_label)}</text>'
+            f'<text x="{(self.left + self.width - self.right) / 2:.1f}" y="{self.height - 8}" text-anchor="middle" class="label">{escape_html(x_label)}</text>'
+            f'<text transform="translate(14 {(self.top + self.base) / 2:.1f}) rotate(-90)" text-anchor="middle" class="label">{escape_html(y_label)}</text>'
         )
         return "".join(parts)
 
 
-def _histogram_svg(
+def histogram_svg(
     name: str,
     title: str,
     edges: Sequence[float],
@@ -194,11 +194,11 @@ def _histogram_svg(
     color: str = _BLUE,
     marker: tuple[float, str] | None = None,
 ) -> str:
-    top, y_ticks = _y_top(max(counts, default=0), integer=True)
-    frame = _Frame(width, height, edges[0], edges[-1], top)
+    top, y_ticks = y_axis_top(max(counts, default=0), integer=True)
+    frame = ChartFrame(width, height, edges[0], edges[-1], top)
     target = 5 if width >= 500 else 4
     integer = all(float(e).is_integer() for e in edges)
-    ticks = _ticks(edges[0], edges[-1], target, integer)
+    ticks = nice_ticks(edges[0], edges[-1], target, integer)
     x_ticks = [t for t in ticks if edges[0] <= t <= edges[-1]]
     parts = [frame.axes(x_ticks, y_ticks, x_label, "rows")]
     for lo, hi, count, tip in zip(edges[:-1], edges[1:], counts, bar_titles, strict=True):
@@ -210,20 +210,20 @@ def _histogram_svg(
         parts.append(
             f'<rect x="{x0 + gap / 2:.1f}" y="{y:.1f}" width="{max(x1 - x0 - gap, 0.8):.1f}" '
             f'height="{max(frame.base - y, 0.8):.1f}" fill="{color}" class="bar">'
-            f"<title>{_e(tip)}</title></rect>"
+            f"<title>{escape_html(tip)}</title></rect>"
         )
     if marker is not None and edges[0] <= marker[0] <= edges[-1]:
         x = frame.x(marker[0])
         parts.append(
             f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{frame.top}" y2="{frame.base:.1f}" class="marker"/>'
-            f'<text x="{x - 4:.1f}" y="{frame.top + 10}" text-anchor="end" class="marker-text">{_e(marker[1])}</text>'
+            f'<text x="{x - 4:.1f}" y="{frame.top + 10}" text-anchor="end" class="marker-text">{escape_html(marker[1])}</text>'
         )
-    return _svg(name, title, width, height, "".join(parts))
+    return svg_element(name, title, width, height, "".join(parts))
 
 
-def _length_histogram(name: str, title: str, lengths: Counter, x_label: str) -> str:
+def length_histogram(name: str, title: str, lengths: Counter, x_label: str) -> str:
     if not lengths:
-        return _empty_svg(name, title, "no rows")
+        return empty_svg(name, title, "no rows")
     lo, hi = min(lengths), max(lengths) + 1  # integer bins: [lo, hi)
     if hi - lo < 10:
         lo = max(0, lo - (10 - (hi - lo)) // 2)
@@ -241,13 +241,13 @@ def _length_histogram(name: str, title: str, lengths: Counter, x_label: str) -> 
         tips = [
             f"{e}–{e + width - 1} tokens: {c:,} rows" for e, c in zip(edges, counts, strict=False)
         ]
-    return _histogram_svg(name, title, edges, counts, x_label, tips)
+    return histogram_svg(name, title, edges, counts, x_label, tips)
 
 
-def _bar_svg(name: str, title: str, counts: Counter, empty: str, width: int = 560) -> str:
+def bar_svg(name: str, title: str, counts: Counter, empty: str, width: int = 560) -> str:
     items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     if not items:
-        return _empty_svg(name, title, empty, width, 160)
+        return empty_svg(name, title, empty, width, 160)
     row, top, label_w, value_w = 30, 12, 130, 120
     height = top * 2 + row * len(items)
     total = sum(counts.values()) or 1
@@ -261,9 +261,9 @@ def _bar_svg(name: str, title: str, counts: Counter, empty: str, width: int = 56
         bar = max(count / peak * span, 1.5)
         color = _NAMED_COLORS.get(label, _PALETTE[i % len(_PALETTE)])
         parts.append(
-            f'<text x="{label_w - 8}" y="{y + row / 2:.1f}" text-anchor="end" dominant-baseline="middle" class="cat">{_e(_clip(label, 18))}</text>'
+            f'<text x="{label_w - 8}" y="{y + row / 2:.1f}" text-anchor="end" dominant-baseline="middle" class="cat">{escape_html(clip_label(label, 18))}</text>'
             f'<rect x="{label_w}" y="{y + 5}" width="{bar:.1f}" height="{row - 10}" rx="3" fill="{color}" class="bar">'
-            f"<title>{_e(label)}: {count:,} rows ({count / total:.1%})</title></rect>"
+            f"<title>{escape_html(label)}: {count:,} rows ({count / total:.1%})</title></rect>"
             f'<text x="{label_w + bar + 6:.1f}" y="{y + row / 2:.1f}" dominant-baseline="middle" class="value">{count:,} ({count / total:.1%})</text>'
         )
-    return _svg(name, title, width, height, "".join(parts))
+    return svg_element(name, title, width, height, "".join(parts))

@@ -20,7 +20,7 @@ from pipeline_helpers import (
     write_corpus,
 )
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.cli import build_parser, configure_logging, summary_line
 from pipeline.cli import main as cli_main
 from pipeline.config import load_job_config

@@ -60,7 +60,7 @@ from pipeline_helpers import (
     write_corpus,
 )
 
-from pipeline import schema as S
+from pipeline import columns as S
 from testkit.faults import recorded
 
 LOCAL = fsspec.filesystem("file")

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from pipeline_helpers import build_fixtures, corpus_rows, job_yaml, read_output, write_corpus
 
+from pipeline import columns as S
 from pipeline import jobs
-from pipeline import schema as S
 from pipeline.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]

@@ -16,7 +16,6 @@ from pipeline.model_stage import (
     EngineWorker,
     fault_hook_from_env,
     is_device_oom,
-    row_seed,
 )
 from testkit import faults
 from testkit.tiny_model import random_params, tiny_config
@@ -131,9 +130,3 @@ def test_fault_hook_runs_before_each_step(engine, monkeypatch, tmp_path) -> None
     assert worker.run(batch(11, n=2)) == Engine.generate(engine, batch(11, n=2))
     worker.close()
     assert faults.recorded(str(tmp_path / "faults.log")) == [f"transient pid={os.getpid()} step=2"]
-
-
-def test_row_seed_is_stable_and_spread() -> None:
-    assert row_seed(0, "doc-1") == row_seed(0, "doc-1")
-    assert len({row_seed(0, f"doc-{i}") for i in range(1000)}) == 1000
-    assert row_seed(0, "doc-1") != row_seed(1, "doc-1")

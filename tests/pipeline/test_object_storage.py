@@ -14,7 +14,7 @@ from pipeline_helpers import (
     write_corpus,
 )
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.runner import run_job
 
 

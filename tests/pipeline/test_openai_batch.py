@@ -1,5 +1,6 @@
-"""OpenAI batch files: request parsing, Gemma chat rendering, per-row settings, response lines,
-config rules, and a whole run on a local Ray cluster whose lines parse with the openai types."""
+"""OpenAI batch files (pipeline/formats/openai_batch.py): request parsing, Gemma chat rendering,
+the rows' settings, response lines, config rules, and a whole run on a local Ray cluster whose
+lines parse with the openai types."""
 
 from __future__ import annotations
 
@@ -8,21 +9,20 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
-import pyarrow as pa
 import pytest
 import yaml
 from openai.types import Completion
 from openai.types.chat import ChatCompletion
-from pipeline_helpers import job_config, job_yaml
+from pipeline_helpers import job_config, job_yaml, read_table
 
-from model.engine import GenerationRequest
 from model.tokenizer import Tokenizer
-from pipeline import openai_batch as ob
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import ConfigError, load_job_config
-from pipeline.readers import read_file_rows
+from pipeline.formats import ReadSpec
+from pipeline.formats import openai_batch as ob
+from pipeline.readers import read_keyed
+from pipeline.request import ROW_SETTINGS, cut_at_stop
 from pipeline.runner import run_job
-from testkit.tiny_tokenizer import train_tiny_tokenizer
 
 LOCAL = fsspec.filesystem("file")
 
@@ -43,11 +43,6 @@ def completion_line(custom_id: str, prompt: Any = "Once upon", **body: Any) -> d
         "url": "/v1/completions",
         "body": {"model": "gemma", "prompt": prompt, **body},
     }
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    return Tokenizer(train_tiny_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model"))
 
 
 # Chat rendering ---------------------------------------------------------------------------------
@@ -188,7 +183,7 @@ def test_reader_one_row_per_line_ids_unique_and_bad_lines_as_error_rows(tmp_path
             {**chat_line("gone"), "url": "/v1/embeddings"},
         ],
     )
-    table = read_file_rows(str(path), fmt="openai_batch")
+    table = read_table(str(path), fmt="openai_batch")
     assert table.schema.names == [*S.READ_SCHEMA.names, *ob.REQUEST_SCHEMA.names]
     rows = table.to_pylist()
     assert len(rows) == 8
@@ -196,89 +191,36 @@ def test_reader_one_row_per_line_ids_unique_and_bad_lines_as_error_rows(tmp_path
     assert len(set(ids)) == 8 and ids[:2] == ["c1", "p1"] and "bad" in ids and "gone" in ids
     first, second = rows[0], rows[1]
     assert first[S.ERROR] is None and first[S.PROMPT] == Tokenizer.chat_prompt("Hello there")
-    assert (first[S.REQ_MAX_TOKENS], first[S.REQ_TEMPERATURE], first[S.REQ_TOP_P]) == (3, 0.5, 0.9)
-    assert (first[S.REQ_SEED], first[S.REQ_STOP], first[S.REQ_ENDPOINT]) == (7, ["\n"], "chat")
-    assert second[S.PROMPT] == "Once upon" and second[S.REQ_ENDPOINT] == "completions"
-    assert second[S.REQ_MAX_TOKENS] is None and second[S.REQ_STOP] is None
+    settings = first[ROW_SETTINGS]
+    assert (settings["max_new_tokens"], settings["temperature"], settings["top_p"]) == (3, 0.5, 0.9)
+    assert (settings["seed"], settings["stop"], first[ob.REQ_ENDPOINT]) == (7, ["\n"], "chat")
+    assert settings["end_of_turn"] is True  # chat requests also stop at <end_of_turn>
+    assert second[S.PROMPT] == "Once upon" and second[ob.REQ_ENDPOINT] == "completions"
+    assert second[ROW_SETTINGS]["max_new_tokens"] is None and second[ROW_SETTINGS]["stop"] is None
+    assert second[ROW_SETTINGS]["end_of_turn"] is None
     bad = rows[2:]
     assert [r[S.ERROR_KIND] for r in bad] == ["invalid_json"] + ["invalid_request"] * 5
     assert all(r[S.PROMPT] is None for r in bad)
     messages = [r[S.ERROR] for r in bad]
     assert "line 4" in messages[0]
     assert "custom_id is missing" in messages[1] and "must be a string" in messages[2]
-    assert "repeats an earlier line" in messages[3] and bad[3][S.REQ_CUSTOM_ID] == "c1"
+    assert "repeats an earlier line" in messages[3] and bad[3][ob.REQ_CUSTOM_ID] == "c1"
     assert "content must be" in messages[4] and "not supported" in messages[5]
     # Lines with no usable custom_id, and the repeat, get derived ids (24 hex characters).
     assert all(len(r[S.ID]) == 24 for r in bad[:4])
 
 
 def test_reader_records_custom_ids_for_the_ledger(tmp_path: Path) -> None:
-    from pipeline.readers import _iter_keyed, _make_spec
-
     path = tmp_path / "batch.jsonl"
     write_lines(path, [chat_line("a"), chat_line("a"), "[1]", chat_line(None)])
-    spec = _make_spec("openai_batch", None, "text", "question", "prompt", (), None, 2)
-    keys = [k for _, batch_keys in _iter_keyed(str(path), spec) for k in batch_keys]
+    spec = ReadSpec(format="openai_batch", batch_rows=2)
+    keys = [k for _, batch_keys in read_keyed(str(path), spec) for k in batch_keys]
     assert keys == ["s:a", "s:a", None, None]  # batches of 2: the repeat is seen across batches
 
 
 def test_reader_refuses_an_id_column_or_passthrough() -> None:
     with pytest.raises(ValueError, match="custom_id is the id"):
-        read_file_rows("x.jsonl", fmt="openai_batch", id_column="id")
-
-
-# Per-row settings and stop strings ------------------------------------------------------------
-
-
-def settings_table(rows: list[dict[str, Any]]) -> pa.Table:
-    full = [{name: row.get(name) for name in ob.REQUEST_SCHEMA.names} for row in rows]
-    return pa.Table.from_pylist(full, schema=ob.REQUEST_SCHEMA)
-
-
-def test_request_settings_override_the_job_within_its_limits(tokenizer: Tokenizer) -> None:
-    assert ob.RequestSettings.of(pa.table({"x": [1]}), tokenizer, 4) is None
-    stop_piece = next(
-        tokenizer.processor.id_to_piece(i)
-        for i in range(10, tokenizer.vocab_size)
-        if "▁" not in tokenizer.processor.id_to_piece(i)
-        and not tokenizer.processor.id_to_piece(i).startswith("<")
-    )
-    table = settings_table(
-        [
-            {S.REQ_ENDPOINT: "chat", S.REQ_MAX_TOKENS: 500, S.REQ_SEED: 2**40 + 5},
-            {
-                S.REQ_ENDPOINT: "completions",
-                S.REQ_MAX_TOKENS: 2,
-                S.REQ_TEMPERATURE: 0.8,
-                S.REQ_TOP_P: 0.5,
-                S.REQ_STOP: [stop_piece, "two words"],
-            },
-        ]
-    )
-    per_row = ob.RequestSettings.of(table, tokenizer, max_stop_ids=4)
-    base = GenerationRequest([2, 5], max_new_tokens=16, stop_ids=(1,), seed=99, top_k=3)
-    chat = per_row.apply(0, base)
-    assert chat.max_new_tokens == 16  # capped at the job's limit
-    assert chat.seed == 5 and chat.stop_ids == (1, tokenizer.end_of_turn_id)
-    done = per_row.apply(1, base)
-    assert (done.max_new_tokens, done.temperature, done.top_p) == (2, 0.8, 0.5)
-    assert done.seed == 99 and done.top_k == 3 and done.prompt_ids == [2, 5]
-    assert done.stop_ids == (1, tokenizer.processor.piece_to_id(stop_piece))
-    # The engine's limit on stop ids holds; the other stop strings still cut the text.
-    assert ob.RequestSettings.of(table, tokenizer, max_stop_ids=1).apply(1, base).stop_ids == (1,)
-
-
-def test_stop_strings_cut_the_text_and_count_tokens_to_the_stop(tokenizer: Tokenizer) -> None:
-    ids = tokenizer.encode("the river rose overnight and the old bridge")
-    text = tokenizer.decode(ids)
-    table = settings_table([{S.REQ_STOP: ["bridge", "rose"]}, {S.REQ_STOP: None}])
-    per_row = ob.RequestSettings.of(table, tokenizer, 4)
-    cut, tokens, reason = per_row.finish(0, ids, text, len(ids), "length")
-    assert cut == text[: text.index("rose")] and reason == "stop"
-    assert "rose" in tokenizer.decode(ids[:tokens]) and "rose" not in tokenizer.decode(
-        ids[: tokens - 1]
-    )
-    assert per_row.finish(1, ids, text, len(ids), "length") == (text, len(ids), "length")
+        read_table("x.jsonl", fmt="openai_batch", id_column="id")
 
 
 # Response lines ---------------------------------------------------------------------------------
@@ -287,8 +229,8 @@ def test_stop_strings_cut_the_text_and_count_tokens_to_the_stop(tokenizer: Token
 def output_row(**values: Any) -> dict[str, Any]:
     row = {
         S.ID: "c1",
-        S.REQ_CUSTOM_ID: "c1",
-        S.REQ_ENDPOINT: "chat",
+        ob.REQ_CUSTOM_ID: "c1",
+        ob.REQ_ENDPOINT: "chat",
         S.PROMPT_TOKENS: 7,
         S.OUTPUT_TEXT: "Hi!",
         S.OUTPUT_TOKENS: 2,
@@ -314,7 +256,7 @@ def test_response_lines_parse_with_the_openai_types() -> None:
     assert chat.usage.total_tokens == 9 and chat.created == 1764400000
     assert line["rgbatch"]["toxicity"] == {"toxicity": 0.25} and line["rgbatch"]["toxic"] is False
 
-    text = ob.response_line(output_row(**{S.REQ_ENDPOINT: "completions"}))
+    text = ob.response_line(output_row(**{ob.REQ_ENDPOINT: "completions"}))
     done = Completion.model_validate(text["response"]["body"])
     assert done.object == "text_completion" and done.choices[0].text == "Hi!"
     # Ids derive from the run id and row id: a rerun writes the same line, another run does not.
@@ -474,7 +416,7 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
     cut_any = False
     for custom_id, stops in (("cmpl-stop-space", [" "]), ("cmpl-stop-e", ["e", "o"])):
         choice = bodies[custom_id].choices[0]
-        position = ob.cut_at_stop(full, stops)
+        position = cut_at_stop(full, stops)
         assert choice.text == (full if position is None else full[:position])
         assert not any(s in choice.text for s in stops)
         if position is not None:
@@ -531,6 +473,6 @@ def test_example_config_and_sample_requests() -> None:
         "openai_batch",
         "openai_batch",
     )
-    rows = read_file_rows(str(repo / config.input.uri), fmt="openai_batch").to_pylist()
+    rows = read_table(str(repo / config.input.uri), fmt="openai_batch").to_pylist()
     assert rows and all(r[S.ERROR] is None for r in rows)
     assert len({r[S.ID] for r in rows}) == len(rows)

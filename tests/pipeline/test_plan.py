@@ -9,13 +9,15 @@ import pytest
 from pipeline_helpers import job_config, job_yaml
 
 import pipeline.plan
-from pipeline import schema as S
-from pipeline.plan import build_stages, source_columns
+from pipeline import columns as S
+from pipeline.cli import main as cli_main
+from pipeline.model_stage import engine_options
+from pipeline.plan import build_stages, reserved_columns, source_columns
 from pipeline.progress import InputTotal, ProgressReporter
 from pipeline.report.page import throughput_rates
-from pipeline.stage import PlanContext, PlanError, Stage, check_columns
+from pipeline.rundir import RunIntegrityError, check_rows
+from pipeline.stage import PlanContext, PlanError, Stage, check_columns, declared, declares
 from pipeline.summary import RunSummary
-from pipeline.writer import RunIntegrityError, check_rows
 
 
 def config(fixtures, tmp_path, **extra):
@@ -81,7 +83,8 @@ def test_stages_own_their_ray_arguments(fixtures, tmp_path) -> None:
     )
     assert capped[0].ray_args["compute"].max_size == 4
     assert toxicity.ray_args["batch_size"] == cfg.toxicity.batch_size
-    engine = model.constructor_kwargs["engine_options"]
+    assert model.constructor_kwargs["generation"] == cfg.generation
+    engine = engine_options(model.constructor_kwargs["model"], cfg.generation)
     assert engine["max_slots"] == cfg.generation.max_slots == 8
 
 
@@ -148,3 +151,56 @@ def test_throughput_rates_spread_tokens_over_time() -> None:
     rates, _, width = throughput_rates(samples, bins=4)  # capped by the samples
     assert len(rates) == 2
     assert throughput_rates([(0.0, 0, 0)]) == ([], [], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("columns", "refused"),
+    [
+        ("[title,generated_at]", "generated_at"),  # the model stage's
+        ("[prefix_len]", "prefix_len"),  # prompt building's
+        ("[text]", "text"),  # the reader's own (issue 21 case 8)
+        ("[row_key]", "row_key"),
+        ("[input_toxicity_insult]", "input_toxicity_insult"),  # even with score_inputs off
+        ("[request]", "request"),  # a row's own generation settings
+    ],
+)
+@pytest.mark.parametrize("command", ["validate", "run"])
+def test_a_passthrough_named_like_a_pipeline_column_is_refused_with_exit_2(
+    fixtures, tmp_path, capsys, columns, refused, command
+) -> None:
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "x", "title": "t"}\n')
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        job_yaml(
+            fixtures,
+            task="summarize",
+            input_uri=str(tmp_path / "in.jsonl"),
+            output_uri=str(tmp_path / "out"),
+        )
+    )
+    argv = [command, str(job), "--set", f"input.passthrough={columns}"]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"input.passthrough: column {refused!r} clashes with a column the pipeline writes" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_reserved_columns_come_from_the_declarations() -> None:
+    reserved = reserved_columns()
+    # Every column any stage of any plan adds, and every reader's own, is there.
+    for builder in pipeline.plan.BUILDERS.values():
+        assert set(declared(builder)) <= set(reserved)
+    assert {S.GENERATED_AT, S.PREFIX_LEN, S.ROW_KEY, S.RUN_ID, "req_*"} <= set(reserved)
+    assert reserved[S.GENERATED_AT] == "the model stage"
+
+
+def test_a_stage_adding_an_undeclared_column_fails_the_plan(
+    fixtures, tmp_path, monkeypatch
+) -> None:
+    @declares(S.RUN_ID)
+    def sneaky(config, context):
+        return Stage(name="output", fn=lambda t: t, requires=(S.ID,), adds=(S.RUN_ID, "extra"))
+
+    monkeypatch.setitem(pipeline.plan.BUILDERS, "output", sneaky)
+    with pytest.raises(PlanError, match=r"stage 'output' adds \['extra'\], which its builder"):
+        build_stages(config(fixtures, tmp_path), PlanContext())

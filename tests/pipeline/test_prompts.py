@@ -9,13 +9,7 @@ import pyarrow as pa
 import pytest
 
 from model.tokenizer import Tokenizer
-from pipeline.prompts import (
-    DEFAULT_TEMPLATES,
-    PromptBuilder,
-    split_template,
-    truncate_ids,
-)
-from pipeline.schema import (
+from pipeline.columns import (
     ERROR,
     ERROR_KIND,
     ID,
@@ -26,6 +20,12 @@ from pipeline.schema import (
     QUESTION,
     TASK,
     TEXT,
+)
+from pipeline.prompts import (
+    DEFAULT_TEMPLATES,
+    PromptBuilder,
+    split_template,
+    truncate_ids,
 )
 from testkit.tiny_tokenizer import train_tiny_tokenizer
 

@@ -9,13 +9,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from pipeline_helpers import corpus_rows, job_config, job_yaml, read_output
+from pipeline_helpers import corpus_rows, job_config, job_yaml, read_output, read_table
 
 from model.tokenizer import Tokenizer
-from pipeline import schema as S
+from pipeline import columns as S
+from pipeline.config import GenerationSection, ModelSection
 from pipeline.model_stage import ModelStage
 from pipeline.prompts import PromptBuilder
-from pipeline.readers import read_file_rows
 from pipeline.runner import run_job
 from testkit.tiny_tokenizer import train_tiny_tokenizer
 
@@ -56,7 +56,7 @@ def test_a_list_of_questions_gives_one_adjacent_row_each(tmp_path) -> None:
         {"id": 4, "text": "Doc d.", "question": ["How?"], "title": "D"},
     ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    rows = read_file_rows(
+    rows = read_table(
         str(path), fmt="jsonl", id_column="id", passthrough=["title"], expand_questions=True
     ).to_pylist()
     assert [r[S.ID] for r in rows] == ["a/q0", "a/q1", "a/q2", "b", "c", "4/q0"]
@@ -70,7 +70,7 @@ def test_a_list_of_questions_gives_one_adjacent_row_each(tmp_path) -> None:
     assert "question 2 of the list holds int" in rows[2][S.ERROR]
 
     # Without expansion (every task but qa) a list is not a string, as before.
-    plain = read_file_rows(str(path), fmt="jsonl", id_column="id").to_pylist()
+    plain = read_table(str(path), fmt="jsonl", id_column="id").to_pylist()
     assert [r[S.ID] for r in plain] == ["a", "b", "c", "4"]
     assert plain[0][S.ERROR_KIND] == "not_a_string"
 
@@ -78,12 +78,12 @@ def test_a_list_of_questions_gives_one_adjacent_row_each(tmp_path) -> None:
 def test_parquet_list_columns_expand_with_derived_ids(tmp_path) -> None:
     path = tmp_path / "in.parquet"
     pq.write_table(pa.table({"text": ["x", "y"], "question": [["p", "q"], None]}), str(path))
-    rows = read_file_rows(str(path), fmt="parquet", expand_questions=True).to_pylist()
+    rows = read_table(str(path), fmt="parquet", expand_questions=True).to_pylist()
     assert len(rows) == 3
     base = rows[0][S.ID].removesuffix("/q0")
     assert [r[S.ID] for r in rows[:2]] == [f"{base}/q0", f"{base}/q1"]
     assert [r[S.QUESTION] for r in rows] == ["p", "q", None]
-    again = read_file_rows(str(path), fmt="parquet", expand_questions=True).to_pylist()
+    again = read_table(str(path), fmt="parquet", expand_questions=True).to_pylist()
     assert again == rows  # ids are stable: a rerun resumes the same rows
 
 
@@ -161,29 +161,28 @@ def test_no_shared_prefix_when_nothing_is_shared(
 
 
 def _model_stage(fixtures: dict[str, str], cache_bytes: int) -> ModelStage:
-    return ModelStage(
+    model = ModelSection(
         checkpoint=fixtures["checkpoint"],
-        storage_options={},
         dtype="float32",
-        chat=False,
+        chat_template=False,
+        compilation_cache=False,
+        memory_headroom=0.1,
+        max_failed_steps=3,
+    )
+    generation = GenerationSection(
         max_new_tokens=6,
         temperature=0.0,
         top_k=0,
         top_p=1.0,
         seed=0,
-        engine_options=dict(
-            max_slots=4,
-            prefill_batch=2,
-            prefill_chunk=16,
-            decode_steps=4,
-            max_prompt_tokens=256,
-            tensor_parallel=1,
-            prefix_cache_bytes=cache_bytes,
-        ),
-        compilation_cache=False,
-        memory_headroom=0.1,
-        max_failed_steps=3,
+        max_slots=4,
+        prefill_batch=2,
+        prefill_chunk=16,
+        decode_steps=4,
+        max_prompt_tokens=256,
+        prefix_cache_bytes=cache_bytes,
     )
+    return ModelStage(model, generation)
 
 
 def test_the_model_stage_prefills_each_document_once(fixtures, tok: Tokenizer) -> None:

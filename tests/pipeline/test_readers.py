@@ -11,16 +11,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from pipeline_helpers import read_table
 
-from pipeline.readers import (
-    CorpusDatasource,
-    id_key,
-    infer_format,
-    iter_file_batches,
-    read_file_rows,
-    row_key,
-)
-from pipeline.schema import (
+from pipeline.columns import (
     ERROR,
     ERROR_KIND,
     ID,
@@ -31,6 +24,9 @@ from pipeline.schema import (
     SOURCE,
     TEXT,
 )
+from pipeline.formats import ReadSpec, infer_format
+from pipeline.formats.rows import id_key, resume_key
+from pipeline.readers import CorpusDatasource, read_file
 from testkit.ray_local import start_local_ray
 
 SAMPLE = Path(__file__).resolve().parents[2] / "data" / "sample"
@@ -111,20 +107,20 @@ def test_infer_format(uri: str, fmt: str | None) -> None:
 
 def test_unknown_format_and_bad_passthrough_raise(jsonl: str) -> None:
     with pytest.raises(ValueError, match="cannot tell the format"):
-        read_file_rows(jsonl.replace(".jsonl", ".txt"), fmt=None)
+        read_table(jsonl.replace(".jsonl", ".txt"), fmt=None)
     with pytest.raises(ValueError, match="unknown format"):
-        read_file_rows(jsonl, fmt="csv")
+        read_table(jsonl, fmt="csv")
     with pytest.raises(ValueError, match="clash"):
-        read_file_rows(jsonl, fmt="jsonl", passthrough=["text"])
+        read_table(jsonl, fmt="jsonl", passthrough=["text"])
     with pytest.raises(TypeError):
-        read_file_rows(jsonl, fmt="jsonl", passthrough="title")
+        read_table(jsonl, fmt="jsonl", passthrough="title")
 
 
 # --------------------------------------------------------------------------------- JSONL
 
 
 def test_jsonl_rows_errors_and_schema(jsonl: str) -> None:
-    table = read_file_rows(jsonl, fmt="jsonl", id_column="id", passthrough=["title", "n"])
+    table = read_table(jsonl, fmt="jsonl", id_column="id", passthrough=["title", "n"])
     assert table.schema.names == [*READ_SCHEMA.names, "title", "n"]
     assert table.schema.field(ID).nullable is False
     assert table.schema.field("n").type == pa.string()
@@ -165,8 +161,8 @@ def test_jsonl_rows_errors_and_schema(jsonl: str) -> None:
 
 def test_gzip_reads_like_plain(tmp_path: Path, jsonl: str) -> None:
     gz = _write_jsonl(tmp_path / "corpus.jsonl.gz")
-    plain = read_file_rows(jsonl, fmt="jsonl", id_column="id", passthrough=["title"])
-    packed = read_file_rows(gz, fmt=None, id_column="id", passthrough=["title"])
+    plain = read_table(jsonl, fmt="jsonl", id_column="id", passthrough=["title"])
+    packed = read_table(gz, fmt=None, id_column="id", passthrough=["title"])
     assert packed.drop_columns([SOURCE, ID, ROW_KEY]).equals(
         plain.drop_columns([SOURCE, ID, ROW_KEY])
     )
@@ -176,7 +172,7 @@ def test_gzip_reads_like_plain(tmp_path: Path, jsonl: str) -> None:
 
 def test_missing_columns_are_null_not_errors(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "bare.jsonl", [b'{"body": "Only a body."}'])
-    table = read_file_rows(path, fmt="jsonl", text_column="body", passthrough=["absent"])
+    table = read_table(path, fmt="jsonl", text_column="body", passthrough=["absent"])
     (row,) = _rows(table)
     assert row[TEXT] == "Only a body."
     assert row[QUESTION] is None and row[PROMPT] is None and row["absent"] is None
@@ -185,9 +181,7 @@ def test_missing_columns_are_null_not_errors(tmp_path: Path) -> None:
 
 def test_column_mapping_and_all_mapped_errors_reported(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "m.jsonl", [b'{"doc": ["a"], "q": 1.5, "p": "go"}'])
-    table = read_file_rows(
-        path, fmt="jsonl", text_column="doc", question_column="q", prompt_column="p"
-    )
+    table = read_table(path, fmt="jsonl", text_column="doc", question_column="q", prompt_column="p")
     (row,) = _rows(table)
     assert (row[TEXT], row[QUESTION], row[PROMPT]) == (None, None, "go")
     assert row[ERROR_KIND] == "not_a_string"
@@ -201,7 +195,7 @@ def test_unpaired_surrogate_and_blank_id(tmp_path: Path) -> None:
         b'{"id": "  ", "text": "blank id"}',
     ]
     path = _write_jsonl(tmp_path / "s.jsonl", lines)
-    lone, paired, blank = _rows(read_file_rows(path, fmt="jsonl", id_column="id"))
+    lone, paired, blank = _rows(read_table(path, fmt="jsonl", id_column="id"))
     assert lone[ERROR_KIND] == "invalid_utf8" and lone[TEXT] is None and len(lone[ID]) == 24
     assert paired[ERROR] is None and paired[TEXT] == "paired \U0001f600 emoji"
     assert blank[ERROR_KIND] == "missing_id" and len(blank[ID]) == 24
@@ -209,32 +203,34 @@ def test_unpaired_surrogate_and_blank_id(tmp_path: Path) -> None:
 
 def test_empty_file_gives_empty_table_with_schema(tmp_path: Path) -> None:
     path = _write_jsonl(tmp_path / "empty.jsonl", [b"", b"  "])
-    table = read_file_rows(path, fmt="jsonl", passthrough=["title"])
-    assert table.num_rows == 0
-    assert table.schema.names == [*READ_SCHEMA.names, "title"]
-    assert list(iter_file_batches(path, fmt="jsonl")) == []
+    spec = ReadSpec(format="jsonl", passthrough=["title"])
+    assert list(read_file(path, spec)) == []
+    assert spec.reader_of(path).columns(spec) == [*READ_SCHEMA.names, "title"]
+    one = _write_jsonl(tmp_path / "one.jsonl", [b'{"text": "x"}'])
+    table = read_table(one, fmt="jsonl", passthrough=["title"])
+    assert table.num_rows == 1 and table.schema.names == [*READ_SCHEMA.names, "title"]
 
 
 # ----------------------------------------------------------------------------------- ids
 
 
 def test_derived_ids_are_stable_and_distinct(tmp_path: Path, jsonl: str) -> None:
-    first = read_file_rows(jsonl, fmt="jsonl").column(ID).to_pylist()
-    second = read_file_rows(jsonl, fmt="jsonl").column(ID).to_pylist()
+    first = read_table(jsonl, fmt="jsonl").column(ID).to_pylist()
+    second = read_table(jsonl, fmt="jsonl").column(ID).to_pylist()
     assert first == second
     assert all(len(i) == 24 and int(i, 16) >= 0 for i in first)
     assert len(set(first)) == N_ROWS  # the two identical lines get distinct ids
     copy = _write_jsonl(tmp_path / "copy.jsonl")
-    other = read_file_rows(copy, fmt="jsonl").column(ID).to_pylist()
+    other = read_table(copy, fmt="jsonl").column(ID).to_pylist()
     assert not set(other) & set(first)  # the source is part of the hash
 
 
 def test_batches_match_whole_file(jsonl: str, parquet_file: str) -> None:
     for uri in (jsonl, parquet_file):
-        whole = read_file_rows(uri, fmt=None, passthrough=["title"] if uri == jsonl else ["score"])
+        whole = read_table(uri, fmt=None, passthrough=["title"] if uri == jsonl else ["score"])
         batches = list(
-            iter_file_batches(
-                uri, fmt=None, passthrough=["title"] if uri == jsonl else ["score"], batch_rows=3
+            read_file(
+                uri, ReadSpec(passthrough=["title"] if uri == jsonl else ["score"], batch_rows=3)
             )
         )
         assert [b.num_rows for b in batches][:-1] == [3] * (len(batches) - 1)
@@ -245,7 +241,7 @@ def test_batches_match_whole_file(jsonl: str, parquet_file: str) -> None:
 
 
 def test_parquet_rows(parquet_file: str) -> None:
-    table = read_file_rows(
+    table = read_table(
         parquet_file,
         fmt="parquet",
         id_column="doc_id",
@@ -267,13 +263,13 @@ def test_parquet_rows(parquet_file: str) -> None:
 
 
 def test_parquet_derived_ids(tmp_path: Path, parquet_file: str) -> None:
-    ids = read_file_rows(parquet_file, fmt="parquet").column(ID).to_pylist()
-    assert ids == read_file_rows(parquet_file, fmt="parquet").column(ID).to_pylist()
+    ids = read_table(parquet_file, fmt="parquet").column(ID).to_pylist()
+    assert ids == read_table(parquet_file, fmt="parquet").column(ID).to_pylist()
     assert len(set(ids)) == 4
     # The hash covers every column of the row, read or not: change one value of row 0 only.
     table = pq.read_table(parquet_file)
     pq.write_table(table.set_column(3, "score", pa.array([9.0, 1.5, None, 0.5])), parquet_file)
-    changed = read_file_rows(parquet_file, fmt="parquet").column(ID).to_pylist()
+    changed = read_table(parquet_file, fmt="parquet").column(ID).to_pylist()
     assert changed[0] != ids[0] and changed[1:] == ids[1:]
 
 
@@ -286,7 +282,7 @@ def test_large_string_and_dictionary_columns_are_strings(tmp_path: Path) -> None
         }
     )
     pq.write_table(table, path)
-    rows = _rows(read_file_rows(str(path), fmt="parquet"))
+    rows = _rows(read_table(str(path), fmt="parquet"))
     assert [(r[TEXT], r[QUESTION], r[ERROR]) for r in rows] == [("x", "q", None), ("y", "q", None)]
 
 
@@ -294,14 +290,12 @@ def test_large_string_and_dictionary_columns_are_strings(tmp_path: Path) -> None
 
 
 def test_sample_corpus() -> None:
-    parts = [
-        read_file_rows(p, fmt=None, id_column="id", passthrough=["title"]) for p in SAMPLE_JSONL
-    ]
+    parts = [read_table(p, fmt=None, id_column="id", passthrough=["title"]) for p in SAMPLE_JSONL]
     assert [t.num_rows for t in parts] == [100, 100, 100]
     rows = [row for t in parts for row in _rows(t)]
     assert [r[ID] for r in rows] == [f"doc-{i:05d}" for i in range(1, 301)]
     assert all(r[ERROR] is None and r[TEXT] and r[QUESTION] and r["title"] for r in rows)
-    parquet = read_file_rows(SAMPLE_PARQUET, fmt=None, id_column="id", passthrough=["title"])
+    parquet = read_table(SAMPLE_PARQUET, fmt=None, id_column="id", passthrough=["title"])
     assert parquet.drop_columns([SOURCE, ROW_KEY]).equals(parts[0].drop_columns([SOURCE, ROW_KEY]))
     size = sum(p.stat().st_size for p in SAMPLE.rglob("*") if p.is_file())
     assert size < 300_000
@@ -345,7 +339,7 @@ def test_read_datasource_matches_direct_reads(jsonl: str, parquet_file: str) -> 
     import ray
 
     files = [*SAMPLE_JSONL, jsonl]
-    source = CorpusDatasource(files, passthrough=["title"], batch_rows=64)
+    source = CorpusDatasource(files, ReadSpec(passthrough=["title"], batch_rows=64))
     ds = ray.data.read_datasource(source)
     got = pa.Table.from_batches(
         [
@@ -354,12 +348,14 @@ def test_read_datasource_matches_direct_reads(jsonl: str, parquet_file: str) -> 
             for b in t.to_batches()
         ]
     )
-    want = pa.concat_tables([read_file_rows(f, fmt=None, passthrough=["title"]) for f in files])
+    want = pa.concat_tables([read_table(f, fmt=None, passthrough=["title"]) for f in files])
     assert got.num_rows == 300 + N_ROWS
     assert _sorted(got).equals(_sorted(want))
 
     pq_ds = ray.data.read_datasource(
-        CorpusDatasource([SAMPLE_PARQUET, parquet_file], id_column="id", passthrough=["title"])
+        CorpusDatasource(
+            [SAMPLE_PARQUET, parquet_file], ReadSpec(id_column="id", passthrough=["title"])
+        )
     )
     assert pq_ds.count() == 104
     assert pq_ds.limit(5).count() == 5
@@ -384,14 +380,14 @@ def test_read_from_s3(
         fs.put_file(local, uri)
         uris.append(uri)
 
-    remote = read_file_rows(uris[0], fmt=None, id_column="id", storage_options=options)
-    local = read_file_rows(gz, fmt=None, id_column="id")
+    remote = read_table(uris[0], fmt=None, id_column="id", storage_options=options)
+    local = read_table(gz, fmt=None, id_column="id")
     assert remote.drop_columns([SOURCE, ID, ROW_KEY]).equals(
         local.drop_columns([SOURCE, ID, ROW_KEY])
     )
     assert set(remote.column(SOURCE).to_pylist()) == {uris[0]}
 
-    ds = ray.data.read_datasource(CorpusDatasource(uris, storage_options=options))
+    ds = ray.data.read_datasource(CorpusDatasource(uris, ReadSpec(storage_options=options)))
     got = ds.to_arrow_refs()
     table = pa.concat_tables(ray.get(got), promote_options="permissive")
     assert table.num_rows == N_ROWS + 4
@@ -413,7 +409,7 @@ def test_deep_nesting_and_oversized_lines_become_error_rows(tmp_path: Path) -> N
         + b"\n"
         + big.encode()  # the last line, without a line break
     )
-    table = read_file_rows(str(path), fmt="jsonl", id_column="id", max_row_bytes=100_000)
+    table = read_table(str(path), fmt="jsonl", id_column="id", max_row_bytes=100_000)
     rows = _rows(table)
     assert len(rows) == 4
     assert rows[0][ERROR_KIND] == "invalid_json" and "nests JSON too deeply" in rows[0][ERROR]
@@ -429,10 +425,10 @@ def test_ids_keep_their_type_and_row_keys_are_unique(tmp_path: Path) -> None:
     lines = [{"id": 42}, {"id": "42"}, {"id": "a"}, {"id": "a"}, {"id": 4.5}, {"id": True}]
     path.write_text("".join(json.dumps({**row, "text": "t"}) + "\n" for row in lines))
     assert [id_key(r["id"]) for r in lines] == ["i:42", "s:42", "s:a", "s:a", "j:4.5", "j:true"]
-    table = read_file_rows(str(path), fmt="jsonl", id_column="id")
+    table = read_table(str(path), fmt="jsonl", id_column="id")
     keys = table.column(ROW_KEY).to_pylist()
     assert len(set(keys)) == len(lines)
-    assert keys == [row_key(str(path), i) for i in range(len(lines))]
+    assert keys == [resume_key(str(path), i) for i in range(len(lines))]
 
 
 def test_the_source_column_never_carries_a_credential() -> None:
@@ -441,7 +437,7 @@ def test_the_source_column_never_carries_a_credential() -> None:
     uri = "memory://bucket/signed.jsonl?X-Amz-Signature=s3cr3tsignature"
     with fsspec.open(uri, "wb") as handle:
         handle.write(b'{"id": "a", "text": "hi"}\n{"text": "no id"}\n')
-    table = read_file_rows(uri, fmt="jsonl", id_column="id")
+    table = read_table(uri, fmt="jsonl", id_column="id")
     assert set(table.column(SOURCE).to_pylist()) == {
         "memory://bucket/signed.jsonl?X-Amz-Signature=***"
     }
@@ -451,6 +447,6 @@ def test_the_source_column_never_carries_a_credential() -> None:
     fsspec.filesystem("memory").pipe(
         resigned.removeprefix("memory://"), fsspec.open(uri).open().read()
     )
-    again = read_file_rows(resigned, fmt="jsonl", id_column="id")
+    again = read_table(resigned, fmt="jsonl", id_column="id")
     assert again.column(ID).to_pylist() == table.column(ID).to_pylist()
     assert again.column(ROW_KEY).to_pylist() == table.column(ROW_KEY).to_pylist()

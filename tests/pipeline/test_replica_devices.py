@@ -13,9 +13,9 @@ from pipeline_helpers import (
     write_corpus,
 )
 
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.config import ConfigError
-from pipeline.model_stage import actor_env, model_stage
+from pipeline.model_stage import actor_env, engine_options, model_stage
 from pipeline.runner import run_job
 from pipeline.stage import PlanContext
 from testkit.ray_local import start_local_ray
@@ -69,7 +69,8 @@ def test_tensor_parallel_follows_the_devices_a_replica_is_given(tmp_path, fixtur
     with pytest.raises(ConfigError, match=r"model: .*tensor_parallel 4 does not match the 2"):
         cfg(gpus_per_replica=2, tensor_parallel=4)
     stage = model_stage(cfg(gpus_per_replica=2, memory_fraction=0.6), PlanContext())
-    assert stage.constructor_kwargs["engine_options"]["tensor_parallel"] == 2
+    kwargs = stage.constructor_kwargs
+    assert engine_options(kwargs["model"], kwargs["generation"])["tensor_parallel"] == 2
     assert stage.ray_args["num_gpus"] == 2
     assert stage.ray_args["runtime_env"] == {"env_vars": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.6"}}
     cpu = actor_env(cfg(tensor_parallel=2))

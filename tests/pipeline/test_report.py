@@ -16,8 +16,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import report
+from pipeline.rundir import MANIFEST, SUMMARY
 from pipeline.summary import SAMPLE_ROWS, RunSummary
-from pipeline.writer import MANIFEST, SUMMARY
 
 LABELS = ("toxicity", "severe_toxicity", "obscene", "threat", "insult", "identity_attack")
 NASTY = "<script>alert('x')</script>"

@@ -20,7 +20,7 @@ from pipeline_helpers import (
     write_corpus,
 )
 
-from pipeline import schema as S
+from pipeline import columns as S
 
 LOCAL = fsspec.filesystem("file")
 ROWS = 160

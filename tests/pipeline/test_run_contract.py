@@ -16,18 +16,20 @@ import pyarrow.fs as pafs
 import pytest
 import ray
 from pipeline_helpers import (
+    check_complete_run,
     corpus_rows,
     job_config,
     job_yaml,
     read_output,
     write_corpus,
 )
+from pydantic.fields import FieldInfo
 
+import pipeline.rundir
 import pipeline.runner
-import pipeline.writer
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.cli import main as cli_main
-from pipeline.contract import LEASE, RunRefused
+from pipeline.contract import LEASE, RunRefused, identity_fields, identity_mark
 from pipeline.runner import RunFailed, run_job
 
 LOCAL = fsspec.filesystem("file")
@@ -69,9 +71,9 @@ def test_repeated_ids_never_wedge_a_run_or_lose_a_row(
     # "a" repeats; 42 and "42" are different ids.
     assert counts["ids_repeated"] == 1 and counts["rows_with_repeated_ids"] == 2
     # Past the one-task size the count is a Ray Data group-by: the same figures.
-    monkeypatch.setattr(pipeline.writer, "SMALL_ID_COUNT", 0)
+    monkeypatch.setattr(pipeline.rundir, "SMALL_ID_COUNT", 0)
     run_uri = str(tmp_path / "out" / "dup")
-    by_shuffle = pipeline.writer.count_repeats(run_uri, {}, pafs.LocalFileSystem(), rows=5)
+    by_shuffle = pipeline.rundir.count_repeats(run_uri, {}, pafs.LocalFileSystem(), rows=5)
     assert by_shuffle == {"ids_repeated": 1, "rows_with_repeated_ids": 2}
 
 
@@ -231,3 +233,75 @@ def test_a_refused_run_exits_2_and_a_failed_one_exits_1(tmp_path, fixtures, monk
 
         monkeypatch.setattr(pipeline.runner, "run_job", refuse)
         assert cli_main(["run", str(config), "--run-id", "x"]) == code
+
+
+def test_every_config_field_is_marked_for_the_run_identity() -> None:
+    """Walks the schema: each field says whether it decides the outputs, so none is forgotten."""
+    marks = identity_fields()
+    assert len(marks) > 60 and set(marks.values()) <= {True, False, "content"}
+    # A field added without a mark fails loudly instead of being left out of the identity.
+    with pytest.raises(ValueError, match="not marked"):
+        identity_mark(FieldInfo(default=1))
+    decides = {path for path, mark in marks.items() if mark}
+    assert {"input.uri", "input.format", "input.max_row_bytes", "output.format"} <= decides
+    assert {"model.checkpoint", "toxicity.checkpoint"} <= {
+        p for p, m in marks.items() if m == "content"
+    }
+    assert not decides & {"model.replicas", "generation.max_slots", "run.checkpoint_uri"}
+
+
+def test_a_rerun_with_another_row_limit_or_date_is_refused(
+    tmp_path, fixtures, ray_cluster, monkeypatch, capsys
+) -> None:
+    """Issue 18 (input.max_row_bytes decides which rows are row_too_large errors) and issue 21
+    case 2 (another --date is another input): refused with exit 2, naming the field, and nothing
+    of the finished run is touched."""
+    for day in ("2026-11-27", "2026-11-28"):
+        write_corpus(LOCAL, str(tmp_path / "in" / day), corpus_rows(3), "jsonl", files=1)
+    text = job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(tmp_path / "in" / "{date}" / "*.jsonl"),
+        output_uri=str(tmp_path / "out"),
+        extra={"toxicity": {"enabled": False}},
+    )
+    assert run_job(job_config(text, run_id="dated")).status == "succeeded"
+    run_dir = tmp_path / "out" / "dated"
+    before = sorted(p.name for p in run_dir.iterdir())
+    identity = json.loads((run_dir / "_run.json").read_text())["identity"]
+    assert identity["input.uri"] == str(tmp_path / "in" / "2026-11-27" / "*.jsonl")
+    assert identity["input.max_row_bytes"] == 32 << 20
+
+    config = tmp_path / "job.yaml"
+    config.write_text(text)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    base = ["run", str(config), "--run-id", "dated", "--date", "2026-11-27"]
+    assert cli_main([*base, "--set", "input.max_row_bytes=2048"]) == 2
+    err = capsys.readouterr().err
+    assert "input.max_row_bytes: run dated was started with 33554432, now 2048" in err
+    assert cli_main(["run", str(config), "--run-id", "dated", "--date", "2026-11-28"]) == 2
+    err = capsys.readouterr().err
+    assert "input.uri: run dated was started with" in err and "2026-11-28" in err
+    assert "use a new run id" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    # The same date and limit is the same run: already complete.
+    assert cli_main(base) == 0
+
+
+def test_runs_sharing_a_checkpoint_uri_both_finish(tmp_path, fixtures, ray_cluster) -> None:
+    """Issue 21 case 3: a fixed run.checkpoint_uri shared by two run ids; each run id has its
+    own checkpoint under it, so the second does not take the first's rows as committed."""
+    rows = corpus_rows(5)
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", files=2)
+    shared = tmp_path / "checkpoints"
+    text = yaml_for(fixtures, tmp_path, run={"checkpoint_uri": str(shared)})
+    for run_id in ("c1", "c2"):
+        result = run_job(job_config(text, run_id=run_id))
+        assert result.status == "succeeded"
+        check_complete_run(LOCAL, str(tmp_path / "out" / run_id), rows)
+        assert (shared / run_id).is_dir()
+    templated = yaml_for(fixtures, tmp_path, run={"checkpoint_uri": str(shared / "t-{run_id}")})
+    assert pipeline.rundir.checkpoint_uri(job_config(templated, run_id="c3")) == str(
+        shared / "t-c3"
+    )

@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline import schema
+from pipeline import columns as S
+from pipeline.config import ToxicitySection
 from pipeline.toxicity import ToxicityScorer, ToxicityStage, apply_policy
 from testkit.ray_local import local_ray
 from testkit.tiny_detoxify import build_tiny_detoxify
@@ -37,19 +38,19 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def scorer(checkpoint: Path) -> ToxicityScorer:
-    return ToxicityScorer(checkpoint=str(checkpoint))
+    return ToxicityScorer(ToxicitySection(checkpoint=str(checkpoint)))
 
 
 def _batch() -> pa.Table:
     """Summarize, qa and generate rows; r2 failed generation, r3 has no input text."""
     return pa.table(
         {
-            schema.ID: ["r0", "r1", "r2", "r3", "r4"],
-            schema.TEXT: ["a long report about the city", None, "the context", None, "a story"],
-            schema.PROMPT: [None, "write a poem about the sea", None, None, None],
-            schema.OUTPUT_TEXT: ["you stupid idiot", "the sea is blue", None, "hello", "the end"],
-            schema.ERROR: [None, None, "engine failed", None, None],
-            schema.ERROR_KIND: [None, None, "generation", None, None],
+            S.ID: ["r0", "r1", "r2", "r3", "r4"],
+            S.TEXT: ["a long report about the city", None, "the context", None, "a story"],
+            S.PROMPT: [None, "write a poem about the sea", None, None, None],
+            S.OUTPUT_TEXT: ["you stupid idiot", "the sea is blue", None, "hello", "the end"],
+            S.ERROR: [None, None, "engine failed", None, None],
+            S.ERROR_KIND: [None, None, "generation", None, None],
         }
     )
 
@@ -138,13 +139,13 @@ def test_scorer_handles_one_text_none_and_empty(scorer: ToxicityScorer) -> None:
 
 
 def test_scores_do_not_depend_on_batching(scorer: ToxicityScorer, checkpoint: Path) -> None:
-    small = ToxicityScorer(checkpoint=str(checkpoint), batch_size=1).score(TEXTS)
+    small = ToxicityScorer(ToxicitySection(checkpoint=str(checkpoint), batch_size=1)).score(TEXTS)
     for label, values in scorer.score(TEXTS).items():
         np.testing.assert_allclose(small[label], values, atol=1e-5)
 
 
 def test_two_loads_give_the_same_scores(scorer: ToxicityScorer, checkpoint: Path) -> None:
-    again = ToxicityScorer(checkpoint=str(checkpoint))
+    again = ToxicityScorer(ToxicitySection(checkpoint=str(checkpoint)))
     first, second = scorer.score(TEXTS), again.score(TEXTS)
     for label in LABELS:
         np.testing.assert_array_equal(first[label], second[label])
@@ -158,17 +159,19 @@ def test_moved_fixture_still_loads(tmp_path: Path, scorer: ToxicityScorer) -> No
     moved = tmp_path / "after" / built.name
     with pytest.raises(OSError):  # detoxify alone follows the stale model_type path
         Detoxify(checkpoint=str(moved))
-    scores = ToxicityScorer(checkpoint=str(moved)).score(TEXTS)
+    scores = ToxicityScorer(ToxicitySection(checkpoint=str(moved))).score(TEXTS)
     for label, values in scorer.score(TEXTS).items():
         np.testing.assert_array_equal(scores[label], values)
 
 
 def test_labels_follow_the_model_type(tmp_path: Path) -> None:
-    unbiased = ToxicityScorer(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
-    assert len(unbiased.labels) == 7 and "sexual_explicit" in unbiased.labels
-    table = ToxicityStage(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))(
-        _batch()
+    unbiased = ToxicityScorer(
+        ToxicitySection(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
     )
+    assert len(unbiased.labels) == 7 and "sexual_explicit" in unbiased.labels
+    table = ToxicityStage(
+        ToxicitySection(checkpoint=str(build_tiny_detoxify(tmp_path, model_type="unbiased")))
+    )(_batch())
     assert "toxicity_sexual_explicit" in table.column_names
 
 
@@ -177,18 +180,18 @@ def test_labels_follow_the_model_type(tmp_path: Path) -> None:
 
 def test_stage_adds_typed_columns_and_keeps_rows(checkpoint: Path) -> None:
     batch = _batch()
-    out = ToxicityStage(checkpoint=str(checkpoint))(batch)
-    assert out.column(schema.ID).to_pylist() == batch.column(schema.ID).to_pylist()
-    assert out.column(schema.OUTPUT_TEXT).equals(batch.column(schema.OUTPUT_TEXT))
+    out = ToxicityStage(ToxicitySection(checkpoint=str(checkpoint)))(batch)
+    assert out.column(S.ID).to_pylist() == batch.column(S.ID).to_pylist()
+    assert out.column(S.OUTPUT_TEXT).equals(batch.column(S.OUTPUT_TEXT))
     for label in LABELS:
-        column = out.column(schema.TOXICITY_PREFIX + label)
+        column = out.column(S.TOXICITY_PREFIX + label)
         assert column.type == pa.float32()
         assert column.null_count == 1 and column[2].as_py() is None  # the failed generation
-        assert not any(name.startswith(schema.INPUT_TOXICITY_PREFIX) for name in out.column_names)
-    assert out.schema.field(schema.TOXIC).type == pa.bool_()
-    assert out.column(schema.TOXIC)[2].as_py() is None
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
-    assert out.column(schema.ERROR).equals(batch.column(schema.ERROR))
+        assert not any(name.startswith(S.INPUT_TOXICITY_PREFIX) for name in out.column_names)
+    assert out.schema.field(S.TOXIC).type == pa.bool_()
+    assert out.column(S.TOXIC)[2].as_py() is None
+    assert out.column(S.TOXICITY_DECISION).to_pylist() == ["keep"] * 5
+    assert out.column(S.ERROR).equals(batch.column(S.ERROR))
 
 
 @pytest.mark.parametrize(
@@ -204,17 +207,19 @@ def test_stage_adds_typed_columns_and_keeps_rows(checkpoint: Path) -> None:
 def test_policy_actions(
     checkpoint: Path, action: str, threshold: float, decision: str, redacted: bool
 ) -> None:
-    stage = ToxicityStage(
+    # A threshold over 1 (no row is toxic) is past what the config accepts: built unchecked.
+    settings = ToxicitySection.model_construct(
         checkpoint=str(checkpoint), threshold=threshold, action=action, redaction_text="<gone>"
     )
+    stage = ToxicityStage(settings)
     out = stage(_batch())
     scored = [0, 1, 3, 4]
-    assert [out.column(schema.TOXIC)[i].as_py() for i in scored] == [threshold <= 1.0] * 4
-    decisions = out.column(schema.TOXICITY_DECISION).to_pylist()
+    assert [out.column(S.TOXIC)[i].as_py() for i in scored] == [threshold <= 1.0] * 4
+    decisions = out.column(S.TOXICITY_DECISION).to_pylist()
     assert [decisions[i] for i in scored] == [decision] * 4
     assert decisions[2] == "keep"  # unscored rows are kept
-    outputs = out.column(schema.OUTPUT_TEXT).to_pylist()
-    expected = _batch().column(schema.OUTPUT_TEXT).to_pylist()
+    outputs = out.column(S.OUTPUT_TEXT).to_pylist()
+    expected = _batch().column(S.OUTPUT_TEXT).to_pylist()
     if redacted:
         expected = [None if i == 2 else "<gone>" for i in range(5)]
     assert outputs == expected
@@ -223,26 +228,26 @@ def test_policy_actions(
 def test_apply_policy_without_a_model() -> None:
     table = pa.table(
         {
-            schema.OUTPUT_TEXT: ["a", "b", "c", None],
+            S.OUTPUT_TEXT: ["a", "b", "c", None],
             "toxicity_toxicity": pa.array([0.9, 0.1, 0.4, None], pa.float32()),
             "toxicity_insult": pa.array([0.2, 0.1, 0.6, None], pa.float32()),
             "input_toxicity_toxicity": pa.array([0.99, 0.99, 0.99, 0.99], pa.float32()),
         }
     )
     out = apply_policy(table, 0.5, "redact", "x")
-    assert out.column(schema.TOXIC).to_pylist() == [True, False, True, None]
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == ["redact", "keep", "redact", "keep"]
-    assert out.column(schema.OUTPUT_TEXT).to_pylist() == ["x", "b", "x", None]
+    assert out.column(S.TOXIC).to_pylist() == [True, False, True, None]
+    assert out.column(S.TOXICITY_DECISION).to_pylist() == ["redact", "keep", "redact", "keep"]
+    assert out.column(S.OUTPUT_TEXT).to_pylist() == ["x", "b", "x", None]
     again = apply_policy(out, 0.5, "drop")  # toxicity_decision is not taken for a label
-    assert again.column(schema.TOXICITY_DECISION).to_pylist() == ["drop", "keep", "drop", "keep"]
+    assert again.column(S.TOXICITY_DECISION).to_pylist() == ["drop", "keep", "drop", "keep"]
     assert again.num_columns == out.num_columns
     with pytest.raises(ValueError, match="action"):
         apply_policy(table, 0.5, "delete")
 
 
 def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicityScorer) -> None:
-    out = ToxicityStage(checkpoint=str(checkpoint), score_inputs=True)(_batch())
-    column = out.column(schema.INPUT_TOXICITY_PREFIX + "insult")
+    out = ToxicityStage(ToxicitySection(checkpoint=str(checkpoint), score_inputs=True))(_batch())
+    column = out.column(S.INPUT_TOXICITY_PREFIX + "insult")
     assert column.type == pa.float32()
     inputs = ["a long report about the city", "write a poem about the sea", "the context"]
     expected = scorer.score([*inputs, "a story"])["insult"]
@@ -250,7 +255,7 @@ def test_score_inputs_uses_text_else_prompt(checkpoint: Path, scorer: ToxicitySc
     assert got[3] is None  # neither text nor prompt
     np.testing.assert_allclose([got[0], got[1], got[2], got[4]], expected, atol=1e-5)
     for label in LABELS:
-        assert schema.INPUT_TOXICITY_PREFIX + label in out.column_names
+        assert S.INPUT_TOXICITY_PREFIX + label in out.column_names
 
 
 def _fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray]:
@@ -261,29 +266,29 @@ def _fail(self: ToxicityScorer, texts: list[str | None]) -> dict[str, np.ndarray
 def test_failing_scorer_becomes_row_errors(
     checkpoint: Path, monkeypatch: pytest.MonkeyPatch, action: str
 ) -> None:
-    stage = ToxicityStage(checkpoint=str(checkpoint), action=action, threshold=0.0)
+    stage = ToxicityStage(ToxicitySection(checkpoint=str(checkpoint), action=action, threshold=0.0))
     monkeypatch.setattr(ToxicityScorer, "score", _fail)
     batch = _batch()
     out = stage(batch)
-    assert out.column(schema.ID).to_pylist() == batch.column(schema.ID).to_pylist()
-    errors = out.column(schema.ERROR).to_pylist()
-    kinds = out.column(schema.ERROR_KIND).to_pylist()
+    assert out.column(S.ID).to_pylist() == batch.column(S.ID).to_pylist()
+    errors = out.column(S.ERROR).to_pylist()
+    kinds = out.column(S.ERROR_KIND).to_pylist()
     assert errors[2] == "engine failed" and kinds[2] == "generation"  # kept as it was
     for i in (0, 1, 3, 4):
         assert kinds[i] == "toxicity" and "out of memory" in errors[i]
     assert out.column("toxicity_insult").null_count == 5
-    assert out.column(schema.TOXIC).null_count == 5
-    decisions = out.column(schema.TOXICITY_DECISION).to_pylist()
-    outputs = out.column(schema.OUTPUT_TEXT).to_pylist()
+    assert out.column(S.TOXIC).null_count == 5
+    decisions = out.column(S.TOXICITY_DECISION).to_pylist()
+    outputs = out.column(S.OUTPUT_TEXT).to_pylist()
     if action == "annotate":  # annotate only scores: the text stays, flagged by the error
         assert decisions == ["keep"] * 5
-        assert outputs == batch.column(schema.OUTPUT_TEXT).to_pylist()
+        assert outputs == batch.column(S.OUTPUT_TEXT).to_pylist()
     else:  # fail closed: unscored text never leaves as kept text
         assert decisions == [action, action, "keep", action, action]
         assert outputs == [None] * 5
 
-    no_error_columns = _batch().drop_columns([schema.ERROR, schema.ERROR_KIND])
-    kinds = stage(no_error_columns).column(schema.ERROR_KIND).to_pylist()
+    no_error_columns = _batch().drop_columns([S.ERROR, S.ERROR_KIND])
+    kinds = stage(no_error_columns).column(S.ERROR_KIND).to_pylist()
     assert kinds == ["toxicity", "toxicity", None, "toxicity", "toxicity"]  # r2: nothing to score
 
 
@@ -291,32 +296,32 @@ def test_failing_scorer_becomes_row_errors(
 def test_unscored_text_is_withheld_by_the_policy(action: str) -> None:
     table = pa.table(
         {
-            schema.OUTPUT_TEXT: ["scored", "nan", "missing", "had an error", None],
+            S.OUTPUT_TEXT: ["scored", "nan", "missing", "had an error", None],
             "toxicity_toxicity": pa.array([0.1, float("nan"), None, None, None], pa.float32()),
             "toxicity_insult": pa.array([0.2, 0.1, None, None, None], pa.float32()),
-            schema.ERROR: [None, None, None, "stop sequence lost", None],
-            schema.ERROR_KIND: [None, None, None, "generation", None],
+            S.ERROR: [None, None, None, "stop sequence lost", None],
+            S.ERROR_KIND: [None, None, None, "generation", None],
         }
     )
     out = apply_policy(table, 0.5, action, "x")
-    assert out.column(schema.TOXIC).to_pylist() == [False, None, None, None, None]
-    assert out.column(schema.TOXICITY_DECISION).to_pylist() == [
+    assert out.column(S.TOXIC).to_pylist() == [False, None, None, None, None]
+    assert out.column(S.TOXICITY_DECISION).to_pylist() == [
         "keep",
         action,
         action,
         action,
         "keep",
     ]
-    assert out.column(schema.OUTPUT_TEXT).to_pylist() == ["scored", None, None, None, None]
-    errors = out.column(schema.ERROR).to_pylist()
+    assert out.column(S.OUTPUT_TEXT).to_pylist() == ["scored", None, None, None, None]
+    errors = out.column(S.ERROR).to_pylist()
     assert errors[0] is None and errors[4] is None
     assert "no toxicity score" in errors[1] and "no toxicity score" in errors[2]
     assert errors[3] == "stop sequence lost"  # an earlier error is not overwritten
-    kinds = out.column(schema.ERROR_KIND).to_pylist()
+    kinds = out.column(S.ERROR_KIND).to_pylist()
     assert kinds == [None, "toxicity", "toxicity", "generation", None]
     annotated = apply_policy(table, 0.5, "annotate")
-    assert annotated.column(schema.OUTPUT_TEXT).equals(table.column(schema.OUTPUT_TEXT))
-    assert annotated.column(schema.ERROR).equals(table.column(schema.ERROR))
+    assert annotated.column(S.OUTPUT_TEXT).equals(table.column(S.OUTPUT_TEXT))
+    assert annotated.column(S.ERROR).equals(table.column(S.ERROR))
 
 
 # Loading safely ------------------------------------------------------------------------------------
@@ -344,7 +349,7 @@ def test_checkpoint_needing_code_is_refused_without_running_it(
         {"config": good["config"], "state_dict": good["state_dict"], "x": _Payload(marker)}, evil
     )
     with pytest.raises(ValueError, match="weights-only") as info:
-        ToxicityScorer(checkpoint=str(evil))
+        ToxicityScorer(ToxicitySection(checkpoint=str(evil)))
     assert str(evil) in str(info.value)
     assert not marker.exists()
 
@@ -353,7 +358,7 @@ def test_checkpoint_needing_code_is_refused_without_running_it(
         {"config": _Payload(marker), "state_dict": {}}, legacy, _use_new_zipfile_serialization=False
     )
     with pytest.raises(ValueError, match="weights-only"):
-        ToxicityScorer(checkpoint=str(legacy))
+        ToxicityScorer(ToxicitySection(checkpoint=str(legacy)))
     assert not marker.exists()
 
 
@@ -373,7 +378,7 @@ def test_loading_never_unpickles_unsafely(
     built = build_tiny_detoxify(tmp_path / "before")
     shutil.move(tmp_path / "before", tmp_path / "after")  # model_type rewritten at load time
     for path in (checkpoint, tmp_path / "after" / built.name):
-        assert ToxicityScorer(checkpoint=str(path)).labels == LABELS
+        assert ToxicityScorer(ToxicitySection(checkpoint=str(path))).labels == LABELS
     assert calls and all(c is True for c in calls), calls
 
 
@@ -383,7 +388,7 @@ def test_checkpoint_without_config_names_itself(tmp_path: Path) -> None:
     path = tmp_path / "weights-only.ckpt"
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match=r"weights-only\.ckpt.*config"):
-        ToxicityScorer(checkpoint=str(path))
+        ToxicityScorer(ToxicitySection(checkpoint=str(path)))
 
 
 # Inside Ray Data ---------------------------------------------------------------------------------
@@ -405,16 +410,16 @@ def test_stage_in_ray_data_matches_direct_call(ray_cluster: None, checkpoint: Pa
         "score_inputs": True,
     }
     batch = _batch()
-    direct = ToxicityStage(**kwargs)(batch)
+    direct = ToxicityStage(ToxicitySection(**kwargs))(batch)
     dataset = ray.data.from_arrow(batch).map_batches(
         ToxicityStage,
-        fn_constructor_kwargs=kwargs,
+        fn_constructor_kwargs={"settings": ToxicitySection(**kwargs)},
         compute=ray.data.ActorPoolStrategy(size=1),
         batch_format="pyarrow",
     )
     result = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
     assert result.column_names == direct.column_names
-    assert result.column(schema.ID).to_pylist() == direct.column(schema.ID).to_pylist()
+    assert result.column(S.ID).to_pylist() == direct.column(S.ID).to_pylist()
     for name in direct.column_names:
         if pa.types.is_floating(direct.schema.field(name).type):
             np.testing.assert_allclose(
@@ -440,7 +445,7 @@ def test_remote_checkpoint_loads_with_its_model_dir(
     s3fs.S3FileSystem(**options).put(str(built.parent) + "/", f"{bucket}/detox/", recursive=True)
     shutil.rmtree(built.parent)  # model_type now names a missing local directory
     uri = f"s3://{bucket}/detox/{built.name}"
-    remote = ToxicityScorer(checkpoint=uri, storage_options=options).score(TEXTS)
+    remote = ToxicityScorer(ToxicitySection(checkpoint=uri, storage_options=options)).score(TEXTS)
     for label, values in scorer.score(TEXTS).items():
         np.testing.assert_array_equal(remote[label], values)
     cached = [p for p in (tmp_path / "cache" / "objects").iterdir() if p.is_dir()]

@@ -20,7 +20,7 @@ from pipeline_helpers import (
 )
 
 import pipeline.runner
-from pipeline import schema as S
+from pipeline import columns as S
 from pipeline.report.page import throughput_rates
 from pipeline.runner import run_job
 from pipeline.summary import RunSummary

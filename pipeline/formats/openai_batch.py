@@ -13,11 +13,13 @@ The format is the one OpenAI's Batch API and ``vllm run-batch`` read and write. 
      "error": null,
      "rgbatch": {"row_id": ..., "toxicity": {label: score}, "toxic": ..., ...}}
 
-Reading (:class:`RequestRows`, driven by :mod:`pipeline.readers`): every non-blank line is one
-row. A valid request becomes a ``generate`` row whose ``prompt`` is the text to continue (chat
-messages rendered with Gemma's chat markers by :func:`render_chat`, so the prompt stage must not
-wrap them again; a completions ``prompt`` as is) plus the ``req_*`` columns of
-:mod:`pipeline.schema` for the honoured body parameters. A line that is not a valid, supported
+Reading (:class:`OpenAIBatchReader`): the line rules of :mod:`pipeline.formats.jsonl`; every
+non-blank line is one row. A valid request becomes a ``generate`` row whose ``prompt`` is the text
+to continue (chat messages rendered with Gemma's chat markers by :func:`render_chat`, so the prompt
+stage must not wrap them again: the reader says its prompts are ready; a completions ``prompt`` as
+is), the request's ``custom_id`` and endpoint in :data:`REQ_CUSTOM_ID` / :data:`REQ_ENDPOINT`, and
+the honoured body parameters as the row's settings (:data:`pipeline.request.ROW_SETTINGS`). A line
+that is not a valid, supported
 request is still a row, with ``error`` / ``error_kind`` set (``invalid_request``, or the reader's
 ``invalid_json`` / ``invalid_utf8`` / ``row_too_large``), and becomes an error line.
 
@@ -29,17 +31,12 @@ that). The set of custom_ids seen lives in the read task, one file at a time. Re
 files are not errors; the reader records each custom_id in the run's id ledger, so the manifest
 counts them (``ids_repeated``), as it does for ``input.id_column``.
 
-Generation (:class:`RequestSettings`, used by the model stage): ``max_tokens`` (or
-``max_completion_tokens``) is capped at ``generation.max_new_tokens``; ``temperature`` and
-``top_p`` replace the job's for that row (``generation.top_k`` still applies); ``seed`` replaces
-the row's derived seed (taken modulo 2**31, the engine's seed range); chat requests also stop at
-Gemma's ``<end_of_turn>``. ``stop`` strings: a stop string that is exactly one piece of the
-vocabulary also becomes an engine stop id (while the engine's ``max_stop_ids`` allows), so
-generation ends as soon as it is drawn; the engine drops a stop id from the output. Every stop
-string is then also looked for in the decoded text, since the model can spell it with other
-tokens: the text is cut before the first occurrence, ``finish_reason`` becomes ``stop`` and
-``completion_tokens`` counts the tokens up to the one that completed the stop string (generation
-past it, up to the token limit, is wasted work but not reported).
+Generation (the row's settings, applied by the model stage under the rules of
+:mod:`pipeline.request`): ``max_tokens`` (or ``max_completion_tokens``) becomes the row's
+``max_new_tokens``, capped at ``generation.max_new_tokens``; ``temperature`` and ``top_p`` replace
+the job's for that row (``generation.top_k`` still applies); ``seed`` replaces the row's derived
+seed; ``stop`` strings end generation and cut the text (``completion_tokens`` counts the tokens up
+to the stop); chat requests also stop at Gemma's ``<end_of_turn>``.
 
 Unsupported parameters that would change the answer are errors, never silently ignored: ``n`` or
 ``best_of`` other than 1, ``stream: true``, ``logprobs`` / ``top_logprobs`` / ``echo``, tools and
@@ -54,51 +51,39 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from model.tokenizer import END_OF_TURN, START_OF_TURN, Tokenizer
-from pipeline import schema as S
+from model.tokenizer import END_OF_TURN, START_OF_TURN
+from pipeline import columns as S
+from pipeline.formats import jsonl
+from pipeline.formats.base import KeyedBatch, Problems, Reader, ReadSpec, Writer
+from pipeline.formats.rows import derive_id, resume_key
+from pipeline.request import ROW_SETTINGS, ROW_SETTINGS_TYPE
+from pipeline.secrets import mask_uri
 
 if TYPE_CHECKING:
-    from model.engine import GenerationRequest  # imports JAX: only for the type
+    from pipeline.config import JobConfig
 
 FORMAT = "openai_batch"
+REQUEST_PREFIX = "req_"  # the request columns start with it; passthrough columns may not
+REQ_CUSTOM_ID = "req_custom_id"  # str | null: the line's custom_id as given
+REQ_ENDPOINT = "req_endpoint"  # "chat" | "completions" | null (the line is no valid request)
 CHAT = "chat"
 COMPLETIONS = "completions"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
-SEED_RANGE = 1 << 31  # seeds are taken modulo this (the engine's int32 seed)
 
 REQUEST_SCHEMA = pa.schema(
     [
-        pa.field(S.REQ_CUSTOM_ID, pa.string()),
-        pa.field(S.REQ_ENDPOINT, pa.string()),
-        pa.field(S.REQ_MAX_TOKENS, pa.int32()),
-        pa.field(S.REQ_TEMPERATURE, pa.float64()),
-        pa.field(S.REQ_TOP_P, pa.float64()),
-        pa.field(S.REQ_SEED, pa.int64()),
-        pa.field(S.REQ_STOP, pa.list_(pa.string())),
+        pa.field(REQ_CUSTOM_ID, pa.string()),
+        pa.field(REQ_ENDPOINT, pa.string()),
+        pa.field(ROW_SETTINGS, ROW_SETTINGS_TYPE),
     ]
 )
-"""The columns the reader adds after ``READ_SCHEMA`` for openai_batch input."""
-
-# What the writer needs to build response lines.
-SINK_COLUMNS = (
-    S.ID,
-    S.REQ_CUSTOM_ID,
-    S.REQ_ENDPOINT,
-    S.PROMPT_TOKENS,
-    S.OUTPUT_TEXT,
-    S.OUTPUT_TOKENS,
-    S.FINISH_REASON,
-    S.ERROR,
-    S.ERROR_KIND,
-    S.MODEL,
-    S.RUN_ID,
-)
+"""The columns the reader adds after ``READ_SCHEMA``."""
 
 # Body fields that change the answer, with the one value (or values) we can honour.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
@@ -345,7 +330,7 @@ class RequestRows:
             custom_id = line.get("custom_id")
             issue = custom_id_problem(custom_id)
             if issue is None:
-                values[S.REQ_CUSTOM_ID] = custom_id
+                values[REQ_CUSTOM_ID] = custom_id
                 id_key = "s:" + custom_id
                 if custom_id in self._seen:
                     issue = f"custom_id {custom_id!r} repeats an earlier line of this file"
@@ -355,7 +340,7 @@ class RequestRows:
             if issue is not None:
                 errors.append(issue)
             url = line.get("url")
-            values[S.REQ_ENDPOINT] = ENDPOINTS.get(url) if isinstance(url, str) else None
+            values[REQ_ENDPOINT] = ENDPOINTS.get(url) if isinstance(url, str) else None
             try:
                 request = parse_request(line)
             except RequestError as err:
@@ -383,90 +368,83 @@ class RequestRows:
 
 
 def _request_values(request: Request) -> dict[str, Any]:
-    return {
-        S.PROMPT: request.prompt,
-        S.REQ_ENDPOINT: request.endpoint,
-        S.REQ_MAX_TOKENS: request.max_tokens,
-        S.REQ_TEMPERATURE: request.temperature,
-        S.REQ_TOP_P: request.top_p,
-        S.REQ_SEED: request.seed,
-        S.REQ_STOP: list(request.stop) if request.stop else None,
+    settings = {
+        "max_new_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "stop": list(request.stop) if request.stop else None,
+        "end_of_turn": True if request.endpoint == CHAT else None,
     }
+    return {S.PROMPT: request.prompt, REQ_ENDPOINT: request.endpoint, ROW_SETTINGS: settings}
 
 
-# ---------------------------------------------------------------------------- generation
+class OpenAIBatchReader(Reader):
+    name = FORMAT
+    description = (
+        "OpenAI Batch API / vllm run-batch request lines (JSONL files; never inferred from the "
+        "name: set it; task generate)"
+    )
+    suffixes = jsonl.JsonlReader.suffixes
+    inferred = False
+    prompts_ready = True
+    reserved = (REQUEST_PREFIX + "*",)
+    maps_columns = False  # request lines, checked line by line: a bad one is an error line
 
-
-def stop_ids_of(tokenizer: Tokenizer, stops: Sequence[str]) -> list[int]:
-    """The ids of the stop strings that are exactly one piece of the vocabulary."""
-    ids = []
-    for stop in stops:
-        idx = int(tokenizer.processor.piece_to_id(stop))
-        if idx != tokenizer.unk_id and tokenizer.processor.id_to_piece(idx) == stop:
-            ids.append(idx)
-    return ids
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Where the first stop string starts in ``text``, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-class RequestSettings:
-    """The per-row generation settings of a batch with ``req_*`` columns (see module docstring)."""
-
-    def __init__(self, table: pa.Table, tokenizer: Tokenizer, max_stop_ids: int) -> None:
-        self.tokenizer = tokenizer
-        self.max_stop_ids = max_stop_ids
-        self.columns = {name: table.column(name).to_pylist() for name in REQUEST_SCHEMA.names}
-
-    @classmethod
-    def of(cls, table: pa.Table, tokenizer: Tokenizer, max_stop_ids: int) -> RequestSettings | None:
-        """The settings of ``table``, or None when it has no request columns."""
-        if not all(name in table.column_names for name in REQUEST_SCHEMA.names):
-            return None
-        return cls(table, tokenizer, max_stop_ids)
-
-    def apply(self, i: int, request: GenerationRequest) -> GenerationRequest:
-        """Row ``i``'s request: the job's ``request`` with the row's settings applied."""
-        col = self.columns
-        out: dict[str, Any] = {}
-        if col[S.REQ_MAX_TOKENS][i] is not None:
-            out["max_new_tokens"] = min(col[S.REQ_MAX_TOKENS][i], request.max_new_tokens)
-        if col[S.REQ_TEMPERATURE][i] is not None:
-            out["temperature"] = col[S.REQ_TEMPERATURE][i]
-        if col[S.REQ_TOP_P][i] is not None:
-            out["top_p"] = col[S.REQ_TOP_P][i]
-        if col[S.REQ_SEED][i] is not None:
-            out["seed"] = col[S.REQ_SEED][i] % SEED_RANGE
-        stop_ids = list(request.stop_ids)
-        extra = stop_ids_of(self.tokenizer, col[S.REQ_STOP][i] or ())
-        if col[S.REQ_ENDPOINT][i] == CHAT and self.tokenizer.end_of_turn_id is not None:
-            extra.insert(0, self.tokenizer.end_of_turn_id)
-        for idx in extra:
-            if idx not in stop_ids and len(stop_ids) < self.max_stop_ids:
-                stop_ids.append(idx)
-        out["stop_ids"] = tuple(stop_ids)
-        return dataclasses.replace(request, **out)
-
-    def finish(
-        self, i: int, token_ids: Sequence[int], text: str, tokens: int, reason: str
-    ) -> tuple[str, int, str]:
-        """(text, completion tokens, finish reason) of row ``i`` once its stop strings apply."""
-        stops = self.columns[S.REQ_STOP][i]
-        cut = cut_at_stop(text, stops) if stops else None
-        if cut is None:
-            return text, tokens, reason
-        # The fewest tokens whose text holds a stop string (their text only grows with more).
-        low, high = 1, len(token_ids)
-        while low < high:
-            mid = (low + high) // 2
-            if cut_at_stop(self.tokenizer.decode(token_ids[:mid]), stops) is None:
-                low = mid + 1
+    def read(self, uri: str, spec: ReadSpec) -> Iterator[KeyedBatch]:
+        """One row per non-blank line (see the module docstring)."""
+        source = mask_uri(uri)
+        rows = RequestRows(source)
+        for position, raw, too_large in jsonl.row_lines(uri, spec):
+            if too_large is not None:
+                obj, kind, message = (
+                    None,
+                    *jsonl.too_large_error(position, too_large, spec.max_row_bytes),
+                )
             else:
-                high = mid
-        return text[:cut], high, "stop"
+                obj, kind, message = jsonl.parse_line(raw, position)
+            rows.add(
+                obj,
+                (kind, message) if obj is None else None,
+                derived_id=derive_id(source, position, raw),
+                key=resume_key(source, position),
+                position=position,
+            )
+            if len(rows) >= spec.batch_rows:
+                yield rows.flush()
+        if len(rows):
+            yield rows.flush()
+
+    def columns(self, spec: ReadSpec) -> list[str]:
+        return [*S.READ_SCHEMA.names, *REQUEST_SCHEMA.names]
+
+    def check(self, spec: ReadSpec) -> None:
+        if spec.id_column is not None or spec.passthrough:
+            raise ValueError(
+                f"{FORMAT} input takes no id_column (custom_id is the id) or passthrough"
+            )
+
+    def records_ids(self, spec: ReadSpec) -> bool:
+        return True  # custom_id is the id
+
+    def file_columns(self, uri: str, storage_options: Mapping[str, Any]) -> set[str]:
+        return jsonl.sniff_keys(uri, storage_options)
+
+    def config_problems(self, config: JobConfig) -> Problems:
+        problems: Problems = []
+        inp = config.input
+        if config.task != "generate":
+            problems.append((("task",), f"input.format {FORMAT} needs task generate"))
+        if inp.id_column is not None:
+            message = f"not used with input.format {FORMAT}: custom_id is the id"
+            problems.append((("input", "id_column"), message))
+        if inp.passthrough:
+            message = f"not supported with input.format {FORMAT} (the request is the row)"
+            problems.append((("input", "passthrough"), message))
+        if config.prompts.generate != type(config.prompts).model_fields["generate"].default:
+            message = f"not used with input.format {FORMAT}: each request is its own prompt"
+            problems.append((("prompts", "generate"), message))
+        return problems
 
 
 # ------------------------------------------------------------------------------- writing
@@ -509,7 +487,7 @@ def _extra(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _body(row: dict[str, Any], digest: str) -> dict[str, Any]:
-    chat = row[S.REQ_ENDPOINT] == CHAT
+    chat = row[REQ_ENDPOINT] == CHAT
     prompt, completion = int(row[S.PROMPT_TOKENS] or 0), int(row[S.OUTPUT_TOKENS] or 0)
     choice: dict[str, Any] = {"index": 0, "finish_reason": row[S.FINISH_REASON], "logprobs": None}
     if chat:
@@ -539,10 +517,10 @@ def response_line(row: dict[str, Any]) -> dict[str, Any]:
     scoring failed) whose body is an OpenAI-style error object.
     """
     digest = _digest(row[S.RUN_ID] or "", row[S.ID])
-    line: dict[str, Any] = {"id": "batch_req_" + digest, "custom_id": row[S.REQ_CUSTOM_ID]}
+    line: dict[str, Any] = {"id": "batch_req_" + digest, "custom_id": row[REQ_CUSTOM_ID]}
     request_id = "req_" + digest
     ok = row[S.OUTPUT_TEXT] is not None and row[S.FINISH_REASON] in ("stop", "length")
-    if ok and row[S.REQ_ENDPOINT] in (CHAT, COMPLETIONS):
+    if ok and row[REQ_ENDPOINT] in (CHAT, COMPLETIONS):
         line["response"] = {
             "status_code": 200,
             "request_id": request_id,
@@ -565,10 +543,34 @@ def response_line(row: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
-def encode_lines(table: pa.Table) -> bytes:
-    """A part file of response lines (JSONL, UTF-8), one per row of ``table``."""
-    out = []
-    for batch in table.to_batches(max_chunksize=1024):
-        for row in batch.to_pylist():
-            out.append(json.dumps(response_line(row), ensure_ascii=False))
-    return ("\n".join(out) + "\n").encode() if out else b""
+class OpenAIBatchWriter(Writer):
+    name = FORMAT
+    description = f"OpenAI batch response lines, .jsonl (needs input.format {FORMAT})"
+    extension = "jsonl"
+    requires = (
+        S.ID,
+        REQ_CUSTOM_ID,
+        REQ_ENDPOINT,
+        S.PROMPT_TOKENS,
+        S.OUTPUT_TEXT,
+        S.OUTPUT_TOKENS,
+        S.FINISH_REASON,
+        S.ERROR,
+        S.ERROR_KIND,
+        S.MODEL,
+        S.RUN_ID,
+    )
+
+    def encode(self, table: pa.Table) -> bytes:
+        """A part file of response lines (JSONL, UTF-8), one per row of ``table``."""
+        out = []
+        for batch in table.to_batches(max_chunksize=1024):
+            for row in batch.to_pylist():
+                out.append(json.dumps(response_line(row), ensure_ascii=False))
+        return ("\n".join(out) + "\n").encode() if out else b""
+
+    def config_problems(self, config: JobConfig) -> Problems:
+        if config.input.format == FORMAT:
+            return []
+        message = f"{FORMAT} output needs input.format {FORMAT} (it answers custom_ids)"
+        return [(("output", "format"), message)]

@@ -18,15 +18,8 @@ PROMPT = "prompt"  # str | null (generate)
 ERROR = "error"  # str | null: what went wrong with this row
 ERROR_KIND = "error_kind"  # str | null: one of ERROR_KINDS
 
-# Set by the openai_batch reader (pipeline/openai_batch.py), null where a request leaves them out -
-REQUEST_PREFIX = "req_"  # every request column starts with it (reserved)
-REQ_CUSTOM_ID = "req_custom_id"  # str | null: the line's custom_id as given
-REQ_ENDPOINT = "req_endpoint"  # "chat" | "completions" | null (the line is no valid request)
-REQ_MAX_TOKENS = "req_max_tokens"  # int32 | null: capped at generation.max_new_tokens
-REQ_TEMPERATURE = "req_temperature"  # float64 | null: replaces generation.temperature
-REQ_TOP_P = "req_top_p"  # float64 | null: replaces generation.top_p
-REQ_SEED = "req_seed"  # int64 | null: replaces the row's derived seed
-REQ_STOP = "req_stop"  # list<str> | null: stop strings
+# A format's reader may add its own columns after these (pipeline.formats), and a row's own
+# generation settings (pipeline.request.ROW_SETTINGS).
 
 # Set by prompt building --------------------------------------------------------------------------
 TASK = "task"
