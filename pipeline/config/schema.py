@@ -741,6 +741,7 @@ class RunSection(_Section):
         "the run fails (exit 1, no _SUCCESS) and the manifest names the dominant error kinds.",
     )
     resource_wait_s: float = Field(
+        json_schema_extra=NOT_IDENTITY,
         default=1200,
         gt=0,
         description="Seconds a run waits for the cluster to have room for one actor of each "
