@@ -99,7 +99,7 @@ def test_kept_set_matches_the_sorted_reference(case, exact: bool) -> None:
     got = np.asarray(jax.jit(kept_tokens, static_argnames="exact")(logits, p, exact=exact))
     want, ambiguous = reference_kept(logits, p)
     differ = (got != want) & ~ambiguous
-    assert not differ.any(), [(int(r), int(t)) for r, t in zip(*np.nonzero(differ))][:10]
+    assert not differ.any(), np.argwhere(differ)[:10].tolist()
     sizes = want.sum(axis=1)
     assert sizes[9] == 1 and sizes[10] == sizes[11] == VOCAB  # dominant, top_p 1, top_k > vocab
     assert sizes[4] == 70 and sizes[13] == sizes[14] == 1
@@ -163,7 +163,9 @@ def test_a_rows_draw_does_not_depend_on_its_batch(case) -> None:
     together = np.asarray(draw(logits, p, index))
     for row in range(logits.shape[0]):
         alone = draw(
-            logits[row : row + 1], jax.tree.map(lambda x: x[row : row + 1], p), index[row : row + 1]
+            logits[row : row + 1],
+            jax.tree.map(lambda x, row=row: x[row : row + 1], p),
+            index[row : row + 1],
         )
         assert int(alone[0]) == together[row], row
 
