@@ -6,11 +6,13 @@ Parts (``--parts``):
             = 2 x slots with prompts of 4..32 tokens, at each of ``--slots`` (128, 256) and
             ``--new-tokens`` (1, 128), engine defaults otherwise (prefill_batch 8, chunk 128,
             decode_steps 16). Each engine is warmed up, then runs the requests twice:
-            instrumented (every jitted call waited for and timed: the device seconds D, and
-            host seconds H = wall - D, as the host's work is then serial) and plain (wall W, the
-            tokens/s). Reported: host us per request (H / requests) and per decode step
-            (H / decode steps), the share of the plain run's wall time the device waits on the
-            host (1 - D / W, the device work being the same calls), tokens/s.
+            instrumented (every jitted call waited for and timed: the device seconds D, and the
+            host's work, then serial: H = the engine thread's CPU seconds outside the jitted
+            calls, which a loaded machine does not inflate as it does wall time; also wall - D)
+            and plain (wall W, the tokens/s). Reported: host us per request (H / requests) and
+            per decode step (H / decode steps; and the host work decoding adds per step,
+            (H(n new) - H(1 new)) / steps, the requests being the same), the share of the plain run's wall time the
+            device waits on the host (1 - D / W, the device work being the same calls), tok/s.
   sampling  ``model.sampling.sample`` jitted on float32 logits [128, 256000] drawn from a
             standard normal (a flat distribution: top_p 0.9 then needs most of the vocabulary,
             the exact fallback's worst case), for greedy, temperature 0.7, temperature 0.7 with
@@ -95,19 +97,22 @@ def load_baseline(ref: str, workdir: Path) -> tuple[types.ModuleType, types.Modu
 
 # The engine -----------------------------------------------------------------------------------------
 class _Timed:
-    """One jitted function, each call waited for and timed."""
+    """One jitted function, each call waited for and timed: wall seconds, and the CPU seconds
+    of the calling thread (dispatch) inside it."""
 
     def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn, self.seconds = fn, 0.0
+        self.fn, self.seconds, self.cpu_seconds = fn, 0.0, 0.0
 
     def __call__(self, *args: Any) -> Any:
+        cpu = time.thread_time()
         out, seconds = harness.time_call(self.fn, *args)
+        self.cpu_seconds += time.thread_time() - cpu
         self.seconds += seconds
         return out
 
 
 def make_requests(module: types.ModuleType, slots: int, new_tokens: int, vocab: int) -> list:
-    rs = np.random.RandomState(slots + new_tokens)
+    rs = np.random.RandomState(slots)  # the same prompts whatever new_tokens
     lengths = rs.randint(4, 33, size=2 * slots)
     return [
         module.GenerationRequest(rs.randint(2, vocab, n).tolist(), new_tokens, stop_ids=())
@@ -126,9 +131,9 @@ def run_engine(module: types.ModuleType, params: Any, slots: int, new_tokens: in
     for name, timer in timers.items():
         setattr(engine, name, timer)
     engine.stats = type(engine.stats)()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.thread_time()
     instrumented = engine.generate(requests)
-    wall_i = time.perf_counter() - start
+    wall_i, cpu = time.perf_counter() - start, time.thread_time() - cpu
     for name, timer in timers.items():
         setattr(engine, name, timer.fn)
     steps = engine.stats.decode_steps
@@ -137,6 +142,7 @@ def run_engine(module: types.ModuleType, params: Any, slots: int, new_tokens: in
     wall = time.perf_counter() - start
     device = sum(t.seconds for t in timers.values())
     host = wall_i - device
+    host_cpu = cpu - sum(t.cpu_seconds for t in timers.values())
     generated = sum(r.output_tokens for r in plain)
     return dict(
         requests=len(requests),
@@ -144,9 +150,11 @@ def run_engine(module: types.ModuleType, params: Any, slots: int, new_tokens: in
         decode_steps=steps,
         device_s=device,
         host_s=host,
+        host_cpu_s=host_cpu,
         wall_s=wall,
-        host_us_per_request=host / len(requests) * 1e6,
-        host_us_per_decode_step=host / steps * 1e6 if steps else None,
+        host_us_per_request=host_cpu / len(requests) * 1e6,
+        host_us_per_decode_step=host_cpu / steps * 1e6 if steps else None,
+        host_wall_us_per_decode_step=host / steps * 1e6 if steps else None,
         device_waits_share=max(0.0, 1.0 - device / wall),
         tokens_per_s=generated / wall,
         compiled_after=engine.compiled_shapes(),
@@ -183,7 +191,23 @@ def engine_part(args: Any, baseline: types.ModuleType | None, log: harness.Log) 
                 if label in row:
                     del row[label]["tokens"]
             rows.append(row)
+    _marginal(rows)
     return rows
+
+
+def _marginal(rows: list[dict]) -> None:
+    """Adds the host work decoding adds per step: (H(n new) - H(1 new)) / steps, from the rows
+    with the same slots (the same requests and prompts) and 1 new token, where all the host
+    work is per request (admission, first token, result)."""
+    for row in rows:
+        one = next((r for r in rows if r["slots"] == row["slots"] and r["new_tokens"] == 1), None)
+        if one is None or row["new_tokens"] == 1:
+            continue
+        for label in ("ours", "baseline"):
+            if label in row:
+                run, base = row[label], one[label]
+                extra = run["host_cpu_s"] - base["host_cpu_s"]
+                run["decode_host_us_per_step"] = extra / run["decode_steps"] * 1e6
 
 
 # Sampling -------------------------------------------------------------------------------------------
@@ -228,6 +252,8 @@ def report(results: dict[str, Any]) -> str:
             r = row[label]
             per_step = r["host_us_per_decode_step"]
             step_text = "     n/a" if per_step is None else f"{per_step:8.1f}"
+            if "decode_host_us_per_step" in r:
+                step_text += f" ({r['decode_host_us_per_step']:.1f} for decoding)"
             lines.append(
                 f"  {label:8s} {row['slots']:4d} slots x {row['new_tokens']:3d} new: host "
                 f"{r['host_us_per_request']:8.1f} us/request {step_text} us/decode step, device "

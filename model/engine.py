@@ -249,11 +249,11 @@ class Engine:
         return self.scheduler.collect(retired)
 
     def _retire(self) -> list[Retired]:
-        retired = []
-        while self._inflight:
-            out, slots = self._inflight.popleft()
-            retired.append(self.scheduler.retire(fetch(out, slots)))
-        return retired
+        """Reads back every call in flight (one transfer) and retires each, in call order."""
+        calls = list(self._inflight)
+        self._inflight.clear()
+        hosts = fetch([out for out, _ in calls], [slots for _, slots in calls])
+        return [self.scheduler.retire(host) for host in hosts]
 
     def _admit(self) -> None:
         """Prefills and inserts full prefill batches while enough slots are free (dispatched,

@@ -60,12 +60,17 @@ class StepOutput(NamedTuple):
     stopped: Array
 
 
-def fetch(out: StepOutput, slots: np.ndarray | None = None) -> CallOutput:
-    """A call's output on the host (waits for the device)."""
-    tokens, emitted, stopped = jax.device_get(tuple(out))
-    if tokens.ndim == 1:  # an insert: one step per row
-        tokens, emitted, stopped = tokens[:, None], emitted[:, None], stopped[:, None]
-    return CallOutput(np.asarray(tokens), np.asarray(emitted), np.asarray(stopped), slots)
+def fetch(outs: Sequence[StepOutput], slots: Sequence[np.ndarray | None]) -> list[CallOutput]:
+    """Calls' outputs on the host, in one transfer (waits for the device); ``slots``: each
+    call's insert target slots, or None for a decode call."""
+    hosts = []
+    for (tokens, emitted, stopped), where in zip(jax.device_get(list(outs)), slots, strict=True):
+        if tokens.ndim == 1:  # an insert: one step per row
+            tokens, emitted, stopped = tokens[:, None], emitted[:, None], stopped[:, None]
+        hosts.append(
+            CallOutput(np.asarray(tokens), np.asarray(emitted), np.asarray(stopped), where)
+        )
+    return hosts
 
 
 class DeviceRunner:
@@ -91,6 +96,7 @@ class DeviceRunner:
         self.model = RecurrentGemma(config, dtype=ec.dtype, fused=n == 1)
         self._prefill_cache_sharding: Any = None  # set with tensor parallelism
         self._blank_row: Any = None  # one empty sequence's cache, host copy
+        self._spare: Cache | None = None  # the last prefill cache, reused (emptied) by the next
         self._wire(params)
         self.state = self.empty_state()
 
@@ -116,7 +122,7 @@ class DeviceRunner:
                 return jax.jit(fn, donate_argnums=donate, out_shardings=out_sh)
             return jax.jit(fn, donate_argnums=donate, in_shardings=in_sh, out_shardings=out_sh)
 
-        self.prefill = jit(self._prefill_fn, "prefill", (3,))
+        self.prefill = jit(self._prefill_fn, "prefill", (3,))  # the cache is donated
         self.insert = jit(self._insert_fn, "insert", (0,))
         self.decode = jit(self._decode_fn, "decode", (1,))
         self._jitted = [self.prefill, self.insert, self.decode]
@@ -152,7 +158,7 @@ class DeviceRunner:
         state = SlotState(slot_cache, *([rep] * (len(SlotState._fields) - 2)), sampling=rep)
         logits = named_shardings(mesh, P(None, "tp"))  # split by vocab, like the embedding
         return {
-            "prefill": ((param_sh, rep, rep, prefill_cache), (logits, prefill_cache)),
+            "prefill": ((param_sh, rep, rep, prefill_cache, rep), (logits, prefill_cache)),
             "insert": ((state, prefill_cache, logits, *[rep] * 5), (state, rep)),
             "decode": ((param_sh, state, rep), (state, rep)),
             "new_prefill_cache": (None, prefill_cache),
@@ -167,7 +173,13 @@ class DeviceRunner:
         """The tree the model reads, from what the runner stores (inside jit)."""
         return params if self.engine_config.tensor_parallel == 1 else stack_gated_up(params)
 
-    def _prefill_fn(self, params: Any, tokens: Array, positions: Array, cache: Cache):
+    def _prefill_fn(
+        self, params: Any, tokens: Array, positions: Array, cache: Cache, fresh: Array
+    ) -> tuple[Array, Cache]:
+        """One chunk; ``fresh`` starts every row from an empty cache instead (so the host need
+        not build one per batch: any spent prefill cache of the right shape will do)."""
+        empty = init_cache(self.config, self.prefill_rows, self.engine_config.dtype)
+        cache = jax.tree.map(lambda old, new: jnp.where(fresh, new, old), cache, empty)
         logits, cache = self.model.apply(
             {"params": self._model_params(params)}, tokens, positions, cache, last_logits_only=True
         )
@@ -286,15 +298,19 @@ class DeviceRunner:
             start = starts[row] if starts else 0
             tokens[row, -len(ids) :] = ids
             positions[row, -len(ids) :] = np.arange(start, start + len(ids))
-        if states is not None and any(state is not None for state in states):
+        loaded = states is not None and any(state is not None for state in states)
+        if loaded:
             cache = self._loaded_prefill_cache(states)
-        else:
-            cache = self._empty_prefill_cache()
+        else:  # the last batch's spent cache (already read by its insert), emptied on device
+            cache = self._spare if self._spare is not None else self._empty_prefill_cache()
+        self._spare = None  # donated below
         for k in range(chunks):
             window = slice(k * c, (k + 1) * c)
+            fresh = np.bool_(k == 0 and not loaded)
             logits, cache = self.prefill(
-                self.params, tokens[:, window], positions[:, window], cache
+                self.params, tokens[:, window], positions[:, window], cache, fresh
             )
+        self._spare = cache
         return logits, cache
 
     def prefix_states(self, prefixes: Sequence[Sequence[int]]) -> list[Any]:

@@ -145,18 +145,19 @@ class CallOutput:
 class _Running:
     key: Any
     request: GenerationRequest
-    chunks: list[np.ndarray]  # emitted tokens, one array per call
+    slot: int
+    start: int  # the index of the first decode call the request takes part in
+    first: list[int] = dataclasses.field(default_factory=list)  # the insert's token, if emitted
+    end: int = -1  # the index of the decode call that finished it (start - 1: the insert did)
     stopped: bool = False
 
 
 @dataclasses.dataclass
 class Retired:
-    """One call's output after :meth:`Scheduler.retire`: the runs it fed, by row, and which of
-    them it finished (handed to :meth:`Scheduler.collect`)."""
+    """The requests one call finished, after :meth:`Scheduler.retire` (their tokens are gathered
+    by :meth:`Scheduler.collect`)."""
 
-    output: CallOutput
-    runs: list[_Running | None]
-    finished: np.ndarray  # bool [rows]
+    finished: list[_Running]
 
 
 def validate(request: GenerationRequest, vocab_size: int, engine: EngineConfig) -> str | None:
@@ -226,8 +227,12 @@ class Scheduler:
         s = self.engine_config.max_slots
         self.pending.clear()
         self._runs: list[_Running | None] = [None] * s
+        self._live = np.zeros(s, bool)  # slots whose request is not yet seen to finish
         self._generated = np.zeros(s, np.int64)  # tokens each slot's request has emitted
         self._budget = np.zeros(s, np.int64)
+        # Decode outputs (tokens, emitted) from index _first_kept on, while a request needs them.
+        self._history: list[tuple[np.ndarray, np.ndarray]] = []
+        self._first_kept = 0
 
     # Requests -------------------------------------------------------------------------------------
     def submit(self, key: Any, request: GenerationRequest) -> GenerationResult | None:
@@ -241,11 +246,11 @@ class Scheduler:
     @property
     def occupied(self) -> bool:
         """Whether any slot holds a request not yet seen to finish."""
-        return any(run is not None for run in self._runs)
+        return bool(self._live.any())
 
     # Admission ------------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
-        return [i for i, run in enumerate(self._runs) if run is None]
+        return np.flatnonzero(~self._live).tolist()
 
     def admission_size(self, free: int) -> int:
         """Rows of the next prefill batch, or 0: only full batches (or all that is left) are
@@ -311,7 +316,8 @@ class Scheduler:
             plan.top_p[row] = req.top_p
             plan.seed[row] = np.int64(req.seed) & 0x7FFFFFFF
             slot = targets[row]
-            self._runs[slot] = _Running(key, req, [])
+            self._runs[slot] = _Running(key, req, slot, self._first_kept + len(self._history))
+            self._live[slot] = True
             self._generated[slot] = 0
             self._budget[slot] = req.max_new_tokens
         return plan
@@ -413,48 +419,60 @@ class Scheduler:
     # Results --------------------------------------------------------------------------------------
     def retire(self, output: CallOutput) -> Retired:
         """Frees the slots whose request ``output`` finished (stop id drawn or budget reached)
-        and counts the work; vectorised over rows and steps."""
+        and counts the work: numpy over rows and steps, Python only per finished request."""
         if output.slots is None:  # a decode call: rows are slots
-            slots = np.arange(len(self._runs))
+            busy = np.flatnonzero((output.emitted | output.stopped).any(axis=0))
             stats = self.stats
-            busy = np.nonzero((output.emitted | output.stopped).any(axis=0))[0]
             stats.decode_calls += 1
             stats.decode_steps += int(busy[-1]) + 1 if busy.size else 0
             stats.generated_tokens += int(output.emitted.sum())
-        else:
-            slots = output.slots
-        runs = [self._runs[s] if s < len(self._runs) else None for s in slots]
-        live = np.fromiter((run is not None for run in runs), bool, len(runs))
-        targets = slots[live]
-        self._generated[targets] += output.emitted[live].sum(axis=1)
-        stopped = output.stopped.any(axis=1)
-        finished = np.zeros(len(runs), bool)
-        finished[live] = stopped[live] | (self._generated[targets] >= self._budget[targets])
-        for row in np.nonzero(finished)[0]:
-            run = runs[row]
+            index = self._first_kept + len(self._history)
+            self._history.append((output.tokens, output.emitted))
+            self._generated += output.emitted.sum(axis=1) * self._live
+            stopped = output.stopped.any(axis=1)
+            done = self._live & (stopped | (self._generated >= self._budget))
+            slots = np.flatnonzero(done)
+            stopped = stopped[slots]
+        else:  # an insert: rows are prefill rows, each going to output.slots[row]
+            index = -1
+            rows = np.flatnonzero(output.slots < len(self._runs))
+            slots = output.slots[rows]
+            emitted, stopped = output.emitted[rows, 0], output.stopped[rows, 0]
+            self._generated[slots] = emitted
+            for row, slot, first in zip(
+                rows.tolist(), slots.tolist(), emitted.tolist(), strict=True
+            ):
+                run = self._runs[slot]
+                if first and run is not None:
+                    run.first.append(int(output.tokens[row, 0]))
+            done = stopped | (self._generated[slots] >= self._budget[slots])
+            slots, stopped = slots[done], stopped[done]
+        finished = []
+        for slot, stop in zip(slots.tolist(), stopped.tolist(), strict=True):
+            run = self._runs[slot]
             assert run is not None
-            run.stopped = bool(stopped[row])
-            self._runs[slots[row]] = None
-        return Retired(output, runs, finished)
+            run.stopped, run.end = stop, index if index >= 0 else run.start - 1
+            self._runs[slot] = None
+            self._live[slot] = False
+            finished.append(run)
+        return Retired(finished)
 
     def collect(self, retired: Sequence[Retired]) -> list[tuple[Any, GenerationResult]]:
-        """Adds each call's emitted tokens to their requests (in call order) and returns the
-        requests that finished, as (key, result)."""
+        """The requests that finished, as (key, result): each one's tokens gathered from the
+        decode outputs it took part in; outputs no running request needs are dropped."""
         done: list[tuple[Any, GenerationResult]] = []
         for item in retired:
-            out = item.output
-            counts = out.emitted.sum(axis=1)
-            flat = out.tokens[out.emitted]  # row by row, each in step order
-            ends = np.cumsum(counts)
-            for row in np.nonzero(counts)[0]:
-                run = item.runs[row]
-                if run is not None:
-                    run.chunks.append(flat[ends[row] - counts[row] : ends[row]])
-            for row in np.nonzero(item.finished)[0]:
-                run = item.runs[row]
-                assert run is not None
-                tokens = np.concatenate(run.chunks).tolist() if run.chunks else []
+            for run in item.finished:
+                parts = [np.asarray(run.first, np.int32)]
+                for call in range(run.start, run.end + 1):
+                    tokens, emitted = self._history[call - self._first_kept]
+                    parts.append(tokens[run.slot][emitted[run.slot]])
+                ids = np.concatenate(parts).tolist()
                 reason = "stop" if run.stopped else "length"
                 n_prompt = len(run.request.prompt_ids)
-                done.append((run.key, GenerationResult(tokens, reason, n_prompt, len(tokens))))
+                done.append((run.key, GenerationResult(ids, reason, n_prompt, len(ids))))
+        starts = [run.start for run in self._runs if run is not None]
+        keep_from = min(starts, default=self._first_kept + len(self._history))
+        del self._history[: keep_from - self._first_kept]
+        self._first_kept = keep_from
         return done
