@@ -14,12 +14,16 @@
 #   numerics   benchmarks.gpu_numerics: bf16 against float32 logits, 2B shapes, 4 prompts x 32
 #              tokens + 32 greedy steps: max/mean |diff|, greedy agreement      -> numerics.json
 #   engine9b   benchmarks.gpu_engine --preset 9b: 9B bf16 at 64 slots            -> engine9b.json
+#   host       benchmarks.engine_host: host us per request / decode step and the share of time
+#              the device waits on the host (tiny model, 128 and 256 slots), the sampling step
+#              at [128, 256000]; each against the 7da69c4 engine when git has that commit
+#              (HOST_BASELINE_REF; else ours only, said in the log)            -> host.json
 #   summary    every part's status and key figures (also printed at the end)     -> summary.json
 #
 # Usage:
 #   bash benchmarks/gpu_all.sh                 # the GPU machine: python3 with jax[cuda], torch
 #   bash benchmarks/gpu_all.sh --cpu-small     # (or SMALL=1) every part at a toy size, on CPU
-# The device command, with a device timeout of ~540 s (the script stops itself by 450 s + grace):
+# The device command, with a device timeout of ~540 s (the script stops itself by 495 s + grace):
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
 #     && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 && bash benchmarks/gpu_all.sh
 # .whl/ holds pure-Python wheels of what the machine lacks: recurrentgemma 1.0.1 and
@@ -27,11 +31,11 @@
 # unless the machine has them (preflight.json lists the packages it finds).
 #
 # Settings (environment): OUT; PYTHON (default python3); PARTS (comma-separated subset of
-# preflight,engine,reference,numerics,engine9b); the sizes below (ENGINE_SLOTS, PROMPT_LEN, ...);
+# preflight,engine,reference,numerics,engine9b,host); the sizes below (ENGINE_SLOTS, PROMPT_LEN, ...);
 # BUDGET_S and the caps CAP_<PART>; JAX_COMPILATION_CACHE_DIR (default /tmp/rg-batch-jax-cache).
 #
 # Time budget. The session gets 15 minutes of device time, machine start included, so this script
-# must finish in under 8 minutes. The parts' caps add up to BUDGET_S = 450 s (7.5 min); a part
+# must finish in under 9 minutes. The parts' caps add up to BUDGET_S = 495 s (8.25 min); a part
 # may also use what the parts before it left unused: its limit is the budget left minus the caps
 # of the parts after it, so the whole never passes BUDGET_S (+10 s of kill grace per part on a
 # hang). Compiles dominate every part: XLA unrolls the 26 (2B) or 38 (9B) blocks, and on this
@@ -56,6 +60,9 @@
 #   engine9b  100 s: 3 compiles of the 38-block model, 17 GB of weights (+ the fused copy the
 #              Engine makes), 64 slots: prefill 64 x 512 x 17 GFLOP (~1 s) and 256 decode steps of
 #              ~4-8 ms, twice. 256 new tokens fit; NEW_TOKENS_9B=128 halves the decode.
+#   host       45 s: the tiny model (compiles in seconds) at 4 sizes, ours and the baseline,
+#              and 4 sampling settings x 2 compiles at [128, 256000]. Last, so that it only
+#              takes what the 2B and 9B parts leave.
 set -u -o pipefail
 
 cd "$(dirname "$0")/.."
@@ -71,7 +78,7 @@ done
 
 OUT=${OUT:-out/gpu}
 PY=${PYTHON:-python3}
-PARTS=${PARTS:-preflight,engine,reference,numerics,engine9b}
+PARTS=${PARTS:-preflight,engine,reference,numerics,engine9b,host}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/rg-batch-jax-cache}
@@ -87,7 +94,8 @@ if [[ $SMALL == 1 ]]; then
   : "${SLOTS_9B:=4}" "${NEW_TOKENS_9B:=16}"
   # No time target on CPU: the caps only stop a hang (a loaded 2-core machine is slow).
   : "${CAP_PREFLIGHT:=60}" "${CAP_ENGINE:=300}" "${CAP_REFERENCE:=300}"
-  : "${CAP_NUMERICS:=150}" "${CAP_ENGINE9B:=150}"
+  : "${CAP_NUMERICS:=150}" "${CAP_ENGINE9B:=150}" "${CAP_HOST:=300}"
+  HOST_ARGS=(--small)
   : "${JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS:=0}"
   export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS
 else
@@ -98,14 +106,22 @@ else
   : "${NUMERICS_PROMPTS:=4}" "${NUMERICS_PROMPT_LEN:=32}" "${NUMERICS_STEPS:=32}"
   : "${SLOTS_9B:=64}" "${NEW_TOKENS_9B:=256}"
   : "${CAP_PREFLIGHT:=20}" "${CAP_ENGINE:=135}" "${CAP_REFERENCE:=140}"
-  : "${CAP_NUMERICS:=55}" "${CAP_ENGINE9B:=100}"
+  : "${CAP_NUMERICS:=55}" "${CAP_ENGINE9B:=100}" "${CAP_HOST:=45}"
+  HOST_ARGS=()
 fi
 ENGINE_ARGS=(--prefill-batch "$PREFILL_BATCH" --prefill-chunk "$PREFILL_CHUNK"
   --decode-steps "$DECODE_STEPS")
 
-ALL_PARTS=(preflight engine reference numerics engine9b)
+HOST_BASELINE_REF=${HOST_BASELINE_REF:-7da69c4}
+if git cat-file -e "$HOST_BASELINE_REF^{commit}" 2>/dev/null; then
+  HOST_ARGS+=(--baseline-ref "$HOST_BASELINE_REF")
+else
+  HOST_ARGS+=(--no-baseline)
+fi
+
+ALL_PARTS=(preflight engine reference numerics engine9b host)
 declare -A CAP=([preflight]=$CAP_PREFLIGHT [engine]=$CAP_ENGINE [reference]=$CAP_REFERENCE
-  [numerics]=$CAP_NUMERICS [engine9b]=$CAP_ENGINE9B)
+  [numerics]=$CAP_NUMERICS [engine9b]=$CAP_ENGINE9B [host]=$CAP_HOST)
 SELECTED=()
 for part in "${ALL_PARTS[@]}"; do
   [[ ",$PARTS," == *",$part,"* ]] && SELECTED+=("$part")
@@ -173,6 +189,11 @@ for part in "${SELECTED[@]}"; do
       run_part engine9b "$PY" -m benchmarks.gpu_engine $SIZE_FLAG --preset 9b \
         --slots "$SLOTS_9B" --prompt-len "$PROMPT_LEN" --new-tokens "$NEW_TOKENS_9B" \
         "${ENGINE_ARGS[@]}"
+      ;;
+    host)
+      [[ " ${HOST_ARGS[*]} " == *" --no-baseline "* ]] &&
+        say "part host: git has no commit $HOST_BASELINE_REF here: ours only, no baseline"
+      run_part host "$PY" -m benchmarks.engine_host "${HOST_ARGS[@]}"
       ;;
   esac
 done

@@ -201,12 +201,29 @@ def _preflight_figures(data: dict[str, Any]) -> dict[str, Any]:
     return {k: data.get(k) for k in ("python", "missing", "official_imports", "ray_imported")}
 
 
+def _host_figures(data: dict[str, Any]) -> dict[str, Any]:
+    engine = {
+        f"{row['slots']}x{row['new_tokens']}": {
+            "host_us_per_decode_step": row["ours"]["host_us_per_decode_step"],
+            "device_waits_share": row["ours"]["device_waits_share"],
+            **row.get("ratios", {}),
+        }
+        for row in data.get("engine", [])
+    }
+    sampling = data.get("sampling", {})
+    return {
+        "engine": engine,
+        "sampling_over_temperature": sampling.get("ours", {}).get("over_temperature"),
+    }
+
+
 FIGURES = {
     "preflight": _preflight_figures,
     "engine": _engine_figures,
     "reference": _reference_figures,
     "numerics": _numerics_figures,
     "engine9b": _engine_figures,
+    "host": _host_figures,
 }
 
 

@@ -22,7 +22,7 @@ from benchmarks import gpu_engine
 ROOT = next(
     p for p in Path(__file__).resolve().parents if (p / "benchmarks" / "gpu_all.sh").is_file()
 )
-PARTS = ("preflight", "engine", "reference", "numerics", "engine9b")
+PARTS = ("preflight", "engine", "reference", "numerics", "engine9b", "host")
 # gpu_all.sh reads these from the environment; the test must not inherit a caller's.
 SCRIPT_SETTINGS = (
     "PARTS",
@@ -49,7 +49,7 @@ def test_gpu_benchmarks_import_neither_ray_nor_the_pipeline() -> None:
     code = (
         "import sys\n"
         "import benchmarks.gpu_engine, benchmarks.gpu_numerics, benchmarks.gpu_reference\n"
-        "import benchmarks.gpu_report\n"
+        "import benchmarks.gpu_report, benchmarks.engine_host\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'pipeline', 'detoxify'))\n"
         "assert not bad, bad\n"
     )
@@ -135,6 +135,20 @@ def test_gpu_all_script_runs_every_part_at_toy_size(tmp_path) -> None:
         assert 0 <= numerics[key] <= 1
     assert len(numerics["teacher_forced"]["generated_positions"]["max_abs_diff_by_step"]) == 8
     assert len(numerics["free_running"]["first_divergence"]) == 2
+
+    host = results["host"]
+    assert host["small"] is True
+    assert [(row["slots"], row["new_tokens"]) for row in host["engine"]] == [
+        (4, 1), (4, 8), (8, 1), (8, 8)
+    ]  # fmt: skip
+    for row in host["engine"]:
+        assert row["ours"]["tokens_per_s"] > 0 and 0 <= row["ours"]["device_waits_share"] <= 1
+    assert set(host["sampling"]["ours"]["ms"]) == {
+        "greedy",
+        "temperature 0.7",
+        "top_p 0.9",
+        "top_k 50",
+    }
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["small"] is True

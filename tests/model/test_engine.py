@@ -259,3 +259,34 @@ def test_the_oldest_queued_prompt_is_never_passed_over(params) -> None:
             admissions.append(sorted(admitted))
     assert sorted(k for group in admissions for k in group) == list(range(len(lengths)))
     assert [0, 5] in admissions  # the two long ones paired up, ahead of shorts that came first
+
+
+def test_256_mixed_requests_equal_the_reference(params, full_forward) -> None:
+    """Greedy rows among sampled ones, stop ids, budgets of 1, prompts from 1 token to several
+    chunks, more requests than slots many times over: every greedy result equals the reference
+    loop's, and nothing compiles after warm-up."""
+    engine = Engine(CONFIG, params, max_slots=8, prefill_batch=4, prefill_chunk=8, decode_steps=4)
+    engine.warmup()
+    compiled = engine.compiled_shapes()
+    rng = np.random.default_rng(256)
+    requests = random_requests(20, 256)
+    for i, request in enumerate(requests):
+        kind = i % 4
+        if kind == 1:  # sampled: changes which slots free up when, not the greedy tokens
+            requests[i] = dataclasses.replace(
+                request, temperature=0.8, top_k=int(rng.integers(0, 40)), top_p=0.9, seed=i
+            )
+        elif kind == 2:  # a stop id: one the free run draws (when it runs long enough)
+            free_run = reference_greedy(full_forward, request).token_ids
+            stop = free_run[len(free_run) // 2] if len(free_run) > 1 else CONFIG.vocab_size - 1
+            requests[i] = dataclasses.replace(request, stop_ids=(stop,))
+        elif kind == 3 and i % 8 == 3:
+            requests[i] = dataclasses.replace(request, max_new_tokens=1)
+    results = engine.generate(requests)
+    greedy = [i for i, r in enumerate(requests) if r.temperature == 0]
+    for i in greedy:
+        assert results[i] == reference_greedy(full_forward, requests[i]), i
+    sampled = [results[i] for i, r in enumerate(requests) if r.temperature > 0]
+    assert all(r.finish_reason == "length" for r in sampled)  # stop_ids=() on those
+    assert sum(r.finish_reason == "stop" for r in results) > 0
+    assert engine.compiled_shapes() == compiled == 3
