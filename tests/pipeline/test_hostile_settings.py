@@ -386,7 +386,7 @@ import os, signal, sys
 import pipeline.runner
 def killed(fs, config, run_dir):
     os.kill(os.getpid(), signal.SIGKILL)
-pipeline.runner._drop_checkpoint = killed
+pipeline.runner.drop_checkpoint = killed  # the removal after _SUCCESS
 from pipeline.cli import main
 sys.exit(main(sys.argv[1:]))
 """
