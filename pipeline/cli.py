@@ -37,9 +37,20 @@ def configure_logging(verbose: bool) -> None:
         for name in ("jax", "ray", "ray.data"):  # DEBUG on the root: keep these at INFO
             logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax: a line per read even so
+        logging.getLogger(_RAY_AUTH_LOGGER).removeFilter(_default_auth_notice)
         return
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray says at every local start that it turned token authentication on, its default.
+    logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_default_auth_notice)
+
+
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _default_auth_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's notice that token authentication is on by default (kept with -v)."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def quiet_ray_data(verbose: bool) -> None:
