@@ -311,3 +311,10 @@ def test_runs_sharing_a_checkpoint_uri_both_finish(tmp_path, fixtures, ray_clust
     assert pipeline.rundir.checkpoint_uri(job_config(templated, run_id="c3")) == str(
         shared / "t-c3"
     )
+
+
+def test_the_joined_cluster_is_described(ray_cluster) -> None:
+    from pipeline.cli import _cluster_line
+
+    cpus = ray.cluster_resources()["CPU"]
+    assert _cluster_line() == f"1 node, {cpus:g} CPUs"
