@@ -219,6 +219,22 @@ def plan_memory(
 
 def _advice(config: ModelConfig, plan: MemoryPlan, settings: dict[str, Any]) -> str:
     fixes = []
+    batch = settings["prefill_batch"] // 2
+    while batch >= 1:  # the prefill workspace may be what does not fit: keep every slot
+        smaller = plan_memory(
+            config,
+            max_slots=plan.max_slots,
+            tensor_parallel=plan.tensor_parallel,
+            advise=False,
+            **{**settings, "prefill_batch": batch},
+        )
+        if smaller.fits:
+            fixes.append(
+                f"a smaller prefill workspace (prefill_batch={batch} keeps all "
+                f"{plan.max_slots} slots: {_gb(smaller.total_bytes)} per device)"
+            )
+            break
+        batch //= 2
     try:
         slots = max_slots_that_fit(config, tensor_parallel=plan.tensor_parallel, **settings)
         fixes.append(

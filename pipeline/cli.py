@@ -37,9 +37,20 @@ def configure_logging(verbose: bool) -> None:
         for name in ("jax", "ray", "ray.data"):  # DEBUG on the root: keep these at INFO
             logging.getLogger(name).setLevel(logging.INFO)
         logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax: a line per read even so
+        logging.getLogger(_RAY_AUTH_LOGGER).removeFilter(_default_auth_notice)
         return
     for name in _QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Ray says at every local start that it turned token authentication on, its default.
+    logging.getLogger(_RAY_AUTH_LOGGER).addFilter(_default_auth_notice)
+
+
+_RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _default_auth_notice(record: logging.LogRecord) -> bool:
+    """False for Ray's notice that token authentication is on by default (kept with -v)."""
+    return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def quiet_ray_data(verbose: bool) -> None:
@@ -127,13 +138,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from pipeline.config import ConfigError
     from pipeline.resources import check_node_fits
-    from pipeline.runner import run_job
+    from pipeline.runner import precheck, run_job
 
     config = _load_config(args)
+    done = precheck(config)  # answered from the run directory: no cluster joined or started
+    if done is not None:
+        print(f"run {done.run_id} was already complete: nothing to do")
+        _print_result(done)
+        return EXIT_OK
     verbose = getattr(args, "verbose", False)
     ray_logging = {} if verbose else {"logging_level": logging.WARNING}
     if config.run.ray_address:
-        ray.init(address=config.run.ray_address, **ray_logging)
+        context = ray.init(address=config.run.ray_address, **ray_logging)
+        print(
+            f"joined the Ray cluster at {context.address_info.get('gcs_address')} "
+            f"(run.ray_address: {config.run.ray_address}): {_cluster_line()}",
+            flush=True,
+        )
     else:
         # A Ray of this run's own, whatever else runs here: "local" never joins a head started
         # earlier on the machine (or named by a stale /tmp/ray/ray_current_cluster).
@@ -155,13 +176,29 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         ray.shutdown()
-    counts = result.manifest.get("counts", {})
     if result.status == "already_complete":
         print(f"run {result.run_id} was already complete: nothing to do")
+    _print_result(result)
+    return EXIT_OK
+
+
+def _print_result(result: Any) -> None:
     print(f"outputs: {mask_uri(result.run_dir)}")
     print(f"report:  {mask_uri(result.run_dir.rstrip('/') + '/report.html')}")
-    print(summary_line(counts))
-    return EXIT_OK
+    print(summary_line(result.manifest.get("counts", {})))
+
+
+def _cluster_line() -> str:
+    """What the joined cluster has: nodes, CPUs, GPUs/TPUs (for the first line of a run)."""
+    import ray
+
+    resources = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    parts = [f"{nodes} node{'s' if nodes != 1 else ''}", f"{resources.get('CPU', 0):g} CPUs"]
+    for name in ("GPU", "TPU"):
+        if resources.get(name):
+            parts.append(f"{resources[name]:g} {name}s")
+    return ", ".join(parts)
 
 
 def summary_line(counts: dict[str, Any]) -> str:

@@ -171,7 +171,12 @@ class Lease:
         if current is not None and current.get("token") == self.token:
             self.fs.rm_file(self.path)
 
-    def _refuse_if_held(self, lease: dict[str, Any] | None = None) -> None:
+    def check(self) -> None:
+        """Raises :class:`RunRefused` if a live driver holds the run (reads only: a lease that
+        would be taken over is left for :meth:`__enter__`)."""
+        self._refuse_if_held(quiet=True)
+
+    def _refuse_if_held(self, lease: dict[str, Any] | None = None, *, quiet: bool = False) -> None:
         lease = lease if lease is not None else self._read()
         if lease is None or lease.get("token") == self.token:
             return
@@ -185,6 +190,8 @@ class Lease:
                 f"since {since}, last heartbeat {age:.0f} s ago); a lease whose heartbeat stops "
                 f"for {self.timeout_s:g} s (run.lease_timeout_s) is taken over",
             )
+        if quiet:
+            return
         log.warning(
             "taking over the lease of %s (pid %s): its process is gone or it sent no heartbeat "
             "for %.0f s",

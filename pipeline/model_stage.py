@@ -30,15 +30,11 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import pyarrow as pa
 import ray
 
-from model.checkpoint import fingerprint, load_checkpoint
-from model.engine import Engine, GenerationRequest, GenerationResult, enable_compilation_cache
 from model.engine_config import EngineConfig
-from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
+from model.scheduler import GenerationRequest, GenerationResult
 from model.tokenizer import Tokenizer
 from pipeline import columns as S
 from pipeline.request import RequestSettings, row_settings
@@ -46,6 +42,7 @@ from pipeline.secrets import mask_uri
 from pipeline.stage import PlanContext, Stage, declares
 
 if TYPE_CHECKING:
+    from model.engine import Engine
     from pipeline.config import JobConfig, ModelSection
     from pipeline.config.schema import GenerationSection
 
@@ -196,6 +193,8 @@ def engine_options(model: ModelSection, generation: GenerationSection) -> dict[s
     """The engine's settings from the job config: every ``generation`` field the engine takes by
     name (:class:`~model.engine_config.EngineConfig`'s fields and :class:`Engine`'s keyword
     arguments), and the replica's devices (``tensor_parallel``)."""
+    from model.engine import Engine
+
     names = {f.name for f in dataclasses.fields(EngineConfig)}
     names |= set(inspect.signature(Engine).parameters)
     options = {n: getattr(generation, n) for n in type(generation).model_fields if n in names}
@@ -211,6 +210,11 @@ def planned_engine_options(
     Runs before the weights go to the devices: a replica that cannot fit fails here with the
     figures and the fix (a larger tensor_parallel, fewer slots), not deep inside XLA.
     """
+    import jax
+    import jax.numpy as jnp
+
+    from model.memory import device_memory_limit, max_slots_that_fit, plan_memory
+
     n = engine_options.get("tensor_parallel", 1)
     devices = jax.local_devices()
     log.info(
@@ -257,6 +261,11 @@ class ModelStage:
     def __init__(
         self, model: ModelSection, generation: GenerationSection, progress: Any = None
     ) -> None:
+        import jax.numpy as jnp
+
+        from model.checkpoint import fingerprint, load_checkpoint
+        from model.engine import Engine, enable_compilation_cache
+
         self.progress = progress  # a ProgressCounter actor handle, or None
         self._phase("loading the model")
         if model.compilation_cache:

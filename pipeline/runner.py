@@ -105,8 +105,15 @@ class RunResult:
     manifest: dict[str, Any]
 
 
-def run_job(config: JobConfig) -> RunResult:
-    """Runs (or resumes) ``config`` as its run id; a run id that has _SUCCESS is not touched."""
+def precheck(config: JobConfig) -> RunResult | None:
+    """What can be answered from the run directory alone, before any cluster is joined: a
+    config that differs from the run id's recorded one, or a lease held by a live driver, raise
+    :class:`~pipeline.contract.RunRefused` (exit 2); a complete run id is returned as
+    ``already_complete``. None: the run has work to do (:func:`run_job` checks all this too)."""
+    return _precheck(config)[0]
+
+
+def _precheck(config: JobConfig) -> tuple[RunResult | None, dict[str, Any], bool]:
     if not config.is_rendered:
         raise ValueError("run_job needs a rendered config (load_job_config renders it)")
     check_passthrough(config)  # what load_job_config checks, for configs built otherwise
@@ -119,7 +126,19 @@ def run_job(config: JobConfig) -> RunResult:
         log.info("run %s already complete at %s: nothing to do", config.run_id, mask_uri(run_uri))
         _tidy_finished_run(config, run_uri, fs, run_dir)
         manifest = read_manifest(fs, run_dir)
-        return RunResult(config.run_id, run_uri, "already_complete", manifest)
+        return RunResult(config.run_id, run_uri, "already_complete", manifest), identity, recorded
+    Lease(run_uri, out.storage_options, config.run.lease_timeout_s).check()
+    return None, identity, recorded
+
+
+def run_job(config: JobConfig) -> RunResult:
+    """Runs (or resumes) ``config`` as its run id; a run id that has _SUCCESS is not touched."""
+    done, identity, recorded = _precheck(config)
+    if done is not None:
+        return done
+    run_uri = run_dir_uri(config)
+    out = config.output
+    fs, run_dir = filesystem(run_uri, out.storage_options)
     wait_for_resources(config)  # nothing is written before the cluster has room for the plan
     fs.makedirs(run_dir, exist_ok=True)
     with Lease(run_uri, out.storage_options, config.run.lease_timeout_s):
@@ -189,8 +208,6 @@ def _run(
     failure = error_policy(summary, config.run.max_error_fraction)
     if failure is not None:
         manifest.update(status="failed", error=failure)
-        write_json(fs, posixpath.join(run_dir, MANIFEST), manifest)
-        raise RunFailed(f"run {config.run_id}: {failure}")
     write_json(
         fs,
         posixpath.join(run_dir, SUMMARY),
@@ -198,6 +215,10 @@ def _run(
     )
     manifest["report"] = _report(fs, run_dir, manifest, summary, progress.samples)
     write_json(fs, posixpath.join(run_dir, MANIFEST), manifest)
+    if failure is not None:  # the data, summary and report stand; no _SUCCESS: a rerun resumes
+        raise RunFailed(
+            f"run {config.run_id}: {failure} (report: {mask_uri(run_uri.rstrip('/'))}/report.html)"
+        )
     mark_success(fs, run_dir)
     drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))

@@ -140,3 +140,20 @@ def test_divisibility_and_headroom_are_checked() -> None:
         plan_memory(TWO_B, max_slots=4, device_bytes=GB16, headroom=1.0, **SERVING)
     plan = plan_memory(TWO_B, max_slots=4, device_bytes=GB16, headroom=0.0, **SERVING)
     assert dataclasses.replace(plan, headroom=0.5).usable_bytes == GB16 // 2
+
+
+def test_a_prefill_workspace_that_does_not_fit_is_advised_before_fewer_slots() -> None:
+    long_prompts = dict(dtype=jnp.bfloat16, prefill_batch=8, prefill_chunk=2048)
+    at8 = plan_memory(TWO_B, max_slots=128, device_bytes=10**12, **long_prompts)
+    at4 = plan_memory(
+        TWO_B, max_slots=128, device_bytes=10**12, **{**long_prompts, "prefill_batch": 4}
+    )
+    assert at4.total_bytes < at8.total_bytes
+    limit = int((at4.total_bytes + at8.total_bytes) / 2 / 0.9)  # 4 fits, 8 does not
+    plan = plan_memory(TWO_B, max_slots=128, device_bytes=limit, headroom=0.1, **long_prompts)
+    assert not plan.fits
+    assert plan.advice.startswith(
+        f"Fix: a smaller prefill workspace (prefill_batch=4 keeps all 128 slots: "
+        f"{gb(at4.total_bytes)} per device)"
+    )
+    assert "fewer slots (max_slots=" in plan.advice  # still offered, after it

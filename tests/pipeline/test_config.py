@@ -723,3 +723,34 @@ def test_preflight_does_not_hang_on_a_silent_endpoint(
     assert time.monotonic() - start < 5
     assert [path for path, _ in info.value.errors] == ["input.uri", "model.checkpoint"]
     assert "no answer from storage within 1 s" in str(info.value)
+
+
+def test_loading_a_config_imports_no_jax(tmp_path: Path) -> None:
+    """The answers a run directory gives (nothing to do, a changed config) come right after the
+    config is loaded: loading it, plan checks included, must not pay for importing JAX."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "task": "summarize",
+                "input": {"uri": str(tmp_path / "in" / "*.jsonl")},
+                "output": {"uri": str(tmp_path / "out")},
+                "model": {"checkpoint": str(tmp_path / "ckpt")},
+            }
+        )
+    )
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"id": 1, "text": "x"}\n')
+    code = (
+        "import sys\n"
+        "from pipeline.config import load_job_config\n"
+        f"load_job_config({str(config)!r}, run_id='r')\n"
+        "print(sorted(m for m in ('jax', 'torch', 'detoxify') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]"

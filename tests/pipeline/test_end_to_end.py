@@ -28,6 +28,9 @@ from pipeline.runner import run_job
 from testkit.tiny_detoxify import TRIGGER_WORDS
 
 REPO = Path(__file__).resolve().parents[2]
+RAY_AUTH_NOTICE = (
+    "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out."
+)
 
 LOCAL = fsspec.filesystem("file")
 TOXICITY_LABELS = (
@@ -258,10 +261,14 @@ def test_verbose_keeps_the_libraries_logs() -> None:
     names = ("jax", "ray", "ray.data", "absl")
     saved = {name: logging.getLogger(name).level for name in names}
     try:
+        auth = logging.getLogger("ray._private.authentication.authentication_token_setup")
+        notice = auth.makeRecord(auth.name, logging.WARNING, __file__, 1, RAY_AUTH_NOTICE, (), None)
         configure_logging(verbose=False)
         assert all(logging.getLogger(name).level == logging.WARNING for name in names)
+        assert not auth.filter(notice)  # Ray's notice of its own default, at every local start
         configure_logging(verbose=True)
         assert logging.getLogger("jax").level == logging.getLogger("ray.data").level == logging.INFO
+        assert auth.filter(notice)
     finally:
         for name, level in saved.items():
             logging.getLogger(name).setLevel(level)

@@ -4,7 +4,9 @@ date resume; the deployment files run the same command the CLI documents."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import shlex
+import time
 from pathlib import Path
 
 import fsspec
@@ -79,6 +81,30 @@ def test_nightly_rerun_rules(tmp_path, monkeypatch, capsys) -> None:
     assert cli_main(["run", str(config), "--date", "2026-11-26"]) == 0
     assert "already complete" in capsys.readouterr().out
     assert sorted(p.name for p in run_dir.iterdir()) == listing
+
+    # Answered from the run directory, with no Ray started: nothing to do, a changed config and
+    # a run held by a live driver.
+    def no_ray(*args, **kwargs):
+        raise AssertionError("ray.init called for an answer the run directory gives")
+
+    monkeypatch.setattr("ray.init", no_ray)
+    assert cli_main(["run", str(config), "--date", "2026-11-26"]) == 0
+    assert "already complete" in capsys.readouterr().out
+    hotter = ["--set", "generation.temperature=0.7"]
+    assert cli_main(["run", str(config), "--date", "2026-11-26", *hotter]) == 2
+    assert "generation.temperature" in capsys.readouterr().err
+    (run_dir / "_SUCCESS").rename(run_dir / "_SUCCESS.kept")
+    lease = {
+        "token": "other",
+        "holder": {"host": "elsewhere", "pid": 1, "since": time.time()},
+        "heartbeat_at": time.time(),
+    }
+    (run_dir / "_lease.json").write_text(json.dumps(lease))
+    assert cli_main(["run", str(config), "--date", "2026-11-26"]) == 2
+    assert "in progress on host elsewhere" in capsys.readouterr().err
+    (run_dir / "_lease.json").unlink()
+    (run_dir / "_SUCCESS.kept").rename(run_dir / "_SUCCESS")
+    monkeypatch.undo()
 
     # --force starts a new run id for the same date.
     assert cli_main(["run", str(config), "--date", "2026-11-26", "--force"]) == 0

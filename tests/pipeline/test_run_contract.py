@@ -128,6 +128,12 @@ def test_too_many_error_rows_fail_the_run(tmp_path, fixtures, ray_cluster) -> No
     manifest = json.loads((run_dir / "_manifest.json").read_text())
     assert manifest["status"] == "failed" and "missing_text 4" in manifest["error"]
     assert not (run_dir / "_SUCCESS").exists()
+    # A failed run still has its report, marked failed, and `rgbatch report` rebuilds it.
+    page = (run_dir / "report.html").read_text()
+    assert 'class="badge bad">failed<' in page and manifest["report"]["status"] == "written"
+    (run_dir / "report.html").unlink()
+    assert cli_main(["report", str(run_dir)]) == 0
+    assert 'class="badge bad">failed<' in (run_dir / "report.html").read_text()
     # A looser policy, under a new run id, accepts the same rows.
     loose = job_config(
         yaml_for(fixtures, tmp_path, run={"max_error_fraction": 0.8}), run_id="errors-ok"
@@ -305,3 +311,10 @@ def test_runs_sharing_a_checkpoint_uri_both_finish(tmp_path, fixtures, ray_clust
     assert pipeline.rundir.checkpoint_uri(job_config(templated, run_id="c3")) == str(
         shared / "t-c3"
     )
+
+
+def test_the_joined_cluster_is_described(ray_cluster) -> None:
+    from pipeline.cli import _cluster_line
+
+    cpus = ray.cluster_resources()["CPU"]
+    assert _cluster_line() == f"1 node, {cpus:g} CPUs"
