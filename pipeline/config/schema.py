@@ -795,6 +795,7 @@ class JobConfig(_Section):
         problems = [
             *formats.reader(config.input.format).config_problems(config),
             *formats.writer(config.output.format).config_problems(config),
+            *_device_problems(config),
         ]
         errors = [
             InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
@@ -879,6 +880,20 @@ class JobConfig(_Section):
                 "input.uri", "has {date}/{run_id} placeholders: render the config first"
             )
         return formats.list_files(uri, self.input.format, self.input.storage_options)
+
+
+def _device_problems(config: JobConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Settings the model actors would refuse once started: ``max_slots: auto`` needs a device
+    memory limit, which a CPU replica (no GPU, no TPU) does not report."""
+    model = config.model
+    on_cpu = model.gpus_per_replica == 0 and not model.resources_per_replica.get("TPU")
+    if config.generation.max_slots == "auto" and on_cpu:
+        message = (
+            "'auto' needs an accelerator's memory limit, and the replicas run on CPU "
+            "(model.gpus_per_replica 0, no TPU): set a number of slots"
+        )
+        return [(("generation", "max_slots"), message)]
+    return []
 
 
 def _check_date(date: str | dt.date | None) -> str:

@@ -199,7 +199,9 @@ def test_reader_one_row_per_line_ids_unique_and_bad_lines_as_error_rows(tmp_path
     assert second[ROW_SETTINGS]["max_new_tokens"] is None and second[ROW_SETTINGS]["stop"] is None
     assert second[ROW_SETTINGS]["end_of_turn"] is None
     bad = rows[2:]
-    assert [r[S.ERROR_KIND] for r in bad] == ["invalid_json"] + ["invalid_request"] * 5
+    # No usable custom_id (missing, not a string, a repeat): its own kind, for the error file.
+    kinds = ["invalid_json"] + ["invalid_custom_id"] * 3 + ["invalid_request"] * 2
+    assert [r[S.ERROR_KIND] for r in bad] == kinds
     assert all(r[S.PROMPT] is None for r in bad)
     messages = [r[S.ERROR] for r in bad]
     assert "line 4" in messages[0]
