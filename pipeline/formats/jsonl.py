@@ -42,6 +42,10 @@ from pipeline.secrets import mask_uri
 
 SNIFF_LINES = 100  # preflight reads the keys of a file's first lines (at most SNIFF_BYTES)
 SNIFF_BYTES = 1 << 20
+READ_BUFFER = 1 << 20
+# A decompressor that meets a damaged stream raises, losing what the read call decompressed:
+# compressed files are read in smaller calls, so at most this much before the damage is lost.
+SALVAGE_BUFFER = 1 << 16
 
 
 def parse_line(raw: bytes, position: int) -> tuple[dict[str, Any] | None, str, str]:
@@ -116,12 +120,14 @@ def _add_row(
     rows.kinds.append(error_kind)
 
 
-def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+def _lines(
+    handle: Any, limit: int, buffer: int = READ_BUFFER
+) -> Iterator[tuple[int, bytes, int | None]]:
     """(position, line without its break, size when over ``limit`` else None) of a byte stream.
 
     A line over ``limit`` bytes is never held whole: its first KiB is kept and the rest skipped.
     """
-    reader = io.BufferedReader(handle, buffer_size=1 << 20)
+    reader = io.BufferedReader(handle, buffer_size=buffer)
     position = 0
     while True:
         line = reader.readline(limit + 1)
@@ -181,8 +187,10 @@ def _cr_lines(
 def row_lines(uri: str, spec: ReadSpec) -> Iterator[tuple[int, bytes, int | None]]:
     """The lines of a JSONL file that are rows: :func:`_lines` without a leading byte order
     mark, blank lines skipped (a line over the limit is a row, whatever it holds)."""
-    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
-        for position, raw, too_large in _lines(f, spec.max_row_bytes):
+    opened = fsspec.open(uri, "rb", compression="infer", **spec.storage_options)
+    buffer = SALVAGE_BUFFER if opened.compression else READ_BUFFER
+    with opened as f:
+        for position, raw, too_large in _lines(f, spec.max_row_bytes, buffer):
             if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte order mark
             if too_large is None and not raw.strip():
