@@ -423,3 +423,60 @@ def test_max_slots_auto_on_cpu_replicas_is_a_config_error(fixtures, tmp_path: Pa
     data["model"]["gpus_per_replica"] = 0
     data["model"]["resources_per_replica"] = {"TPU": 4}
     assert job_config(yaml.safe_dump(data), run_id="x").generation.max_slots == "auto"
+
+
+# Cases 5 and 6 end to end -----------------------------------------------------------------------
+
+
+def test_case5_and_case6_a_parquet_corpus_with_mixed_types_and_broken_files(
+    fixtures, tmp_path: Path, ray_cluster
+) -> None:
+    """Titles typed string in one file and int64 in another, a 0-byte file and a truncated
+    one: the run succeeds with every good row once, one unreadable_file row per broken file
+    (named in the manifest), rows in = rows out per file, and a rerun is already complete."""
+    from pipeline.runner import run_job
+
+    inp = tmp_path / "in"
+    inp.mkdir()
+    write_parquet(
+        inp / "a.parquet",
+        {"id": ["a0", "a1", "a2"], "text": ["One.", "Two.", "Three."], "title": ["x", "y", "z"]},
+    )
+    write_parquet(
+        inp / "b.parquet", {"id": ["b0", "b1"], "text": ["Four.", "Five."], "title": [4, 5]}
+    )
+    (inp / "c-zero.parquet").write_bytes(b"")
+    raw = (inp / "a.parquet").read_bytes()
+    (inp / "d-cut.parquet").write_bytes(raw[: len(raw) // 2])
+    text = job_yaml(
+        fixtures,
+        task="summarize",
+        input_uri=str(inp / "*.parquet"),
+        output_uri=str(tmp_path / "out"),
+        extra={"toxicity": {"enabled": False}},
+    )
+    result = run_job(job_config(text, run_id="broken"))
+    assert result.status == "succeeded"
+    run_dir = tmp_path / "out" / "broken"
+    table = pa.concat_tables(pq.read_table(p) for p in sorted(run_dir.glob("part-*.parquet")))
+    rows = {r[S.ID]: r for r in table.to_pylist()}
+    good = {k: r for k, r in rows.items() if r[S.ERROR_KIND] != "unreadable_file"}
+    assert sorted(good) == ["a0", "a1", "a2", "b0", "b1"]
+    assert table.schema.field("title").type == pa.string()
+    assert {k: r["title"] for k, r in good.items()} == {
+        "a0": "x",
+        "a1": "y",
+        "a2": "z",
+        "b0": "4",
+        "b1": "5",
+    }
+    broken = sorted(r[S.SOURCE] for r in rows.values() if r[S.ERROR_KIND] == "unreadable_file")
+    assert broken == [str(inp / "c-zero.parquet"), str(inp / "d-cut.parquet")]
+    manifest = result.manifest
+    assert manifest["counts"]["unreadable_files"] == 2
+    assert manifest["counts"]["error_kinds"] == {"unreadable_file": 2}
+    for name in ("c-zero.parquet", "d-cut.parquet"):
+        entry = manifest["inputs"][str(inp / name)]
+        assert entry["rows_in"] == entry["rows_out"] == 1 and name in entry["unreadable"]
+    assert manifest["inputs"][str(inp / "a.parquet")] == {"rows_in": 3, "rows_out": 3}
+    assert run_job(job_config(text, run_id="broken")).status == "already_complete"
