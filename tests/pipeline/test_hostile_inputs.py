@@ -1,7 +1,7 @@
 """Lines and files a hostile (or careless) user gives, each survived with its rows (issue 21).
 
 Units without Ray, one case each; the runs that show them end to end are in
-``test_openai_batch.py`` (case 1 and the custom_id error file) and below (cases 5 and 6 on a
+``formats/test_openai_batch.py`` (case 1 and the custom_id error file) and below (cases 5 and 6 on a
 Parquet corpus):
 
 - case 1: an OpenAI batch setting past its column's integer type is an error line naming the

@@ -499,7 +499,7 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
 
 
 def test_example_config_and_sample_requests() -> None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     config = load_job_config(repo / "configs" / "openai_batch.yaml", environ={})
     assert (config.task, config.input.format, config.output.format) == (
         "generate",
