@@ -465,7 +465,8 @@ class GenerationSection(_Section):
         default=EngineConfig.max_slots,
         description="Sequences decoded at once per replica (engine slots). 'auto': the most "
         "that fit each device's memory (weights, slot states and workspace, per the memory "
-        "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit).",
+        "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit, so "
+        "'auto' with CPU replicas is a config error).",
     )
     prefill_batch: Int32 = Field(
         json_schema_extra=NOT_IDENTITY,
