@@ -25,11 +25,20 @@ request is still a row, with ``error`` / ``error_kind`` set (``invalid_request``
 
 Ids: a row's ``id`` is its ``custom_id``. A line without a usable custom_id (missing, blank, not
 a string) and every repeat of a custom_id already seen earlier in the same file get the reader's
-derived id (hash of file, line number and line bytes) and an ``invalid_request`` error, so ids stay
-unique within a file whatever the file holds (Ray Data's resume and the exactly-once check need
-that). The set of custom_ids seen lives in the read task, one file at a time. Repeats across
+derived id (hash of file, line number and line bytes) and an ``invalid_custom_id`` error, so ids
+stay unique within a file whatever the file holds (Ray Data's resume and the exactly-once check
+need that). Such rows, and every other row without a custom_id (a line that is no JSON object, a
+file that could not be read), are never written as response lines: the writer sends them to the
+error file, ``errors/part-*.jsonl`` (:meth:`OpenAIBatchWriter.error_rows`,
+:func:`error_file_line`), as OpenAI's batch error file holds them; they still count as rows out of
+their input file. The set of custom_ids seen lives in the read task, one file at a time. Repeats across
 files are not errors; the reader records each custom_id in the run's id ledger, so the manifest
 counts them (``ids_repeated``), as it does for ``input.id_column``.
+
+Integer settings are checked against the type of their column in the row settings struct
+(``max_tokens`` 1 to 2^31-1, ``seed`` any 64-bit integer); a value past it is an
+``invalid_request`` line naming the field, and a value that still does not fit its column makes
+only its own row an error (:meth:`RequestRows.flush`), never the batch.
 
 Generation (the row's settings, applied by the model stage under the rules of
 :mod:`pipeline.request`): ``max_tokens`` (or ``max_completion_tokens``) becomes the row's
