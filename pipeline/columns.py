@@ -52,6 +52,8 @@ ERROR_KINDS = (
     "invalid_utf8",  # a JSONL line that is not UTF-8
     "invalid_json",  # a JSONL line that does not parse as an object (or nests too deep)
     "invalid_request",  # an OpenAI batch line that is no valid, supported request
+    "invalid_custom_id",  # an OpenAI batch line without a usable custom_id (to errors/)
+    "unreadable_file",  # one row per input file whose bytes are corrupt (its other rows kept)
     "row_too_large",  # a JSONL line over input.max_row_bytes
     "prompt_too_long",  # over the prompt limit with truncation off
     "generation",  # the engine rejected or failed the request

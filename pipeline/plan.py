@@ -8,6 +8,7 @@ the stage and the column), and :func:`build_dataset` applies them to the reader'
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -148,7 +149,10 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray Data plan for a job: one row out for every row in."""
     stages = build_stages(config, context)
-    source = CorpusDatasource(files, ReadSpec.from_config(config), file_sizes=sizes, ledger=ledger)
+    spec = ReadSpec.from_config(config)
+    types = formats.reader(config.input.format).plan_passthrough(files, spec)
+    spec = dataclasses.replace(spec, passthrough_types=types)
+    source = CorpusDatasource(files, spec, file_sizes=sizes, ledger=ledger)
     dataset = ray.data.read_datasource(source)
     if config.input.num_blocks:
         dataset = dataset.repartition(config.input.num_blocks)

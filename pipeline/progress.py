@@ -28,6 +28,8 @@ from typing import IO, Any
 import ray
 
 from pipeline import formats
+from pipeline.formats.base import is_unreadable
+from pipeline.secrets import mask_uri
 
 log = logging.getLogger("rgbatch.progress")
 
@@ -95,11 +97,18 @@ class InputTotal:
         sizes: Sequence[int] | None,
         storage_options: dict[str, Any],
     ) -> InputTotal:
-        """The total of ``files`` as the reader of their format ``fmt`` can tell it."""
+        """The total of ``files`` as the reader of their format ``fmt`` can tell it; a file
+        whose metadata is corrupt counts as the one ``unreadable_file`` row it becomes."""
         reader = formats.reader(fmt)
         counts = []
         for uri in files:
-            count = reader.row_count(uri, storage_options)
+            try:
+                count = reader.row_count(uri, storage_options)
+            except Exception as err:
+                if not is_unreadable(err):
+                    raise
+                log.warning("input file %s cannot be read: %s", mask_uri(uri), err)
+                count = 1
             if count is None:
                 return cls(bytes_total=sum(sizes) if sizes is not None else None)
             counts.append(count)

@@ -6,7 +6,10 @@ passthrough columns or the format's own), except with ``expand_questions`` (the 
 question column holding a list becomes one row per question, ids ``<id>/q<k>``, next to each
 other. A row that cannot be read properly (a line that is not UTF-8 or not a JSON object, a mapped
 column holding something other than a string) still comes out, with ``error`` / ``error_kind``
-set. How each format reads its files is its module's (:mod:`pipeline.formats`); how ids and the
+set. A file whose bytes are corrupt (a truncated ``.gz``, a Parquet file without its footer or
+with a damaged page: :func:`pipeline.formats.base.is_unreadable`) keeps the rows read before the
+damage and adds one ``unreadable_file`` row naming it (:func:`pipeline.formats.rows.unreadable_row`),
+counted as one of its rows; storage that cannot be reached is raised for Ray Data to retry. How each format reads its files is its module's (:mod:`pipeline.formats`); how ids and the
 resume keys are made is :mod:`pipeline.formats.rows`'.
 
 :class:`CorpusDatasource` reads a list of files with one read task per group of files, so the
@@ -19,6 +22,7 @@ ids exist at Read time (the checkpoint filter of Ray Data's resume runs right af
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
@@ -27,8 +31,11 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.formats.base import KeyedBatch, ReadSpec
+from pipeline.formats.base import KeyedBatch, ReadSpec, is_unreadable
+from pipeline.formats.rows import unreadable_row
 from pipeline.secrets import mask_uri
+
+log = logging.getLogger(__name__)
 
 
 def read_keyed(uri: str, spec: ReadSpec) -> Iterator[KeyedBatch]:
@@ -39,8 +46,7 @@ def read_keyed(uri: str, spec: ReadSpec) -> Iterator[KeyedBatch]:
 def read_file(uri: str, spec: ReadSpec) -> Iterator[pa.Table]:
     """Reads one file as tables of at most ``spec.batch_rows`` rows (none for a file without
     rows), the same tables a read task of :class:`CorpusDatasource` yields for it."""
-    for table, _ in read_keyed(uri, spec):
-        yield table
+    yield from _read_files((uri,), spec, (None,), None)
 
 
 # -------------------------------------------------------------------------------- Ray Data
@@ -66,11 +72,18 @@ def _read_files(
     for uri, size in zip(uris, sizes, strict=True):
         rows = 0
         reader = spec.reader_of(uri)
-        for index, (table, id_keys) in enumerate(reader.read(uri, spec)):
-            rows += table.num_rows
-            if ledger is not None and reader.records_ids(spec):
-                ledger.batch(mask_uri(uri), index, id_keys)
-            yield table
+        try:
+            for index, (table, id_keys) in enumerate(reader.read(uri, spec)):
+                rows += table.num_rows
+                if ledger is not None and reader.records_ids(spec):
+                    ledger.batch(mask_uri(uri), index, id_keys)
+                yield table
+        except Exception as err:
+            if not is_unreadable(err):
+                raise
+            log.warning("input file %s cannot be read after %d rows: %s", mask_uri(uri), rows, err)
+            yield unreadable_row(reader.schema(spec), mask_uri(uri), rows, err)
+            rows += 1
         if ledger is not None:
             ledger.done(mask_uri(uri), rows, size)
 

@@ -5,6 +5,8 @@ encoding (:mod:`pipeline.writer`) and the run contract's two files (:mod:`pipeli
 
     part-<write uuid>-<task>.<ext>            rows the toxicity policy keeps (the writer's)
     rejected/part-...                          rows it drops, with their scores (the writer's)
+    errors/part-...                            an output format's error file (OpenAI batch: lines
+                                               without a usable custom_id; the writer's)
     _stats/part-....json                       each part's RunSummary (the writer's)
     _inputs/<file digest>.json                 each input file's row count, once read in full
     _ids/<file digest>-<batch>.parquet         the typed id keys of each batch (repeat counts)
@@ -118,9 +120,12 @@ def drop_checkpoint(fs: Any, config: JobConfig, run_dir: str) -> None:
         fs.rm(path, recursive=True)
 
 
-def prepare(fs: fsspec.AbstractFileSystem, run_dir: str, *, rejected: bool) -> None:
-    """Creates the run directory and the ledgers' directories (and ``rejected/`` when asked)."""
-    for sub in ("", STATS_DIR, INPUTS_DIR, IDS_DIR, REJECTED if rejected else ""):
+def prepare(
+    fs: fsspec.AbstractFileSystem, run_dir: str, *, rejected: bool, error_dir: str | None = None
+) -> None:
+    """Creates the run directory and the ledgers' directories (and ``rejected/`` when asked, and
+    the output format's error file directory when it has one)."""
+    for sub in ("", STATS_DIR, INPUTS_DIR, IDS_DIR, REJECTED if rejected else "", error_dir or ""):
         fs.makedirs(posixpath.join(run_dir, sub).rstrip("/"), exist_ok=True)
 
 
@@ -280,8 +285,9 @@ def _read_inputs(run_uri: str, storage_options: dict[str, Any], paths: list[str]
 
 
 def check_rows(files: list[str], rows_in: dict[str, int], summary: RunSummary) -> dict[str, Any]:
-    """Rows in and out per input file; raises RunIntegrityError naming the files that differ."""
-    per_file = {
+    """Rows in and out per input file (and why, for a file that could not be read in full);
+    raises RunIntegrityError naming the files that differ."""
+    per_file: dict[str, Any] = {
         uri: {"rows_in": rows_in.get(uri), "rows_out": int(summary.rows_per_source.get(uri, 0))}
         for uri in files
     }
@@ -298,6 +304,9 @@ def check_rows(files: list[str], rows_in: dict[str, int], summary: RunSummary) -
         raise RunIntegrityError(
             "the outputs do not hold every input row exactly once:\n  " + "\n  ".join(lines)
         )
+    for uri, reason in summary.unreadable.items():
+        if uri in per_file:
+            per_file[uri]["unreadable"] = reason
     return per_file
 
 

@@ -149,7 +149,12 @@ def run_job(config: JobConfig) -> RunResult:
 
 def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResult:
     started = time.time()
-    prepare(fs, run_dir, rejected=_drops(config))
+    prepare(
+        fs,
+        run_dir,
+        rejected=_drops(config),
+        error_dir=formats.writer(config.output.format).error_dir,
+    )
     pa_fs = arrow_filesystem(fs)
     context = ray.data.DataContext.get_current()
     settings = {
@@ -205,7 +210,8 @@ def _run(
     manifest = _manifest(config, per_file, summary, started, finished)
     manifest["operator_task_s"] = operators
     manifest["counts"].update(repeats)
-    failure = error_policy(summary, config.run.max_error_fraction)
+    answered = formats.reader(config.input.format).answered_errors
+    failure = error_policy(summary, config.run.max_error_fraction, answered)
     if failure is not None:
         manifest.update(status="failed", error=failure)
     write_json(
@@ -229,12 +235,17 @@ class RunFailed(RuntimeError):
     """The run ended without _SUCCESS (its manifest says why); a rerun may resume it."""
 
 
-def error_policy(summary: RunSummary, max_fraction: float) -> str | None:
-    """Why the run fails under ``run.max_error_fraction``, or None."""
-    errors = sum(summary.error_kinds.values())
+def error_policy(
+    summary: RunSummary, max_fraction: float, answered: tuple[str, ...] = ()
+) -> str | None:
+    """Why the run fails under ``run.max_error_fraction``, or None. Error kinds in ``answered``
+    (the input format's answers to bad requests: :attr:`Reader.answered_errors
+    <pipeline.formats.base.Reader.answered_errors>`) are output, not failures, and do not count."""
+    errors = sum(n for kind, n in summary.error_kinds.items() if kind not in answered)
     if not summary.rows or errors <= max_fraction * summary.rows:
         return None
-    kinds = ", ".join(f"{k} {n:,}" for k, n in summary.error_kinds.most_common(3))
+    counted = [(k, n) for k, n in summary.error_kinds.most_common() if k not in answered]
+    kinds = ", ".join(f"{k} {n:,}" for k, n in counted[:3])
     return (
         f"{errors:,} of {summary.rows:,} rows are errors ({errors / summary.rows:.0%}), over "
         f"run.max_error_fraction {max_fraction:g}; most: {kinds}"

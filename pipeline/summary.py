@@ -6,7 +6,9 @@ part's name prefix, so Ray Data's resume rolls them back together when a write w
 At the end of a run the summaries are merged (in Ray tasks, a bounded fan-in) into one: the driver
 never reads an output part, and nothing in a summary grows with the number of rows:
 
-- counts: rows, rejected rows, tokens, finish reasons, error kinds, toxicity decisions, models;
+- counts: rows, rejected rows, rows in the format's error file, tokens, finish reasons, error
+  kinds, toxicity decisions, models;
+- the input files that could not be read (in full), with why (grows with such files only);
 - rows per input file (grows with the number of files, not rows);
 - histograms: exact prompt / output lengths (bounded by the token limits), toxicity scores in
   fixed bins per label;
@@ -35,6 +37,7 @@ SAMPLE_CHARS = 2000  # sample texts are clipped when gathered: a summary stays s
 EXAMPLE_CHARS = 500
 SAMPLE_COLUMNS = (S.ID, S.OUTPUT_TEXT, S.FINISH_REASON, S.ERROR)
 DROP = "drop"
+UNREADABLE_FILE = "unreadable_file"  # the error kind of a file's row saying it cannot be read
 
 
 def is_score_column(name: str) -> bool:
@@ -49,6 +52,7 @@ class RunSummary:
     threshold: float | None = None
     rows: int = 0
     rejected: int = 0
+    error_file: int = 0  # rows the output format sent to its error file (pipeline.formats)
     parts: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -66,6 +70,7 @@ class RunSummary:
     toxicity_unscored: Counter = field(default_factory=Counter)  # label -> rows without a score
     toxicity_over: Counter = field(default_factory=Counter)  # label -> scores >= threshold
     samples: list[dict[str, Any]] = field(default_factory=list)  # with a "_key" each
+    unreadable: dict[str, str] = field(default_factory=dict)  # file -> why it is unreadable
 
     # Building -------------------------------------------------------------------------------------
 
@@ -102,6 +107,8 @@ class RunSummary:
                 counter.update(dict(zip(keys.tolist(), counts.tolist(), strict=True)))
         if S.ERROR_KIND in names and S.ERROR in names:
             summary._add_examples(table)
+            if UNREADABLE_FILE in summary.error_kinds and S.SOURCE in names:
+                summary._add_unreadable(table)
         for name in table.column_names:
             if is_score_column(name):
                 summary._add_scores(name[len(S.TOXICITY_PREFIX) :], table.column(name))
@@ -115,6 +122,13 @@ class RunSummary:
             message = table.column(S.ERROR)[index].as_py() if index >= 0 else None
             if message is not None:
                 self.error_examples[kind] = clip(str(message), EXAMPLE_CHARS)
+
+    def _add_unreadable(self, table: pa.Table) -> None:
+        rows = table.filter(pc.equal(table.column(S.ERROR_KIND), UNREADABLE_FILE))
+        for source, message in zip(
+            rows.column(S.SOURCE).to_pylist(), rows.column(S.ERROR).to_pylist(), strict=True
+        ):
+            self.unreadable[str(source)] = clip(str(message), EXAMPLE_CHARS)
 
     def _add_scores(self, label: str, column: pa.ChunkedArray) -> None:
         scores = _floats(column)
@@ -144,7 +158,7 @@ class RunSummary:
         """Adds ``other`` into this summary (in place) and returns it."""
         if self.threshold is None:
             self.threshold = other.threshold
-        for name in ("rows", "rejected", "parts", "prompt_tokens", "output_tokens"):
+        for name in ("rows", "rejected", "error_file", "parts", "prompt_tokens", "output_tokens"):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.truncated += other.truncated
         self.toxic += other.toxic
@@ -162,6 +176,7 @@ class RunSummary:
             getattr(self, name).update(getattr(other, name))
         for kind, message in other.error_examples.items():
             self.error_examples.setdefault(kind, message)
+        self.unreadable.update(other.unreadable)
         for label, bins in other.toxicity.items():
             mine = self.toxicity.setdefault(label, [0] * TOXICITY_BINS)
             self.toxicity[label] = [a + b for a, b in zip(mine, bins, strict=True)]
@@ -211,8 +226,10 @@ class RunSummary:
     def counts(self) -> dict[str, Any]:
         return {
             "rows": self.rows,
-            "rows_written": self.rows - self.rejected,
+            "rows_written": self.rows - self.rejected - self.error_file,
             "rows_rejected": self.rejected,
+            "rows_in_error_file": self.error_file,
+            "unreadable_files": len(self.unreadable),
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "prompts_truncated": self.truncated,

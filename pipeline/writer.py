@@ -5,7 +5,9 @@ bundle of at least ``output.rows_per_file`` rows and writes, all under the same 
 
     <run dir>/part-<write uuid>-<task>.<ext>           rows the toxicity policy keeps
     <run dir>/rejected/part-<write uuid>-<task>.<ext>  rows it drops (with their scores)
-    <run dir>/_stats/part-<write uuid>-<task>.json     the RunSummary of both
+    <run dir>/_stats/part-<write uuid>-<task>.json     the RunSummary of all of them
+    <run dir>/<error dir>/part-<write uuid>-<task>.<ext>  rows the format sends to its error
+                                                       file (OpenAI batch: no usable custom_id)
 
 Ray Data's resume writes a pending checkpoint of the bundle's ids before the task writes and
 commits it after; a pending checkpoint found by the next attempt deletes every file under the run
@@ -80,15 +82,27 @@ class RunDatasink(BlockBasedFileDatasink):
         )
         table = block.to_arrow()
         summary = RunSummary.of_table(table, self.threshold)
+        to_errors = self.encoder.error_rows(table)
+        if to_errors is not None:
+            errors, table = table.filter(to_errors), table.filter(pc.invert(to_errors))
+            if errors.num_rows:
+                summary.error_file = errors.num_rows
+                path = posixpath.join(self.path, self.encoder.error_dir, name)
+                self._put(path, self.encoder.encode_errors(errors))
         dropped = _dropped(table)
         kept, rejected = table.filter(pc.invert(dropped)), table.filter(dropped)
+        summary.rejected = rejected.num_rows
         if kept.num_rows:
             self._put(posixpath.join(self.path, name), self.encoder.encode(kept))
         if rejected.num_rows:
             self._put(posixpath.join(self.path, REJECTED, name), self.encoder.encode(rejected))
         stats_name = name.rsplit(".", 1)[0] + ".json"
         self._put(posixpath.join(self.path, STATS_DIR, stats_name), summary.dumps())
-        return {"rows": table.num_rows, "rejected": rejected.num_rows}
+        return {
+            "rows": summary.rows,
+            "rejected": rejected.num_rows,
+            "error_file": summary.error_file,
+        }
 
     def write(self, blocks: Iterable[Block], ctx: Any) -> dict[str, int]:
         from ray.data._internal.delegating_block_builder import DelegatingBlockBuilder
@@ -98,7 +112,7 @@ class RunDatasink(BlockBasedFileDatasink):
             builder.add_block(block)
         accessor = BlockAccessor.for_block(builder.build())
         if accessor.num_rows() == 0:
-            return {"rows": 0, "rejected": 0}
+            return {"rows": 0, "rejected": 0, "error_file": 0}
         return self.write_block(accessor, 0, ctx)
 
     def on_write_complete(self, write_result: Any) -> None:

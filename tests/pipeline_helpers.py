@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import io
 import json
 import os
@@ -62,6 +63,32 @@ WORDS = [
     "the",
     "square",
 ]
+
+
+# The readers' test corpus, line by line: good, blank, non-string text, not UTF-8, not JSON, a JSON list, whitespace only,
+# two identical rows, a row without id.
+LINES: list[bytes] = [
+    b'{"id": "a1", "text": "First document.", "question": "What?", "title": "One", "n": 3}',
+    b"",
+    b'{"id": 2, "text": 42, "question": "Why?", "title": null, "n": {"k": [1, 2]}}',
+    b'{"id": "a3", "text": "caf\xe9"}',
+    b"{not json",
+    b"[1, 2, 3]",
+    b"   \t",
+    b'{"text": "Same row.", "title": "Dup"}',
+    b'{"text": "Same row.", "title": "Dup"}',
+    b'{"id": null, "text": "No id.", "prompt": "Write a poem."}',
+]
+N_ROWS = 8  # the blank and whitespace-only lines are not rows
+
+
+def write_jsonl(path: Path, lines: list[bytes] = LINES) -> str:
+    """Writes ``lines`` as a JSONL file (gzip for a ``.gz`` name); returns its path."""
+    data = b"\n".join(lines) + b"\n"
+    if path.suffix == ".gz":
+        data = gzip.compress(data, mtime=0)
+    path.write_bytes(data)
+    return str(path)
 
 
 def build_fixtures(root: Path) -> dict[str, str]:

@@ -20,6 +20,7 @@ import fsspec
 from pipeline import columns, formats
 from pipeline.config.schema import PROMPT_PLACEHOLDERS, ConfigError, JobConfig
 from pipeline.formats import list_files
+from pipeline.formats.base import is_unreadable
 from pipeline.secrets import mask_text, mask_uri
 
 __all__ = ["configured_columns", "input_columns", "list_files", "preflight"]
@@ -95,14 +96,29 @@ def _input_check(config: JobConfig) -> str | list[tuple[str, str]] | None:
     needed = configured_columns(config)
     if not needed:
         return None
-    first = files[0]
-    found = input_columns(first, config.input.format, config.input.storage_options)
+    first, found = _first_readable(files, config)
+    if found is None:
+        return f"none of the {len(files)} input files can be read; the first: {first}"
     shown = ", ".join(sorted(found)) or "none"
     return [
         (path, f"column {name!r} is not in {mask_uri(first)} (columns found: {shown})")
         for path, name in needed
         if name not in found
     ] or None
+
+
+def _first_readable(files: list[str], config: JobConfig) -> tuple[str, set[str] | None]:
+    """(file, its columns) of the first input file that can be read; (why the first cannot,
+    None) when none can (a corrupt file becomes an ``unreadable_file`` row when read)."""
+    first_error = None
+    for uri in files:
+        try:
+            return uri, input_columns(uri, config.input.format, config.input.storage_options)
+        except Exception as err:
+            if not is_unreadable(err):
+                raise
+            first_error = first_error or mask_text(f"{mask_uri(uri)}: {type(err).__name__}: {err}")
+    return first_error or "", None
 
 
 def _output_check(config: JobConfig) -> list[tuple[str, str]] | None:

@@ -465,7 +465,8 @@ class GenerationSection(_Section):
         default=EngineConfig.max_slots,
         description="Sequences decoded at once per replica (engine slots). 'auto': the most "
         "that fit each device's memory (weights, slot states and workspace, per the memory "
-        "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit).",
+        "plan), less model.memory_headroom; accelerators only (CPU reports no memory limit, so "
+        "'auto' with CPU replicas is a config error).",
     )
     prefill_batch: Int32 = Field(
         json_schema_extra=NOT_IDENTITY,
@@ -795,6 +796,7 @@ class JobConfig(_Section):
         problems = [
             *formats.reader(config.input.format).config_problems(config),
             *formats.writer(config.output.format).config_problems(config),
+            *_device_problems(config),
         ]
         errors = [
             InitErrorDetails(type=PydanticCustomError("value_error", message), loc=loc, input=None)
@@ -879,6 +881,20 @@ class JobConfig(_Section):
                 "input.uri", "has {date}/{run_id} placeholders: render the config first"
             )
         return formats.list_files(uri, self.input.format, self.input.storage_options)
+
+
+def _device_problems(config: JobConfig) -> list[tuple[tuple[str, ...], str]]:
+    """Settings the model actors would refuse once started: ``max_slots: auto`` needs a device
+    memory limit, which a CPU replica (no GPU, no TPU) does not report."""
+    model = config.model
+    on_cpu = model.gpus_per_replica == 0 and not model.resources_per_replica.get("TPU")
+    if config.generation.max_slots == "auto" and on_cpu:
+        message = (
+            "'auto' needs an accelerator's memory limit, and the replicas run on CPU "
+            "(model.gpus_per_replica 0, no TPU): set a number of slots"
+        )
+        return [(("generation", "max_slots"), message)]
+    return []
 
 
 def _check_date(date: str | dt.date | None) -> str:

@@ -9,6 +9,10 @@ bad rows as error rows, stable ids and resume keys).
 
 from __future__ import annotations
 
+import gzip
+import lzma
+import re
+import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -36,8 +40,10 @@ class ReadSpec:
     ``format`` is a registered input format, or None to infer each file's from its name. The
     ``*_column`` fields name the input columns read as ``text`` / ``question`` / ``prompt``;
     ``passthrough`` columns are copied after the reader's own. With ``expand_questions`` (the qa
-    task) a question column holding a list gives one row per question. Build it from the job
-    config with :meth:`from_config`; constructing it checks it (ValueError / TypeError).
+    task) a question column holding a list gives one row per question. ``passthrough_types``
+    (the plan's, :meth:`Reader.plan_passthrough`) is the corpus' type of a passthrough column the
+    reader casts each file's values to. Build it from the job config with :meth:`from_config`;
+    constructing it checks it (ValueError / TypeError).
     """
 
     format: str | None = None
@@ -50,6 +56,7 @@ class ReadSpec:
     batch_rows: int = DEFAULT_BATCH_ROWS
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES
     expand_questions: bool = False
+    passthrough_types: Mapping[str, pa.DataType] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         from pipeline import formats
@@ -58,6 +65,7 @@ class ReadSpec:
             raise TypeError("passthrough must be a sequence of column names, not a string")
         object.__setattr__(self, "passthrough", tuple(self.passthrough))
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+        object.__setattr__(self, "passthrough_types", dict(self.passthrough_types or {}))
         names = self.passthrough
         if len(set(names)) != len(names):
             raise ValueError(f"passthrough columns repeat: {list(names)}")
@@ -115,6 +123,9 @@ class Reader:
     prompts_ready: ClassVar[bool] = False  # rows hold finished prompts: no template, no cutting
     reserved: ClassVar[tuple[str, ...]] = ()  # more column names it keeps (``x_*``: a prefix)
     maps_columns: ClassVar[bool] = True  # rows come from the configured input.*_column columns
+    # Error kinds that answer a bad request line (the format's own output, as an API's 4xx
+    # answers are), not failures of the run: run.max_error_fraction does not count them.
+    answered_errors: ClassVar[tuple[str, ...]] = ()
 
     def read(self, uri: str, spec: ReadSpec) -> Iterator[KeyedBatch]:
         """The batches of one file (at most ``spec.batch_rows`` rows each; none for no rows)."""
@@ -123,6 +134,11 @@ class Reader:
     def columns(self, spec: ReadSpec) -> list[str]:
         """The columns of every batch :meth:`read` yields, in order."""
         return [*READ_SCHEMA.names, *spec.passthrough]
+
+    def schema(self, spec: ReadSpec) -> pa.Schema:
+        """The schema of the batches :meth:`read` yields (passthrough columns as strings, the
+        type of JSONL passthrough values; a format keeping its files' types overrides it)."""
+        return pa.schema([*READ_SCHEMA, *(pa.field(n, pa.string()) for n in spec.passthrough)])
 
     def check(self, spec: ReadSpec) -> None:
         """Raises ValueError for a spec this format cannot read with."""
@@ -140,6 +156,12 @@ class Reader:
         """The columns a file has (preflight checks the configured ones against them)."""
         raise NotImplementedError
 
+    def plan_passthrough(self, files: Sequence[str], spec: ReadSpec) -> dict[str, pa.DataType]:
+        """The corpus' type of each passthrough column whose files may disagree on it (the
+        plan puts it in ``spec.passthrough_types``); none for a format whose passthrough values
+        always have one type."""
+        return {}
+
     def row_count(self, uri: str, storage_options: Mapping[str, Any]) -> int | None:
         """The rows of a file when its metadata says so cheaply, else None (progress estimates)."""
         return None
@@ -156,14 +178,43 @@ class Writer:
     description: ClassVar[str]  # one line for the config reference
     extension: ClassVar[str]  # of the part files
     requires: ClassVar[tuple[str, ...]] = ()  # columns the encoding needs
+    error_dir: ClassVar[str | None] = None  # the run's subdirectory for its error file, if any
 
     def encode(self, table: pa.Table) -> bytes:
         """A part file's bytes holding the rows of ``table``."""
         raise NotImplementedError
 
+    def error_rows(self, table: pa.Table) -> pa.Array | None:
+        """Which rows of ``table`` go to the error file instead (a boolean mask; None: none).
+        Only a format with an ``error_dir`` has an error file."""
+        return None
+
+    def encode_errors(self, table: pa.Table) -> bytes:
+        """An error file part's bytes holding the rows of ``table``."""
+        raise NotImplementedError
+
     def config_problems(self, config: JobConfig) -> Problems:
         """What in a job config this format cannot work with, each at the field to change."""
         return []
+
+
+def is_unreadable(err: BaseException) -> bool:
+    """Whether ``err``, raised while reading a file, says its bytes are corrupt (a truncated or
+    damaged gzip stream, a Parquet file without its footer or with a damaged page) rather than
+    that storage could not be reached: the first is the file's for good (an ``unreadable_file``
+    error row), the second is raised for Ray Data to retry the read. An ``OSError`` counts as
+    corrupt data only as pyarrow raises it for a damaged page (no errno, no subclass such as
+    ``ConnectionError`` or ``PermissionError``) and when its message matches none of the retried
+    I/O errors of the current Ray Data context."""
+    if isinstance(err, EOFError | zlib.error | lzma.LZMAError | gzip.BadGzipFile | pa.ArrowInvalid):
+        return True
+    if type(err) is not OSError or err.errno is not None:
+        return False
+    import ray.data
+
+    text = f"{type(err).__name__}: {err}"
+    retried = ray.data.DataContext.get_current().retried_io_errors
+    return not any(re.search(pattern, text) for pattern in retried)
 
 
 def check_names(readers: Sequence[Reader], writers: Sequence[Writer]) -> None:

@@ -8,6 +8,9 @@ holding something other than a string is a ``not_a_string`` error; passthrough v
 strings are kept as their JSON text. A row's position is its 0-based line number in the
 (decompressed) file, blank lines included, and the content its derived id hashes is the raw bytes
 of the line (without its line break). A UTF-8 byte order mark before the first line is dropped.
+Lines end with LF or CRLF; a file with no LF before its first CR, whose first line is not one
+JSON object, ends its lines with CR alone (old Mac files) and is split on CR. A corrupt file
+(a truncated ``.gz``) keeps the rows read before the damage (see :mod:`pipeline.readers`).
 
 Writing: one object per row (UTF-8, not ASCII-escaped); bytes as hex, dates in ISO format.
 """
@@ -23,7 +26,7 @@ import fsspec
 import pyarrow as pa
 
 from pipeline.columns import QUESTION
-from pipeline.formats.base import KeyedBatch, Reader, ReadSpec, Writer
+from pipeline.formats.base import KeyedBatch, Reader, ReadSpec, Writer, is_unreadable
 from pipeline.formats.rows import (
     RowBatch,
     derive_id,
@@ -39,6 +42,10 @@ from pipeline.secrets import mask_uri
 
 SNIFF_LINES = 100  # preflight reads the keys of a file's first lines (at most SNIFF_BYTES)
 SNIFF_BYTES = 1 << 20
+READ_BUFFER = 1 << 20
+# A decompressor that meets a damaged stream raises, losing what the read call decompressed:
+# compressed files are read in smaller calls, so at most this much before the damage is lost.
+SALVAGE_BUFFER = 1 << 16
 
 
 def parse_line(raw: bytes, position: int) -> tuple[dict[str, Any] | None, str, str]:
@@ -113,16 +120,21 @@ def _add_row(
     rows.kinds.append(error_kind)
 
 
-def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+def _lines(
+    handle: Any, limit: int, buffer: int = READ_BUFFER
+) -> Iterator[tuple[int, bytes, int | None]]:
     """(position, line without its break, size when over ``limit`` else None) of a byte stream.
 
     A line over ``limit`` bytes is never held whole: its first KiB is kept and the rest skipped.
     """
-    reader = io.BufferedReader(handle, buffer_size=1 << 20)
+    reader = io.BufferedReader(handle, buffer_size=buffer)
     position = 0
     while True:
         line = reader.readline(limit + 1)
         if not line:
+            return
+        if position == 0 and _cr_only(line, limit):
+            yield from _cr_lines(reader, line, limit)
             return
         if len(line) > limit and not line.endswith(b"\n"):
             size, head = len(line), line[:1024]
@@ -135,11 +147,50 @@ def _lines(handle: Any, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
         position += 1
 
 
+def _cr_only(first: bytes, limit: int) -> bool:
+    """Whether a file whose first line (up to ``limit`` + 1 bytes) is ``first`` ends its lines
+    with CR alone (old Mac files): no LF there, a CR, and not one JSON object with CR spaces."""
+    if first.endswith(b"\n") or b"\r" not in first.rstrip(b"\r"):
+        return False
+    if len(first) <= limit:
+        try:
+            json.loads(first)
+        except (ValueError, RecursionError):
+            return True
+        return False
+    return True
+
+
+def _cr_lines(
+    reader: io.BufferedReader, data: bytes, limit: int
+) -> Iterator[tuple[int, bytes, int | None]]:
+    """:func:`_lines` of a file whose lines end with CR alone, ``data`` its first bytes."""
+    position, kept, size = 0, b"", 0
+    while True:
+        *complete, rest = data.split(b"\r")
+        for part in complete:
+            kept, size = kept + part[: limit + 1 - len(kept)], size + len(part)
+            yield position, kept if size <= limit else kept[:1024], None if size <= limit else size
+            position, kept, size = position + 1, b"", 0
+        kept, size = kept + rest[: limit + 1 - len(kept)], size + len(rest)
+        data = reader.read(1 << 20)
+        if not data:
+            if size:
+                yield (
+                    position,
+                    kept if size <= limit else kept[:1024],
+                    None if size <= limit else size,
+                )
+            return
+
+
 def row_lines(uri: str, spec: ReadSpec) -> Iterator[tuple[int, bytes, int | None]]:
     """The lines of a JSONL file that are rows: :func:`_lines` without a leading byte order
     mark, blank lines skipped (a line over the limit is a row, whatever it holds)."""
-    with fsspec.open(uri, "rb", compression="infer", **spec.storage_options) as f:
-        for position, raw, too_large in _lines(f, spec.max_row_bytes):
+    opened = fsspec.open(uri, "rb", compression="infer", **spec.storage_options)
+    buffer = SALVAGE_BUFFER if opened.compression else READ_BUFFER
+    with opened as f:
+        for position, raw, too_large in _lines(f, spec.max_row_bytes, buffer):
             if position == 0 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]  # a UTF-8 byte order mark
             if too_large is None and not raw.strip():
@@ -169,12 +220,17 @@ class JsonlReader(Reader):
 
         rows = RowBatch(mask_uri(uri))
         passthrough: dict[str, list[Any]] = {name: [] for name in spec.passthrough}
-        for position, raw, too_large in row_lines(uri, spec):
-            _add_row(rows, spec, raw, position, passthrough, too_large)
-            if len(rows) >= spec.batch_rows:
-                yield flush()
-                rows = RowBatch(mask_uri(uri))
-                passthrough = {name: [] for name in spec.passthrough}
+        try:
+            for position, raw, too_large in row_lines(uri, spec):
+                _add_row(rows, spec, raw, position, passthrough, too_large)
+                if len(rows) >= spec.batch_rows:
+                    yield flush()
+                    rows = RowBatch(mask_uri(uri))
+                    passthrough = {name: [] for name in spec.passthrough}
+        except Exception as err:
+            if len(rows) and is_unreadable(err):
+                yield flush()  # the rows read before the damage are kept
+            raise
         if len(rows):
             yield flush()
 

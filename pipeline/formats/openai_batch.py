@@ -25,11 +25,20 @@ request is still a row, with ``error`` / ``error_kind`` set (``invalid_request``
 
 Ids: a row's ``id`` is its ``custom_id``. A line without a usable custom_id (missing, blank, not
 a string) and every repeat of a custom_id already seen earlier in the same file get the reader's
-derived id (hash of file, line number and line bytes) and an ``invalid_request`` error, so ids stay
-unique within a file whatever the file holds (Ray Data's resume and the exactly-once check need
-that). The set of custom_ids seen lives in the read task, one file at a time. Repeats across
+derived id (hash of file, line number and line bytes) and an ``invalid_custom_id`` error, so ids
+stay unique within a file whatever the file holds (Ray Data's resume and the exactly-once check
+need that). Such rows, and every other row without a custom_id (a line that is no JSON object, a
+file that could not be read), are never written as response lines: the writer sends them to the
+error file, ``errors/part-*.jsonl`` (:meth:`OpenAIBatchWriter.error_rows`,
+:func:`error_file_line`), as OpenAI's batch error file holds them; they still count as rows out of
+their input file. The set of custom_ids seen lives in the read task, one file at a time. Repeats across
 files are not errors; the reader records each custom_id in the run's id ledger, so the manifest
 counts them (``ids_repeated``), as it does for ``input.id_column``.
+
+Integer settings are checked against the type of their column in the row settings struct
+(``max_tokens`` 1 to 2^31-1, ``seed`` any 64-bit integer); a value past it is an
+``invalid_request`` line naming the field, and a value that still does not fit its column makes
+only its own row an error (:meth:`RequestRows.flush`), never the batch.
 
 Generation (the row's settings, applied by the model stage under the rules of
 :mod:`pipeline.request`): ``max_tokens`` (or ``max_completion_tokens``) becomes the row's
@@ -55,11 +64,19 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from model.tokenizer import END_OF_TURN, START_OF_TURN
 from pipeline import columns as S
 from pipeline.formats import jsonl
-from pipeline.formats.base import KeyedBatch, Problems, Reader, ReadSpec, Writer
+from pipeline.formats.base import (
+    KeyedBatch,
+    Problems,
+    Reader,
+    ReadSpec,
+    Writer,
+    is_unreadable,
+)
 from pipeline.formats.rows import derive_id, resume_key
 from pipeline.request import ROW_SETTINGS, ROW_SETTINGS_TYPE
 from pipeline.secrets import mask_uri
@@ -75,6 +92,8 @@ CHAT = "chat"
 COMPLETIONS = "completions"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
 MAX_STOP_STRINGS = 4  # OpenAI's limit
+INVALID_CUSTOM_ID = "invalid_custom_id"  # the error kind of a line without a usable custom_id
+ERRORS_DIR = "errors"  # the error file's directory in the run directory, as OpenAI's batches
 
 REQUEST_SCHEMA = pa.schema(
     [
@@ -218,15 +237,22 @@ def _check_unsupported(body: dict[str, Any]) -> None:
         raise RequestError("body.response_format: only {'type': 'text'} is supported")
 
 
+def _int_range(name: str) -> tuple[int, int]:
+    """The values the integer field ``name`` of the row settings column can hold."""
+    bits = ROW_SETTINGS_TYPE.field(name).type.bit_width
+    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+
+
 def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     names = ("max_completion_tokens", "max_tokens") if endpoint == CHAT else ("max_tokens",)
+    most = _int_range("max_new_tokens")[1]
     for name in names:
         value = body.get(name)
         if value is None:
             continue
-        if not _is_int(value) or value < 1:
-            raise RequestError(f"body.{name} must be an integer >= 1, got {value!r}")
+        if not _is_int(value) or not 1 <= value <= most:
+            raise RequestError(f"body.{name} must be an integer >= 1 and <= {most}, got {value!r}")
         out.setdefault("max_tokens", value)
     for name, low, high, low_open in (("temperature", 0, 2, False), ("top_p", 0, 1, True)):
         value = body.get(name)
@@ -238,8 +264,9 @@ def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         out[name] = float(value)
     seed = body.get("seed")
     if seed is not None:
-        if not _is_int(seed):
-            raise RequestError(f"body.seed must be an integer, got {seed!r}")
+        low, high = _int_range("seed")
+        if not _is_int(seed) or not low <= seed <= high:
+            raise RequestError(f"body.seed must be an integer in [{low}, {high}], got {seed!r}")
         out["seed"] = seed
     stop = body.get("stop")
     if stop is not None:
@@ -308,6 +335,7 @@ class RequestRows:
         names = [*S.READ_SCHEMA.names, *REQUEST_SCHEMA.names]
         self._columns: dict[str, list[Any]] = {name: [] for name in names}
         self.id_keys: list[str | None] = []
+        self._positions: list[int] = []
 
     def __len__(self) -> int:
         return len(self._columns[S.ID])
@@ -348,23 +376,48 @@ class RequestRows:
             else:
                 values.update(_request_values(request))
             if errors:
-                kind, message = "invalid_request", f"line {position + 1}: " + "; ".join(errors)
+                kind = INVALID_CUSTOM_ID if issue is not None else "invalid_request"
+                message = f"line {position + 1}: " + "; ".join(errors)
         values[S.ERROR], values[S.ERROR_KIND] = message, kind
         if values[S.ERROR] is not None:
             values[S.PROMPT] = None
         for name, column in self._columns.items():
             column.append(values.get(name))
         self.id_keys.append(id_key)
+        self._positions.append(position)
 
     def flush(self) -> tuple[pa.Table, list[str | None]]:
         """The rows added since the last flush (a READ_SCHEMA + REQUEST_SCHEMA table), and the
-        typed id key of each (``s:<custom_id>``, None without one) for the run's id ledger."""
+        typed id key of each (``s:<custom_id>``, None without one) for the run's id ledger.
+
+        A row holding a value its column's type cannot take (a setting past the bounds the
+        parser checks) becomes an ``invalid_request`` row naming its line and column, so one
+        line never fails the batch."""
         schema = pa.schema([*S.READ_SCHEMA, *REQUEST_SCHEMA])
-        arrays = [pa.array(self._columns[f.name], f.type) for f in schema]
+        try:
+            arrays = [pa.array(self._columns[f.name], f.type) for f in schema]
+        except (pa.ArrowException, OverflowError, TypeError, ValueError):
+            self._reject_unfit(schema)
+            arrays = [pa.array(self._columns[f.name], f.type) for f in schema]
         table = pa.Table.from_arrays(arrays, schema=schema)
         keys = self.id_keys
         self._reset()
         return table, keys
+
+    def _reject_unfit(self, schema: pa.Schema) -> None:
+        for i, position in enumerate(self._positions):
+            for f in schema:
+                try:
+                    pa.array([self._columns[f.name][i]], f.type)
+                except (pa.ArrowException, OverflowError, TypeError, ValueError) as err:
+                    message = f"line {position + 1}: a value of column {f.name!r} does not fit "
+                    self._columns[S.ERROR][i] = message + f"{f.type}: {err}"
+                    self._columns[S.ERROR_KIND][i] = "invalid_request"
+                    self._columns[S.PROMPT][i] = None
+                    self._columns[ROW_SETTINGS][i] = None
+                    if f.nullable:
+                        self._columns[f.name][i] = None
+                    break
 
 
 def _request_values(request: Request) -> dict[str, Any]:
@@ -390,33 +443,49 @@ class OpenAIBatchReader(Reader):
     prompts_ready = True
     reserved = (REQUEST_PREFIX + "*",)
     maps_columns = False  # request lines, checked line by line: a bad one is an error line
+    answered_errors = (
+        "invalid_request",
+        INVALID_CUSTOM_ID,
+        "invalid_json",
+        "invalid_utf8",
+        "row_too_large",
+        "prompt_too_long",
+    )
 
     def read(self, uri: str, spec: ReadSpec) -> Iterator[KeyedBatch]:
         """One row per non-blank line (see the module docstring)."""
         source = mask_uri(uri)
         rows = RequestRows(source)
-        for position, raw, too_large in jsonl.row_lines(uri, spec):
-            if too_large is not None:
-                obj, kind, message = (
-                    None,
-                    *jsonl.too_large_error(position, too_large, spec.max_row_bytes),
+        try:
+            for position, raw, too_large in jsonl.row_lines(uri, spec):
+                if too_large is not None:
+                    obj, kind, message = (
+                        None,
+                        *jsonl.too_large_error(position, too_large, spec.max_row_bytes),
+                    )
+                else:
+                    obj, kind, message = jsonl.parse_line(raw, position)
+                rows.add(
+                    obj,
+                    (kind, message) if obj is None else None,
+                    derived_id=derive_id(source, position, raw),
+                    key=resume_key(source, position),
+                    position=position,
                 )
-            else:
-                obj, kind, message = jsonl.parse_line(raw, position)
-            rows.add(
-                obj,
-                (kind, message) if obj is None else None,
-                derived_id=derive_id(source, position, raw),
-                key=resume_key(source, position),
-                position=position,
-            )
-            if len(rows) >= spec.batch_rows:
-                yield rows.flush()
+                if len(rows) >= spec.batch_rows:
+                    yield rows.flush()
+        except Exception as err:
+            if len(rows) and is_unreadable(err):
+                yield rows.flush()  # the lines read before the damage are kept
+            raise
         if len(rows):
             yield rows.flush()
 
     def columns(self, spec: ReadSpec) -> list[str]:
         return [*S.READ_SCHEMA.names, *REQUEST_SCHEMA.names]
+
+    def schema(self, spec: ReadSpec) -> pa.Schema:
+        return pa.schema([*S.READ_SCHEMA, *REQUEST_SCHEMA])
 
     def check(self, spec: ReadSpec) -> None:
         if spec.id_column is not None or spec.passthrough:
@@ -451,6 +520,8 @@ class OpenAIBatchReader(Reader):
 
 _ERROR_CODES = {
     "invalid_request": (400, "invalid_request"),
+    INVALID_CUSTOM_ID: (400, INVALID_CUSTOM_ID),
+    "unreadable_file": (400, "unreadable_file"),
     "invalid_json": (400, "invalid_json_line"),
     "invalid_utf8": (400, "invalid_json_line"),
     "row_too_large": (400, "request_too_large"),
@@ -476,6 +547,7 @@ def _extra(row: dict[str, Any]) -> dict[str, Any]:
     }
     extra = {
         "row_id": row[S.ID],
+        "source": row.get(S.SOURCE),
         "toxicity": scores,
         "toxic": row.get(S.TOXIC),
         "toxicity_decision": row.get(S.TOXICITY_DECISION),
@@ -543,10 +615,38 @@ def response_line(row: dict[str, Any]) -> dict[str, Any]:
     return line
 
 
+def error_file_line(row: dict[str, Any]) -> dict[str, Any]:
+    """The error-file line of a row without a usable custom_id (see :meth:`OpenAIBatchWriter.
+    error_rows`), in the shape of OpenAI's batch error file: no response, the error, and the line
+    and file it came from in the message and ``rgbatch``."""
+    digest = _digest(row[S.RUN_ID] or "", row[S.ID])
+    code = _ERROR_CODES.get(row[S.ERROR_KIND] or "", (500, "internal_error"))[1]
+    message = row[S.ERROR] or "the request has no usable custom_id"
+    return {
+        "id": "batch_req_" + digest,
+        "custom_id": row[REQ_CUSTOM_ID],
+        "response": None,
+        "error": {"code": code, "message": message},
+        "rgbatch": _extra(row),
+    }
+
+
+def _lines(table: pa.Table, encode: Any) -> bytes:
+    out = []
+    for batch in table.to_batches(max_chunksize=1024):
+        for row in batch.to_pylist():
+            out.append(json.dumps(encode(row), ensure_ascii=False))
+    return ("\n".join(out) + "\n").encode() if out else b""
+
+
 class OpenAIBatchWriter(Writer):
     name = FORMAT
-    description = f"OpenAI batch response lines, .jsonl (needs input.format {FORMAT})"
+    description = (
+        f"OpenAI batch response lines, .jsonl (needs input.format {FORMAT}); lines without a "
+        f"usable custom_id go to {ERRORS_DIR}/"
+    )
     extension = "jsonl"
+    error_dir = ERRORS_DIR
     requires = (
         S.ID,
         REQ_CUSTOM_ID,
@@ -563,11 +663,18 @@ class OpenAIBatchWriter(Writer):
 
     def encode(self, table: pa.Table) -> bytes:
         """A part file of response lines (JSONL, UTF-8), one per row of ``table``."""
-        out = []
-        for batch in table.to_batches(max_chunksize=1024):
-            for row in batch.to_pylist():
-                out.append(json.dumps(response_line(row), ensure_ascii=False))
-        return ("\n".join(out) + "\n").encode() if out else b""
+        return _lines(table, response_line)
+
+    def error_rows(self, table: pa.Table) -> pa.Array:
+        """Rows with no usable custom_id: none given (or the line is no JSON object, or its file
+        could not be read), one that is not a string or blank, or a repeat within the file."""
+        missing = pc.is_null(table.column(REQ_CUSTOM_ID))
+        repeat = pc.fill_null(pc.equal(table.column(S.ERROR_KIND), INVALID_CUSTOM_ID), False)
+        return pc.or_(missing, repeat).combine_chunks()
+
+    def encode_errors(self, table: pa.Table) -> bytes:
+        """An error file part: one :func:`error_file_line` per row of ``table``."""
+        return _lines(table, error_file_line)
 
     def config_problems(self, config: JobConfig) -> Problems:
         if config.input.format == FORMAT:

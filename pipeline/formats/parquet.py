@@ -2,7 +2,9 @@
 
 Reading: one row per Parquet row, in batches of ``batch_rows``. A mapped column that is not of a
 string type is a ``not_a_string`` error for every row where it holds a value; passthrough columns
-keep their Parquet types. A row's position is its 0-based row number in the file, and the content
+keep their Parquet types; where the files disagree on a passthrough column's type, the plan picks
+one for the corpus (:func:`passthrough_types`, from the footers, before any row is read) and every
+file's values are cast to it, so blocks of different files always concatenate. A row's position is its 0-based row number in the file, and the content
 its derived id hashes is the canonical JSON (sorted keys, compact) of the row: all of the file's
 columns when no ``id_column`` is configured, the columns read otherwise (only those are read then).
 The row count comes from the file footers, so progress knows the corpus' rows exactly.
@@ -11,7 +13,9 @@ The row count comes from the file footers, so progress knows the corpus' rows ex
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Mapping
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import fsspec
@@ -19,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.columns import QUESTION
-from pipeline.formats.base import KeyedBatch, Reader, ReadSpec, Writer
+from pipeline.columns import QUESTION, READ_SCHEMA
+from pipeline.formats.base import KeyedBatch, Reader, ReadSpec, Writer, is_unreadable
 from pipeline.formats.rows import (
     RowBatch,
     canonical_json,
@@ -29,9 +33,13 @@ from pipeline.formats.rows import (
     id_text,
     join_errors,
     missing_id,
+    passthrough_text,
     resume_key,
 )
 from pipeline.secrets import mask_uri
+
+log = logging.getLogger(__name__)
+FOOTER_THREADS = 16  # footers the driver reads at once (passthrough types)
 
 
 def _is_string_type(dtype: pa.DataType) -> bool:
@@ -110,15 +118,57 @@ def _parquet_table(batch: pa.RecordBatch, spec: ReadSpec, source: str, start: in
         error, kind = join_errors(row_errors)
         rows.errors.append(error)
         rows.kinds.append(kind)
-    passthrough = {
-        name: (
-            batch.column(name)
-            if name in batch.schema.names
-            else pa.nulls(batch.num_rows, pa.null())
-        )
-        for name in spec.passthrough
-    }
+    passthrough = {name: _passthrough(batch, name, spec) for name in spec.passthrough}
     return rows.keyed(passthrough)
+
+
+def _passthrough(batch: pa.RecordBatch, name: str, spec: ReadSpec) -> pa.Array:
+    """A passthrough column, in the corpus' type for it when the plan found one."""
+    target = spec.passthrough_types.get(name)
+    if name not in batch.schema.names:
+        return pa.nulls(batch.num_rows, target or pa.null())
+    column = batch.column(name)
+    if target is None or column.type == target:
+        return column
+    try:
+        return column.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        if target != pa.string():
+            raise
+        return pa.array([passthrough_text(v) for v in column.to_pylist()], pa.string())
+
+
+def passthrough_types(
+    schemas: dict[str, pa.Schema], names: Sequence[str]
+) -> dict[str, pa.DataType]:
+    """One type for each passthrough column across the files (``uri -> schema``): the type the
+    files agree on, else Arrow's permissive promotion of theirs (int32 and int64 to int64, int
+    and float to float, string and large_string to large_string), else string, each value then
+    as its JSON text (as JSONL passthrough values are). Files without the column do not count."""
+    found: dict[str, dict[pa.DataType, str]] = {name: {} for name in names}
+    for uri, schema in schemas.items():
+        for name in names:
+            index = schema.get_field_index(name)
+            if index >= 0 and not pa.types.is_null(schema.field(index).type):
+                found[name].setdefault(schema.field(index).type, uri)
+    types: dict[str, pa.DataType] = {}
+    for name, seen in found.items():
+        if len(seen) == 1:
+            types[name] = next(iter(seen))
+        elif seen:
+            fields = [pa.schema([pa.field(name, t)]) for t in seen]
+            try:
+                types[name] = pa.unify_schemas(fields, promote_options="permissive").field(0).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                types[name] = pa.string()
+            listed = "; ".join(f"{t} in {mask_uri(uri)}" for t, uri in seen.items())
+            log.warning(
+                "passthrough column %r has different types across the input files (%s): read as %s",
+                name,
+                listed,
+                types[name],
+            )
+    return types
 
 
 def _parquet_columns(file_schema: pa.Schema, spec: ReadSpec) -> list[str] | None:
@@ -144,6 +194,32 @@ class ParquetReader(Reader):
                 if batch.num_rows:
                     yield _parquet_table(batch, spec, mask_uri(uri), start)
                     start += batch.num_rows
+
+    def schema(self, spec: ReadSpec) -> pa.Schema:
+        fields = [pa.field(n, spec.passthrough_types.get(n, pa.null())) for n in spec.passthrough]
+        return pa.schema([*READ_SCHEMA, *fields])
+
+    def plan_passthrough(self, files: Sequence[str], spec: ReadSpec) -> dict[str, pa.DataType]:
+        """:func:`passthrough_types` of the files' schemas (their footers, read in threads on
+        the driver; a file whose footer cannot be read is left out: it becomes an
+        ``unreadable_file`` row when read)."""
+        if not spec.passthrough:
+            return {}
+
+        def schema(uri: str) -> pa.Schema | None:
+            try:
+                with fsspec.open(uri, "rb", **spec.storage_options) as handle:
+                    return pq.ParquetFile(handle).schema_arrow
+            except Exception as err:
+                if not is_unreadable(err):
+                    raise
+                return None
+
+        with ThreadPoolExecutor(FOOTER_THREADS) as pool:
+            found = dict(zip(files, pool.map(schema, files), strict=True))
+        return passthrough_types(
+            {u: s for u, s in found.items() if s is not None}, spec.passthrough
+        )
 
     def file_columns(self, uri: str, storage_options: Mapping[str, Any]) -> set[str]:
         """The columns of the file's Parquet schema."""

@@ -69,6 +69,26 @@ def resume_key(source: str, position: int) -> str:
     return f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-{position}"
 
 
+def unreadable_row(schema: pa.Schema, source: str, rows_read: int, err: BaseException) -> pa.Table:
+    """The one row saying file ``source`` could not be read (in full): ``error_kind``
+    ``unreadable_file``, the error and the rows read before it in ``error``, every other column
+    null. Its resume key (``<file hash>-unreadable``) and id are stable and no row's of the file
+    (:func:`resume_key` positions are numbers), so a rerun reads the same row again."""
+    from pipeline.secrets import mask_text
+    from pipeline.summary import UNREADABLE_FILE
+
+    reason = mask_text(f"{type(err).__name__}: {err}")
+    values = {
+        ID: derive_id(source, -1, b"unreadable"),
+        ROW_KEY: f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-unreadable",
+        SOURCE: source,
+        ERROR: f"file {source} could not be read after {rows_read} rows: {reason}",
+        ERROR_KIND: UNREADABLE_FILE,
+    }
+    arrays = [pa.array([values.get(f.name)], f.type) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
 def id_key(value: Any) -> str | None:
     """An id value with its type: ``42`` and ``"42"`` are different ids (None for no id)."""
     if value is None or (isinstance(value, str) and not value.strip()):

@@ -199,7 +199,9 @@ def test_reader_one_row_per_line_ids_unique_and_bad_lines_as_error_rows(tmp_path
     assert second[ROW_SETTINGS]["max_new_tokens"] is None and second[ROW_SETTINGS]["stop"] is None
     assert second[ROW_SETTINGS]["end_of_turn"] is None
     bad = rows[2:]
-    assert [r[S.ERROR_KIND] for r in bad] == ["invalid_json"] + ["invalid_request"] * 5
+    # No usable custom_id (missing, not a string, a repeat): its own kind, for the error file.
+    kinds = ["invalid_json"] + ["invalid_custom_id"] * 3 + ["invalid_request"] * 2
+    assert [r[S.ERROR_KIND] for r in bad] == kinds
     assert all(r[S.PROMPT] is None for r in bad)
     messages = [r[S.ERROR] for r in bad]
     assert "line 4" in messages[0]
@@ -376,6 +378,9 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
         "{this is not json",
         {**chat_line("no-messages"), "body": {"model": "gemma"}},
         completion_line("cmpl-n2", prompt=prompt, n=2),
+        completion_line("cmpl-huge", prompt=prompt, max_tokens=2147483648, seed=1 << 64),
+        {k: v for k, v in completion_line("x", prompt=prompt).items() if k != "custom_id"},
+        completion_line("cmpl-1", prompt=prompt),  # repeats cmpl-1
     ]
     lines[1]["body"]["messages"] = [
         {"role": "system", "content": "You are terse."},
@@ -388,11 +393,25 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
     run_dir = str(tmp_path / "out" / "oai")
     assert result.status == "succeeded"
     out = read_lines(run_dir)
-    assert len(out) == len(lines)  # one line per request line
+    errors = read_lines(run_dir, "errors")
+    # One line per request line: lines without a usable custom_id (not JSON, none given, a
+    # repeat) in the error file, in OpenAI's shape, every other one in the output.
+    assert len(out) + len(errors) == len(lines) and len(errors) == 3
+    assert sorted(map(str, (e["custom_id"] for e in errors))) == ["None", "None", "cmpl-1"]
+    for line in errors:
+        assert line["response"] is None and set(line["error"]) == {"code", "message"}
+    codes = sorted(e["error"]["code"] for e in errors)
+    assert codes == ["invalid_custom_id", "invalid_custom_id", "invalid_json_line"]
+    assert {e["error"]["message"].split(":")[0].split(" is ")[0] for e in errors} == {
+        "line 7",
+        "line 11",
+        "line 12",
+    }
     by_custom_id = {line["custom_id"]: line for line in out}
+    assert len(by_custom_id) == len(out) and None not in by_custom_id
     valid = ["chat-1", "chat-sys", "cmpl-1", "cmpl-max1", "cmpl-stop-space", "cmpl-stop-e"]
-    assert set(by_custom_id) == {*valid, "no-messages", "cmpl-n2", None}
-    assert len({line["id"] for line in out}) == len(out)
+    assert set(by_custom_id) == {*valid, "no-messages", "cmpl-n2", "cmpl-huge"}
+    assert len({line["id"] for line in out + errors}) == len(lines)
 
     bodies = {}
     for custom_id in valid:
@@ -429,18 +448,31 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
     assert cut_any, full
 
     for custom_id, code, fragment in (
-        (None, "invalid_json_line", "not JSON"),
         ("no-messages", "invalid_request", "body.messages is missing"),
         ("cmpl-n2", "invalid_request", "body.n=2"),
+        ("cmpl-huge", "invalid_request", "line 10: body.max_tokens must be an integer >= 1"),
     ):
         line = by_custom_id[custom_id]
         assert line["error"]["code"] == code and fragment in line["error"]["message"]
         assert line["response"]["status_code"] == 400
+        assert line["rgbatch"]["source"] == str(tmp_path / "in" / "requests.jsonl")
+    assert (
+        "not JSON"
+        in next(e for e in errors if e["error"]["code"] == "invalid_json_line")["error"]["message"]
+    )
 
     manifest = json.loads(LOCAL.cat_file(f"{run_dir}/_manifest.json"))
     assert manifest["counts"]["rows"] == len(lines)
-    assert manifest["counts"]["error_kinds"] == {"invalid_json": 1, "invalid_request": 2}
-    assert manifest["counts"]["ids_repeated"] == 0
+    assert manifest["counts"]["rows_in_error_file"] == 3
+    assert manifest["counts"]["rows_written"] == len(lines) - 3
+    assert manifest["counts"]["error_kinds"] == {
+        "invalid_json": 1,
+        "invalid_request": 3,
+        "invalid_custom_id": 2,
+    }
+    (per_file,) = manifest["inputs"].values()
+    assert per_file == {"rows_in": len(lines), "rows_out": len(lines)}
+    assert manifest["counts"]["ids_repeated"] == 1  # cmpl-1, repeated by the last line
     identity = json.loads(LOCAL.cat_file(f"{run_dir}/_run.json"))["identity"]
     assert identity["input.format"] == "openai_batch"
     assert run_job(job_config(text, run_id="oai")).status == "already_complete"
@@ -458,6 +490,7 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
     assert sorted(map(str, (x["custom_id"] for x in kept + rejected))) == sorted(
         map(str, by_custom_id)
     )
+    assert len(read_lines(str(tmp_path / "out" / "oai-drop"), "errors")) == 3
     assert {x["custom_id"] for x in rejected} >= set(valid)
     for line in rejected:
         assert line["rgbatch"]["toxicity_decision"] == "drop" and line["rgbatch"]["toxic"]
@@ -466,7 +499,7 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
 
 
 def test_example_config_and_sample_requests() -> None:
-    repo = Path(__file__).resolve().parents[2]
+    repo = Path(__file__).resolve().parents[3]
     config = load_job_config(repo / "configs" / "openai_batch.yaml", environ={})
     assert (config.task, config.input.format, config.output.format) == (
         "generate",
