@@ -141,6 +141,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             address="local",
             num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1),
             include_dashboard=False,
+            _metrics_export_port=config.run.metrics_export_port,
             **ray_logging,
         )
     quiet_ray_data(verbose)
@@ -154,6 +155,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("rgbatch").exception("run %s failed", config.run_id)
         return EXIT_FAILED
     finally:
+        linger(config.run.metrics_linger_s)
         ray.shutdown()
     counts = result.manifest.get("counts", {})
     if result.status == "already_complete":
@@ -162,6 +164,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print(f"report:  {mask_uri(result.run_dir.rstrip('/') + '/report.html')}")
     print(summary_line(counts))
     return EXIT_OK
+
+
+def linger(seconds: float) -> None:
+    """Keeps the driver up ``seconds`` (``run.metrics_linger_s``) so that Prometheus scrapes the
+    run's final metrics."""
+    if seconds > 0:
+        import time
+
+        logging.getLogger("rgbatch").info("metrics: staying up %g s for a last scrape", seconds)
+        time.sleep(seconds)
 
 
 def summary_line(counts: dict[str, Any]) -> str:

@@ -148,10 +148,12 @@ def build_dataset(
 ) -> ray.data.Dataset:
     """The lazy Ray Data plan for a job: one row out for every row in."""
     stages = build_stages(config, context)
-    source = CorpusDatasource(files, ReadSpec.from_config(config), file_sizes=sizes, ledger=ledger)
+    source = CorpusDatasource(
+        files, ReadSpec.from_config(config), file_sizes=sizes, ledger=ledger, run_id=config.run_id
+    )
     dataset = ray.data.read_datasource(source)
     if config.input.num_blocks:
         dataset = dataset.repartition(config.input.num_blocks)
     for stage in stages:
-        dataset = stage.apply(dataset)
+        dataset = stage.apply(dataset, run_id=config.run_id)
     return dataset

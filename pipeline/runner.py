@@ -9,6 +9,9 @@ Before anything is written the run waits (``run.resource_wait_s``) until the clu
 one actor of each stage (:mod:`pipeline.resources`). A finished run id is left as it is, except
 what a driver killed after ``_SUCCESS`` left: its lease and the resume checkpoint are removed.
 
+The run's state and start time, and the counts of its tasks, go to the run metrics
+(:mod:`pipeline.metrics`).
+
 Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
 are merged in Ray tasks (:func:`pipeline.rundir.collect`), rows in and out are compared per input
 file (a difference fails the run), then ``_summary.json``, ``report.html`` (a report that fails
@@ -37,7 +40,7 @@ import ray
 
 from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
-from pipeline import formats
+from pipeline import formats, metrics
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import (
     Lease,
@@ -120,6 +123,7 @@ def run_job(config: JobConfig) -> RunResult:
         _tidy_finished_run(config, run_uri, fs, run_dir)
         manifest = read_manifest(fs, run_dir)
         return RunResult(config.run_id, run_uri, "already_complete", manifest)
+    metrics.run_state(config.run_id, "waiting")
     wait_for_resources(config)  # nothing is written before the cluster has room for the plan
     fs.makedirs(run_dir, exist_ok=True)
     with Lease(run_uri, out.storage_options, config.run.lease_timeout_s):
@@ -142,8 +146,15 @@ def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResul
     previous = {name: getattr(context, name) for name in settings}
     for name, value in settings.items():
         setattr(context, name, value)
+    metrics.run_state(config.run_id, "running", started)
     try:
-        return _run(config, run_uri, fs, run_dir, pa_fs, started)
+        result = _run(config, run_uri, fs, run_dir, pa_fs, started)
+    except BaseException:
+        metrics.run_state(config.run_id, "failed")
+        raise
+    else:
+        metrics.run_state(config.run_id, "succeeded")
+        return result
     finally:
         for name, value in previous.items():
             setattr(context, name, value)
@@ -172,9 +183,11 @@ def _run(
         filesystem=pa_fs,
         rows_per_file=out.rows_per_file,
         threshold=threshold,
+        run_id=config.run_id,
     )
     with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s) as progress:
         dataset.write_datasink(sink)
+    metrics.run_state(config.run_id, "finalizing")
     operators = operator_seconds(dataset)
     ray.data.DataContext.get_current().checkpoint_config = None  # the counts below are not resumed
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
