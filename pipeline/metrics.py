@@ -260,12 +260,9 @@ def run_state(run_id: str, state: str, started: float | None = None) -> None:
 
 def replica_name() -> str:
     """This model replica's tag: its Ray actor id (kept across restarts), else ``pid-<pid>``."""
-    try:
-        import ray
+    import ray
 
-        actor = ray.get_runtime_context().get_actor_id()
-    except Exception:  # outside Ray
-        actor = None
+    actor = ray.get_runtime_context().get_actor_id() if ray.is_initialized() else None
     return actor[:12] if actor else f"pid-{os.getpid()}"
 
 

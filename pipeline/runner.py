@@ -172,8 +172,9 @@ def _run(
     sizes = file_sizes(files, config.input.storage_options)
     log.info("run %s: %d input files -> %s", config.run_id, len(files), mask_uri(run_uri))
     counter = ProgressCounter.remote()
-    context = PlanContext(tokenizer=_driver_tokenizer(config), progress=counter)
+    context = PlanContext(tokenizer=driver_tokenizer(config), progress=counter)
     ledger = InputLedger(run_uri, out.storage_options, progress=counter)
+    predicted = _estimate(config, files, sizes, context.tokenizer)
     dataset = build_dataset(config, files, context, sizes=sizes, ledger=ledger)
     total = InputTotal.of_files(files, config.input.format, sizes, config.input.storage_options)
     threshold = config.toxicity.threshold if config.toxicity.enabled else None
@@ -198,6 +199,8 @@ def _run(
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
     manifest["operator_task_s"] = operators
+    if predicted is not None:
+        manifest["estimate"] = predicted
     manifest["counts"].update(repeats)
     failure = error_policy(summary, config.run.max_error_fraction)
     if failure is not None:
@@ -215,6 +218,31 @@ def _run(
     drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
+
+
+def _estimate(
+    config: JobConfig, files: list[str], sizes: list[int] | None, tokenizer: Tokenizer
+) -> dict[str, Any] | None:
+    """The run's estimate from a sample (``run.estimate``); one that fails is recorded, not
+    raised: it describes the run and decides nothing."""
+    if not config.run.estimate:
+        return None
+    from pipeline.estimate import Throughput, estimate
+
+    given = config.run.estimate_tokens_per_s
+    try:
+        result = estimate(
+            config,
+            tokenizer,
+            files=files,
+            sizes=sizes,
+            throughput=Throughput.given(given) if given else None,
+        )
+    except Exception as exc:
+        log.warning("run %s: no estimate (%s: %s)", config.run_id, type(exc).__name__, exc)
+        return {"error": mask_text(f"{type(exc).__name__}: {exc}")}
+    log.info("run %s: estimate %s", config.run_id, "; ".join(result.lines()))
+    return result.to_json()
 
 
 class RunFailed(RuntimeError):
@@ -264,7 +292,8 @@ def _drops(config: JobConfig) -> bool:
     return config.toxicity.enabled and config.toxicity.action == "drop"
 
 
-def _driver_tokenizer(config: JobConfig) -> Tokenizer:
+def driver_tokenizer(config: JobConfig) -> Tokenizer:
+    """The tokenizer of the job's checkpoint, loaded in this process."""
     from model.checkpoint import find_tokenizer
 
     path = find_tokenizer(config.model.checkpoint, config.model.storage_options)
