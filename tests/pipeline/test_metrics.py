@@ -129,6 +129,12 @@ def test_prometheus_endpoint_counts_the_rows_and_errors_of_a_run(tmp_path, fixtu
         counts = result.manifest["counts"]
         errors = sum(counts["error_kinds"].values())
         assert errors == 2 and counts["rows"] == len(rows) + 2
+        predicted = result.manifest["estimate"]  # the run's own estimate, beside the actuals
+        assert abs(predicted["rows"] - counts["rows"]) <= 0.25 * counts["rows"]
+        assert (
+            abs(predicted["prompt_tokens"] - counts["prompt_tokens"])
+            <= 0.25 * counts["prompt_tokens"]
+        )
         wanted = {
             "ray_rgbatch_rows_read_total": counts["rows"],
             "ray_rgbatch_rows_written_total": counts["rows_written"],
