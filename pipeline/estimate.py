@@ -1,7 +1,8 @@
 """An estimate before the run: rows, prompt tokens, generated tokens and wall time of a job.
 
 The corpus is sampled, never read whole: the file listing gives every file's size, a format that
-keeps row counts (Parquet footers) gives every file's rows, and a few hundred rows from the start
+keeps row counts (Parquet footers) gives the rows of up to :data:`MAX_FOOTERS` files (spread over
+the size range; the others' rows go by their size at the counted files' bytes per row), and a few hundred rows from the start
 of a spread of files (:data:`SAMPLE_FILES` at most, chosen across the size range) are read by the
 job's reader and prompted by the job's own prompt builder (template, chat markers, truncation,
 the configured tokenizer). For a format without row counts (JSONL, OpenAI batch files: line
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
 
 SAMPLE_ROWS = 400
 SAMPLE_FILES = 8
+MAX_FOOTERS = 256  # Parquet footers read at most; the other files' rows go by their size
 
 
 @dataclass(frozen=True)
@@ -233,24 +235,36 @@ def estimate(
     options = config.input.storage_options
     files, sizes, picked = _listing(config, files, sizes)
     spec = ReadSpec.from_config(config)
-    counts: list[int | None] = [spec.reader_of(uri).row_count(uri, options) for uri in files]
-    unknown = [i for i in range(len(files)) if counts[i] is None]
-    # Stored bytes per row, per compression (a gzipped file stores a row in fewer bytes).
-    measured: dict[str | None, list[int]] = {}
-    if unknown:
-        per_file = max(1, math.ceil(rows / max(len(picked), 1)))
-        for i in _spread(sorted(unknown, key=lambda i: sizes[i]), SAMPLE_FILES):
-            used, lines, ended = line_head(files[i], options, per_file)
-            if ended:
-                counts[i] = lines
-            seen = measured.setdefault(fsspec.utils.infer_compression(files[i]), [0, 0])
-            seen[0], seen[1] = seen[0] + used, seen[1] + lines
+    order = sorted(range(len(files)), key=lambda i: sizes[i])
+    counts: list[int | None] = [None] * len(files)
+    # Stored bytes per row, per format and compression (a gzipped file stores a row in fewer
+    # bytes), from the footers read and the line heads sampled.
+    measured: dict[tuple[str, str | None], list[int]] = {}
+
+    def kind(i: int) -> tuple[str, str | None]:
+        return spec.reader_of(files[i]).name, fsspec.utils.infer_compression(files[i])
+
+    def add(i: int, stored: int, rows_seen: int) -> None:
+        seen = measured.setdefault(kind(i), [0, 0])
+        seen[0], seen[1] = seen[0] + stored, seen[1] + rows_seen
+
+    for i in _spread(order, MAX_FOOTERS):
+        counts[i] = spec.reader_of(files[i]).row_count(files[i], options)
+        if counts[i] is not None:
+            add(i, sizes[i], counts[i])
+    lines_only = [i for i in order if counts[i] is None and kind(i) not in measured]
+    per_file = max(1, math.ceil(rows / max(len(picked), 1)))
+    for i in _spread(lines_only, SAMPLE_FILES):
+        used, lines, ended = line_head(files[i], options, per_file)
+        if ended:
+            counts[i] = lines
+        add(i, used, lines)
     pooled = [sum(m[0] for m in measured.values()), sum(m[1] for m in measured.values())]
     counted = sum(c for c in counts if c is not None)
     guessed = 0.0
     for i, c in enumerate(counts):
         if c is None:
-            used, lines = measured.get(fsspec.utils.infer_compression(files[i]), pooled)
+            used, lines = measured.get(kind(i), pooled)
             guessed += sizes[i] * lines / used if used else 0.0
     total_rows = round(counted + guessed)
     if sample is None:

@@ -14,6 +14,7 @@ import pytest
 from pipeline_helpers import corpus_rows, job_config, job_yaml
 
 from pipeline import columns as S
+from pipeline import estimate as estimate_module
 from pipeline.cli import main as cli_main
 from pipeline.estimate import Throughput, estimate, prompted
 from pipeline.readers import read_file
@@ -74,7 +75,7 @@ def _long_rows(n: int, start: int) -> list[dict]:
     return rows
 
 
-def test_estimate_of_files_of_mixed_sizes_and_formats(fixtures, tmp_path) -> None:
+def test_estimate_of_files_of_mixed_sizes_and_formats(fixtures, tmp_path, monkeypatch) -> None:
     corpus = tmp_path / "in"
     corpus.mkdir()
     start = 0
@@ -102,6 +103,9 @@ def test_estimate_of_files_of_mixed_sizes_and_formats(fixtures, tmp_path) -> Non
     result = estimate(config, tokenizer, rows=80)
     assert result.rows == result.rows_counted == rows  # footers count every row
     assert _within(result.prompt_tokens, tokens), (result.prompt_tokens, tokens)
+    monkeypatch.setattr(estimate_module, "MAX_FOOTERS", 2)  # the middle file goes by its size
+    capped = estimate(config, tokenizer, rows=80)
+    assert capped.rows_counted == 3 + 500 and _within(capped.rows, rows), (capped.rows, rows)
 
 
 def test_wall_time_from_a_given_throughput(fixtures, tmp_path) -> None:
