@@ -248,6 +248,11 @@ class Scheduler:
         """Whether any slot holds a request not yet seen to finish."""
         return bool(self._live.any())
 
+    @property
+    def slots_in_use(self) -> int:
+        """How many slots hold a request not yet seen to finish."""
+        return int(self._live.sum())
+
     # Admission ------------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
         return np.flatnonzero(~self._live).tolist()

@@ -128,7 +128,62 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         )
     else:
         print(f"output would go to {mask_uri(run_dir_uri(config))}")
+    if args.estimate:
+        _print_estimate(config, args)
     return EXIT_OK
+
+
+def _estimate_arguments(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument(
+        "--estimate",
+        action="store_true",
+        help="also predict rows, prompt and generated tokens and wall time, from a sample",
+    )
+    cmd.add_argument("--replicas", type=int, default=None, help="default: model.replicas")
+    cmd.add_argument(
+        "--throughput",
+        type=float,
+        default=None,
+        metavar="TOKENS_PER_S",
+        help="generated tokens per second per replica (e.g. a previous run's "
+        "throughput.output_tokens_per_s / replicas) for the wall time",
+    )
+    cmd.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="measure the throughput: one replica of the configured model runs sampled prompts",
+    )
+    cmd.add_argument(
+        "--generated-mean",
+        type=float,
+        default=None,
+        help="generated tokens per row (default: generation.max_new_tokens, or the calibration's)",
+    )
+    cmd.add_argument("--sample-rows", type=int, default=400, help="rows sampled (default 400)")
+
+
+def _print_estimate(config: Any, args: argparse.Namespace) -> None:
+    from pipeline.estimate import Throughput, calibrate, estimate, prompted_sample
+    from pipeline.runner import driver_tokenizer
+
+    tokenizer = driver_tokenizer(config)
+    throughput = Throughput.given(args.throughput) if args.throughput else None
+    sample = None
+    if args.calibrate:
+        sample = prompted_sample(config, tokenizer, args.sample_rows)
+        throughput = calibrate(config, sample)
+    result = estimate(
+        config,
+        tokenizer,
+        replicas=args.replicas,
+        throughput=throughput,
+        generated_mean=args.generated_mean,
+        rows=args.sample_rows,
+        sample=sample,
+    )
+    print("estimate:")
+    for line in result.lines():
+        print(f"  {line}")
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -162,6 +217,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             address="local",
             num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1),
             include_dashboard=False,
+            _metrics_export_port=config.run.metrics_export_port,
             **ray_logging,
         )
     quiet_ray_data(verbose)
@@ -175,6 +231,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         logging.getLogger("rgbatch").exception("run %s failed", config.run_id)
         return EXIT_FAILED
     finally:
+        linger(config.run.metrics_linger_s)
         ray.shutdown()
     if result.status == "already_complete":
         print(f"run {result.run_id} was already complete: nothing to do")
@@ -199,6 +256,16 @@ def _cluster_line() -> str:
         if resources.get(name):
             parts.append(f"{resources[name]:g} {name}s")
     return ", ".join(parts)
+
+
+def linger(seconds: float) -> None:
+    """Keeps the driver up ``seconds`` (``run.metrics_linger_s``) so that Prometheus scrapes the
+    run's final metrics."""
+    if seconds > 0:
+        import time
+
+        logging.getLogger("rgbatch").info("metrics: staying up %g s for a last scrape", seconds)
+        time.sleep(seconds)
 
 
 def summary_line(counts: dict[str, Any]) -> str:
@@ -449,6 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="YYYY-MM-DD, today or yesterday: fills {date}; without --run-id the run id is "
             "the date (default: today for {date}, a fresh run id)",
         )
+        if name == "validate":
+            _estimate_arguments(cmd)
         if name == "run":
             cmd.add_argument("--run-id", default=None, help="resume or name this run")
             cmd.add_argument(

@@ -37,6 +37,7 @@ from model.engine_config import EngineConfig
 from model.scheduler import GenerationRequest, GenerationResult
 from model.tokenizer import Tokenizer
 from pipeline import columns as S
+from pipeline import metrics
 from pipeline.request import RequestSettings, row_settings
 from pipeline.secrets import mask_uri
 from pipeline.stage import PlanContext, Stage, declares
@@ -122,6 +123,11 @@ class EngineWorker:
     @property
     def engine_stats(self) -> Any:
         return self._engine.stats
+
+    def load(self) -> tuple[int, int]:
+        """(slots holding a request, requests queued in the engine) at this moment."""
+        scheduler = self._engine.scheduler
+        return scheduler.slots_in_use, len(scheduler.pending)
 
     @property
     def max_slots(self) -> int:
@@ -291,6 +297,7 @@ class ModelStage:
             on_broken=exit_broken_actor,
             fault_hook=fault_hook_from_env(),
         )
+        self.replica = metrics.replica_name()
         log.info("model stage ready: %s", self.model_name)
 
     def _phase(self, name: str) -> None:
@@ -351,6 +358,7 @@ class ModelStage:
             table = table.append_column(name, values)
         if self.progress is not None:
             self.progress.add.remote(n, sum(n_out))
+        metrics.engine_report(self.worker, self.replica)
         w, stats = self.worker, self.worker.engine_stats
         log.debug(
             "model stage: %d rows; engine busy %.1f s, idle %.1f s of %.1f s; prefill fill "

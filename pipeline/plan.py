@@ -152,10 +152,10 @@ def build_dataset(
     spec = ReadSpec.from_config(config)
     types = formats.reader(config.input.format).plan_passthrough(files, spec)
     spec = dataclasses.replace(spec, passthrough_types=types)
-    source = CorpusDatasource(files, spec, file_sizes=sizes, ledger=ledger)
+    source = CorpusDatasource(files, spec, file_sizes=sizes, ledger=ledger, run_id=config.run_id)
     dataset = ray.data.read_datasource(source)
     if config.input.num_blocks:
         dataset = dataset.repartition(config.input.num_blocks)
     for stage in stages:
-        dataset = stage.apply(dataset)
+        dataset = stage.apply(dataset, run_id=config.run_id)
     return dataset

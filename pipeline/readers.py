@@ -31,6 +31,7 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline import metrics
 from pipeline.formats.base import KeyedBatch, ReadSpec, is_unreadable
 from pipeline.formats.rows import unreadable_row
 from pipeline.secrets import mask_uri
@@ -67,6 +68,7 @@ def _read_files(
     spec: ReadSpec,
     sizes: tuple[int | None, ...],
     ledger: FileLedger | None,
+    run_id: str = "",
 ) -> Iterator[pa.Table]:
     """The body of one Ray read task: the files one after the other, in batches."""
     for uri, size in zip(uris, sizes, strict=True):
@@ -77,12 +79,14 @@ def _read_files(
                 rows += table.num_rows
                 if ledger is not None and reader.records_ids(spec):
                     ledger.batch(mask_uri(uri), index, id_keys)
+                metrics.rows_read(run_id, table.num_rows)
                 yield table
         except Exception as err:
             if not is_unreadable(err):
                 raise
             log.warning("input file %s cannot be read after %d rows: %s", mask_uri(uri), rows, err)
             yield unreadable_row(reader.schema(spec), mask_uri(uri), rows, err)
+            metrics.rows_read(run_id, 1)
             rows += 1
         if ledger is not None:
             ledger.done(mask_uri(uri), rows, size)
@@ -121,7 +125,7 @@ class CorpusDatasource(Datasource):
     ``fs.find(..., detail=True)`` gives them for free) also feed Ray's size estimate; without
     them the estimate is unknown. ``ledger`` (a :class:`FileLedger`) hears, in the read tasks,
     of each batch's id keys (when the format's rows have ids of their own) and of each file read
-    in full.
+    in full. The rows read count into the ``rgbatch_rows_read`` metric of ``run_id``.
     """
 
     def __init__(
@@ -131,9 +135,11 @@ class CorpusDatasource(Datasource):
         *,
         file_sizes: Sequence[int] | None = None,
         ledger: FileLedger | None = None,
+        run_id: str = "",
     ) -> None:
         super().__init__()
         self._ledger = ledger
+        self._run_id = run_id
         if isinstance(files, str):
             raise TypeError("files must be a sequence of URIs, not a string")
         self._files = tuple(files)
@@ -177,6 +183,8 @@ class CorpusDatasource(Datasource):
                 num_rows=None, size_bytes=size, input_files=list(uris), exec_stats=None
             )
             sizes = tuple(self._sizes[i] if self._sizes else None for i in run)
-            read_fn = functools.partial(_read_files, uris, self._spec, sizes, self._ledger)
+            read_fn = functools.partial(
+                _read_files, uris, self._spec, sizes, self._ledger, self._run_id
+            )
             tasks.append(ReadTask(read_fn, metadata, per_task_row_limit=per_task_row_limit))
         return tasks

@@ -9,6 +9,9 @@ Before anything is written the run waits (``run.resource_wait_s``) until the clu
 one actor of each stage (:mod:`pipeline.resources`). A finished run id is left as it is, except
 what a driver killed after ``_SUCCESS`` left: its lease and the resume checkpoint are removed.
 
+The run's state and start time, and the counts of its tasks, go to the run metrics
+(:mod:`pipeline.metrics`).
+
 Finalisation reads no output part: the per-part summaries and the reader's per-file row counts
 are merged in Ray tasks (:func:`pipeline.rundir.collect`), rows in and out are compared per input
 file (a difference fails the run), then ``_summary.json``, ``report.html`` (a report that fails
@@ -37,7 +40,7 @@ import ray
 
 from model.storage import arrow_filesystem, file_sizes, filesystem
 from model.tokenizer import Tokenizer
-from pipeline import formats
+from pipeline import formats, metrics
 from pipeline.config import JobConfig, redacted_dict
 from pipeline.contract import (
     Lease,
@@ -136,6 +139,7 @@ def run_job(config: JobConfig) -> RunResult:
     done, identity, recorded = _precheck(config)
     if done is not None:
         return done
+    metrics.run_state(config.run_id, "waiting")
     run_uri = run_dir_uri(config)
     out = config.output
     fs, run_dir = filesystem(run_uri, out.storage_options)
@@ -166,8 +170,15 @@ def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResul
     previous = {name: getattr(context, name) for name in settings}
     for name, value in settings.items():
         setattr(context, name, value)
+    metrics.run_state(config.run_id, "running", started)
     try:
-        return _run(config, run_uri, fs, run_dir, pa_fs, started)
+        result = _run(config, run_uri, fs, run_dir, pa_fs, started)
+    except BaseException:
+        metrics.run_state(config.run_id, "failed")
+        raise
+    else:
+        metrics.run_state(config.run_id, "succeeded")
+        return result
     finally:
         for name, value in previous.items():
             setattr(context, name, value)
@@ -185,8 +196,9 @@ def _run(
     sizes = file_sizes(files, config.input.storage_options)
     log.info("run %s: %d input files -> %s", config.run_id, len(files), mask_uri(run_uri))
     counter = ProgressCounter.remote()
-    context = PlanContext(tokenizer=_driver_tokenizer(config), progress=counter)
+    context = PlanContext(tokenizer=driver_tokenizer(config), progress=counter)
     ledger = InputLedger(run_uri, out.storage_options, progress=counter)
+    predicted = _estimate(config, files, sizes, context.tokenizer)
     dataset = build_dataset(config, files, context, sizes=sizes, ledger=ledger)
     total = InputTotal.of_files(files, config.input.format, sizes, config.input.storage_options)
     threshold = config.toxicity.threshold if config.toxicity.enabled else None
@@ -196,9 +208,11 @@ def _run(
         filesystem=pa_fs,
         rows_per_file=out.rows_per_file,
         threshold=threshold,
+        run_id=config.run_id,
     )
     with ProgressReporter(counter, total, interval_s=config.run.progress_interval_s) as progress:
         dataset.write_datasink(sink)
+    metrics.run_state(config.run_id, "finalizing")
     operators = operator_seconds(dataset)
     ray.data.DataContext.get_current().checkpoint_config = None  # the counts below are not resumed
     summary, rows_in = collect(run_uri, out.storage_options, threshold)
@@ -209,6 +223,8 @@ def _run(
     finished = time.time()
     manifest = _manifest(config, per_file, summary, started, finished)
     manifest["operator_task_s"] = operators
+    if predicted is not None:
+        manifest["estimate"] = predicted
     manifest["counts"].update(repeats)
     answered = formats.reader(config.input.format).answered_errors
     failure = error_policy(summary, config.run.max_error_fraction, answered)
@@ -229,6 +245,31 @@ def _run(
     drop_checkpoint(fs, config, run_dir)
     log.info("run %s succeeded: %s", config.run_id, json.dumps(manifest["counts"]))
     return RunResult(config.run_id, run_uri, "succeeded", manifest)
+
+
+def _estimate(
+    config: JobConfig, files: list[str], sizes: list[int] | None, tokenizer: Tokenizer
+) -> dict[str, Any] | None:
+    """The run's estimate from a sample (``run.estimate``); one that fails is recorded, not
+    raised: it describes the run and decides nothing."""
+    if not config.run.estimate:
+        return None
+    from pipeline.estimate import Throughput, estimate
+
+    given = config.run.estimate_tokens_per_s
+    try:
+        result = estimate(
+            config,
+            tokenizer,
+            files=files,
+            sizes=sizes,
+            throughput=Throughput.given(given) if given else None,
+        )
+    except Exception as exc:
+        log.warning("run %s: no estimate (%s: %s)", config.run_id, type(exc).__name__, exc)
+        return {"error": mask_text(f"{type(exc).__name__}: {exc}")}
+    log.info("run %s: estimate %s", config.run_id, "; ".join(result.lines()))
+    return result.to_json()
 
 
 class RunFailed(RuntimeError):
@@ -283,7 +324,8 @@ def _drops(config: JobConfig) -> bool:
     return config.toxicity.enabled and config.toxicity.action == "drop"
 
 
-def _driver_tokenizer(config: JobConfig) -> Tokenizer:
+def driver_tokenizer(config: JobConfig) -> Tokenizer:
+    """The tokenizer of the job's checkpoint, loaded in this process."""
     from model.checkpoint import find_tokenizer
 
     path = find_tokenizer(config.model.checkpoint, config.model.storage_options)

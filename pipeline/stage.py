@@ -25,6 +25,8 @@ from typing import Any, TypeVar
 
 import ray
 
+from pipeline import metrics
+
 # Ray's RayDeprecationWarning for options passed as **ray_remote_args (see Stage.apply).
 _REMOTE_ARGS_DEPRECATION = r"`ray_remote_args` is deprecated"
 
@@ -77,21 +79,24 @@ class Stage:
     fn_kwargs: dict[str, Any] = field(default_factory=dict)
     ray_args: dict[str, Any] = field(default_factory=dict)
 
-    def apply(self, dataset: ray.data.Dataset) -> ray.data.Dataset:
+    def apply(self, dataset: ray.data.Dataset, run_id: str | None = None) -> ray.data.Dataset:
         """``dataset.map_batches`` with this stage's function, arguments and Ray arguments.
+
+        With a ``run_id``, each batch is timed into the run's metrics (:func:`pipeline.metrics.timed`).
 
         Ray 2.60 deprecates passing actor options through ``**ray_remote_args`` but names no
         parameter for ``max_restarts`` yet (the model stage bounds its replicas' restarts), so
         that one deprecation warning is silenced here, for these calls only.
         """
         kwargs: dict[str, Any] = dict(self.ray_args)
+        fn = self.fn if run_id is None else metrics.timed(self.fn, self.name, run_id)
         if isinstance(self.fn, type):
             kwargs["fn_constructor_kwargs"] = self.constructor_kwargs
         if self.fn_kwargs:
             kwargs["fn_kwargs"] = self.fn_kwargs
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_REMOTE_ARGS_DEPRECATION)
-            return dataset.map_batches(self.fn, batch_format="pyarrow", **kwargs)
+            return dataset.map_batches(fn, batch_format="pyarrow", **kwargs)
 
 
 def columns_after(available: Iterable[str], stage: Stage) -> list[str]:

@@ -32,7 +32,7 @@ from ray.data.block import Block, BlockAccessor
 from ray.data.datasource import BlockBasedFileDatasink, FilenameProvider
 
 from pipeline import columns as S
-from pipeline import formats
+from pipeline import formats, metrics
 from pipeline.rundir import REJECTED, STATS_DIR
 from pipeline.secrets import mask_text
 from pipeline.summary import DROP, RunSummary
@@ -64,6 +64,7 @@ class RunDatasink(BlockBasedFileDatasink):
         filesystem: Any,
         rows_per_file: int,
         threshold: float | None,
+        run_id: str | None = None,
     ) -> None:
         super().__init__(
             path,
@@ -73,6 +74,7 @@ class RunDatasink(BlockBasedFileDatasink):
         )
         self.encoder = formats.writer(fmt)
         self.threshold = threshold
+        self.run_id = run_id or posixpath.basename(path.rstrip("/"))
 
     def write_block(self, block: BlockAccessor, block_index: int, ctx: Any) -> dict[str, int]:
         from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
@@ -98,6 +100,7 @@ class RunDatasink(BlockBasedFileDatasink):
             self._put(posixpath.join(self.path, REJECTED, name), self.encoder.encode(rejected))
         stats_name = name.rsplit(".", 1)[0] + ".json"
         self._put(posixpath.join(self.path, STATS_DIR, stats_name), summary.dumps())
+        metrics.part_written(self.run_id, summary)
         return {
             "rows": summary.rows,
             "rejected": rejected.num_rows,

@@ -725,6 +725,37 @@ class RunSection(_Section):
         gt=0,
         description="Seconds between progress log lines.",
     )
+    metrics_export_port: int | None = Field(
+        json_schema_extra=NOT_IDENTITY,
+        default=None,
+        ge=1,
+        le=65535,
+        description="Port of the Prometheus endpoint of the local Ray that `rgbatch run` starts "
+        "when no ray_address is set (http://<host>:<port>/metrics); null: none. On a cluster "
+        "each node exports its own (`ray start --metrics-export-port`).",
+    )
+    estimate: bool = Field(
+        json_schema_extra=NOT_IDENTITY,
+        default=True,
+        description="Estimate rows and tokens from a sample of the corpus when the run starts "
+        "(`rgbatch validate --estimate` prints the same) and record it in the manifest beside "
+        "the actual counts.",
+    )
+    estimate_tokens_per_s: float | None = Field(
+        json_schema_extra=NOT_IDENTITY,
+        default=None,
+        gt=0,
+        description="Generated tokens per second per replica (a previous run's "
+        "throughput.output_tokens_per_s over its replicas): the run's estimate then includes a "
+        "wall time.",
+    )
+    metrics_linger_s: float = Field(
+        json_schema_extra=NOT_IDENTITY,
+        default=0,
+        ge=0,
+        description="Seconds the driver stays up after the run ends, succeeded or failed, so "
+        "that Prometheus scrapes its final state (rgbatch_run_state) before it is gone.",
+    )
     preflight_timeout_s: float = Field(
         json_schema_extra=NOT_IDENTITY,
         default=60,

@@ -328,6 +328,41 @@ def _errors_section(summary: RunSummary) -> str:
     return f"<section><h2>Errors by kind</h2>{body}</section>"
 
 
+def estimate_rows(manifest: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(figure, estimated, actual) for the run's estimate (none when the manifest has none)."""
+    estimate = manifest.get("estimate") or {}
+    if not estimate or "error" in estimate:
+        return []
+    counts = manifest.get("counts") or {}
+    return [
+        ("Rows", estimate.get("rows"), counts.get("rows")),
+        ("Prompt tokens", estimate.get("prompt_tokens"), counts.get("prompt_tokens")),
+        ("Generated tokens", estimate.get("generated_tokens"), counts.get("output_tokens")),
+        ("Wall time (s)", estimate.get("wall_s"), manifest.get("elapsed_s")),
+    ]
+
+
+def _estimate_section(manifest: dict[str, Any]) -> str:
+    figures = estimate_rows(manifest)
+    if not figures:
+        return ""
+
+    def cell(value: Any) -> str:
+        return format_number(value) if isinstance(value, float) else format_int(value)
+
+    rows = "".join(
+        f"<tr><td>{escape_html(name)}</td><td class=n>{escape_html(cell(est))}</td>"
+        f"<td class=n>{escape_html(cell(act))}</td><td class=n>"
+        f"{escape_html(f'{act / est:.2f}' if est and act is not None else '–')}</td></tr>"
+        for name, est, act in figures
+    )
+    return (
+        "<section><h2>Estimate and actual</h2><table><thead><tr><th>Figure</th>"
+        "<th class=n>Estimated</th><th class=n>Actual</th><th class=n>Actual / estimated</th>"
+        f"</tr></thead><tbody>{rows}</tbody></table></section>"
+    )
+
+
 def _samples_section(summary: RunSummary) -> str:
     if not summary.samples:
         return ""
@@ -398,6 +433,7 @@ def render(
         "</div>",
         _toxicity_section(summary),
         _errors_section(summary),
+        _estimate_section(manifest),
         _samples_section(summary),
         _config_section(manifest),
         f"<footer>rg-batch report for <span class=mono>{escape_html(mask_uri(run_dir))}</span> · {summary.rows:,} rows "
