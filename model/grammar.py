@@ -38,6 +38,9 @@ if TYPE_CHECKING:
     from model.tokenizer import Tokenizer
 
 KINDS = ("json_schema", "json_object", "regex", "choice")
+# JSON as json.dumps writes it by default: ", " between items, ": " after keys, no other
+# whitespace (free whitespace lets a small model pad its output with newlines up to the limit).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 WORD_BITS = 32
 _TURN_PIECES = ("<start_of_turn>", "<end_of_turn>")
 
@@ -94,9 +97,9 @@ class Constraint:
                 raise ConstraintError(f"the JSON schema is not valid JSON: {err}") from err
             if not isinstance(schema, dict | bool):
                 raise ConstraintError("a JSON schema must be an object")
-            return llguidance.LLMatcher.grammar_from_json_schema(schema)
+            return llguidance.LLMatcher.grammar_from_json_schema(schema, JSON_OPTIONS)
         if self.kind == "json_object":
-            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"})
+            return llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}, JSON_OPTIONS)
         if self.kind == "regex":
             return llguidance.LLMatcher.grammar_from_regex(self.spec)
         choices = json.loads(self.spec)
@@ -161,6 +164,8 @@ class CompiledGrammar:
         self.constraint = constraint
         self.grammar = constraint.grammar()
         self._tokenizer = tokenizer
+        self.eos_id = int(tokenizer.eos_token)
+        self.vocab_size = int(tokenizer.vocab_size)
         error = llguidance.LLMatcher.validate_grammar(self.grammar, tokenizer)
         if error and not error.startswith("WARNING"):
             raise ConstraintError(f"{constraint.kind} does not compile: {error}")
@@ -246,3 +251,69 @@ class GrammarCache:
             while len(self._grammars) > self.max_entries:
                 self._grammars.popitem(last=False)
         return compiled
+
+
+class GrammarSlots:
+    """The matchers of an engine's constrained slots and the packed masks they give.
+
+    Host only. A slot holds a matcher from :meth:`start` until :meth:`release`; :meth:`accept`
+    advances it on each token the device emitted; :meth:`decode_mask` is the [slots, words]
+    mask of the next decode call (all ones for unconstrained slots), computed only while some
+    constrained slot is live.
+    """
+
+    def __init__(self, slots: int, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self.words = words(vocab_size)
+        self.matchers: list[Matcher | None] = [None] * slots
+        self.errors: list[str | None] = [None] * slots
+        self._mask = np.full((slots, self.words), -1, np.int32)
+        self.eos_ids: list[int] = [-1] * slots
+
+    @property
+    def any(self) -> bool:
+        """Whether a slot holds a matcher."""
+        return any(m is not None for m in self.matchers)
+
+    def start(self, slot: int, grammar: CompiledGrammar) -> None:
+        self.matchers[slot] = grammar.matcher()
+        self.errors[slot] = None
+        self.eos_ids[slot] = grammar.eos_id
+
+    def release(self, slot: int) -> str | None:
+        """Drops the slot's matcher; the grammar error it met, if any."""
+        self.matchers[slot] = None
+        self._mask[slot] = -1
+        return self.errors[slot]
+
+    def accept(self, slot: int, tokens: Sequence[int]) -> None:
+        """Advances the slot's matcher on ``tokens`` (emitted in order)."""
+        m = self.matchers[slot]
+        if m is None or self.errors[slot] is not None:
+            return
+        for token in tokens:
+            if not m.accept(token):
+                self.errors[slot] = m.error or f"token {token} is outside the grammar"
+                return
+
+    def fill(self, slot: int, row: np.ndarray) -> None:
+        """Writes the slot's next mask into ``row``: EOS only once its grammar failed."""
+        m = self.matchers[slot]
+        assert m is not None
+        if self.errors[slot] is None:
+            m.fill_mask(row)
+            if row.any():
+                return
+            self.errors[slot] = m.error or "the grammar allows no token"
+        row[:] = 0
+        eos = self.eos_ids[slot]
+        row[eos // WORD_BITS] = np.int32(np.uint32(1 << (eos % WORD_BITS)).view(np.int32))
+
+    def decode_mask(self, live: np.ndarray) -> np.ndarray | None:
+        """The next decode call's mask, or None when no live slot is constrained."""
+        slots = [s for s, m in enumerate(self.matchers) if m is not None and live[s]]
+        if not slots:
+            return None
+        for slot in slots:
+            self.fill(slot, self._mask[slot])
+        return self._mask
