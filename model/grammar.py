@@ -86,6 +86,24 @@ class Constraint:
         """Output is exactly one of ``choices``."""
         return cls("choice", json.dumps(list(choices)))
 
+    def to_json(self) -> str:
+        """This constraint as JSON text (how it travels in a row's settings)."""
+        return json.dumps({"kind": self.kind, "spec": self.spec})
+
+    @classmethod
+    def from_json(cls, text: str) -> Constraint:
+        """The constraint of :meth:`to_json`'s text."""
+        value = json.loads(text)
+        return cls(value["kind"], value.get("spec", ""))
+
+    def check(self) -> None:
+        """Raises ConstraintError if the constraint does not compile (no tokenizer needed)."""
+        import llguidance
+
+        error = llguidance.LLMatcher.validate_grammar(self.grammar())
+        if error and not error.startswith("WARNING"):
+            raise ConstraintError(f"{self.kind} does not compile: {error}")
+
     def grammar(self) -> str:
         """The llguidance grammar text of this constraint."""
         import llguidance

@@ -54,6 +54,7 @@ ERROR_KINDS = (
     "invalid_request",  # an OpenAI batch line that is no valid, supported request
     "row_too_large",  # a JSONL line over input.max_row_bytes
     "prompt_too_long",  # over the prompt limit with truncation off
+    "invalid_constraint",  # the structured-output constraint does not compile
     "generation",  # the engine rejected or failed the request
     "toxicity",  # scoring failed
 )

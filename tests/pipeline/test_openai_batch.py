@@ -126,10 +126,31 @@ def test_parse_chat_and_completion_requests_with_params() -> None:
             {
                 "body": {
                     "messages": [{"role": "user", "content": "x"}],
-                    "response_format": {"type": "json_object"},
+                    "response_format": {"type": "grammar"},
                 }
             },
-            "response_format",
+            "response_format.type",
+        ),
+        (
+            {
+                "body": {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "strung"}},
+                    },
+                }
+            },
+            "json_schema.schema: json_schema does not compile",
+        ),
+        (
+            {
+                "body": {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+                }
+            },
+            "json_schema.name",
         ),
         ({"body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}}, ">= 1"),
         ({"body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}}, ">= 1"),
