@@ -723,3 +723,23 @@ def test_preflight_does_not_hang_on_a_silent_endpoint(
     assert time.monotonic() - start < 5
     assert [path for path, _ in info.value.errors] == ["input.uri", "model.checkpoint"]
     assert "no answer from storage within 1 s" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("structured", "fragment"),
+    [
+        ({"json_schema": {"type": "strung"}}, "structured_output.json_schema: "),
+        ({"regex": "(open"}, "structured_output.regex: "),
+        ({"regex": "a", "choice": ["a"]}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"choice": []}, "structured_output.choice: "),
+    ],
+)
+def test_structured_output_must_compile(structured: dict[str, Any], fragment: str) -> None:
+    message = error_of(with_(generation={"structured_output": structured}))
+    assert message.startswith("generation.structured_output") and fragment in message, message
+
+
+def test_structured_output_loads() -> None:
+    cfg = load(with_(generation={"structured_output": {"json_schema": {"type": "object"}}}))
+    assert cfg.generation.structured_output.constraint().kind == "json_schema"

@@ -107,6 +107,18 @@ def test_parse_chat_and_completion_requests_with_params() -> None:
     assert ob.parse_request(quiet).prompt == "Once upon"
 
 
+def test_response_format_becomes_the_rows_constraint() -> None:
+    from model.grammar import Constraint
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    request = ob.parse_request(chat_line("a", response_format=fmt))
+    assert Constraint.from_json(request.constraint) == Constraint.json_schema(schema)
+    request = ob.parse_request(chat_line("b", response_format={"type": "json_object"}))
+    assert Constraint.from_json(request.constraint) == Constraint.json_object()
+    assert ob.parse_request(chat_line("c", response_format={"type": "text"})).constraint is None
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
