@@ -282,12 +282,16 @@ class DeviceRunner:
     ) -> StepOutput:
         """One decode call on the slot state: at most ``max_steps`` steps (default
         decode_steps), under ``mask`` (int32 [max_slots, words]; None allows every token)."""
+        self.state, out = self.decode(*self.decode_inputs(refill_at, max_steps, mask))
+        return out
+
+    def decode_inputs(
+        self, refill_at: int, max_steps: int | None = None, mask: np.ndarray | None = None
+    ) -> tuple[Any, ...]:
+        """The arguments of one decode call (see :meth:`run_decode`), e.g. to lower it."""
         steps = self.engine_config.decode_steps if max_steps is None else max_steps
         masks = self._mask_input(mask, self.engine_config.max_slots)
-        self.state, out = self.decode(
-            self.params, self.state, np.int32(refill_at), np.int32(steps), masks
-        )
-        return out
+        return self.params, self.state, np.int32(refill_at), np.int32(steps), masks
 
     def _mask_input(self, mask: np.ndarray | None, rows: int) -> Array:
         return self._open_masks[rows] if mask is None else self._replicated(mask)
