@@ -530,6 +530,7 @@ def schema_format(schema: Any) -> dict[str, Any]:
     return {"type": "json_schema", "json_schema": {"name": "row", "schema": schema, "strict": True}}
 
 
+@pytest.mark.slow
 def test_openai_batch_with_response_format(tmp_path: Path, fixtures, ray_cluster) -> None:
     """json_schema and json_object lines beside a plain one: outputs ending with stop parse and
     validate, a line cut by max_tokens says length, a schema that does not compile is an error
@@ -580,6 +581,7 @@ def test_openai_batch_with_response_format(tmp_path: Path, fixtures, ray_cluster
     assert "json_schema.schema" in bad["error"]["message"]
 
 
+@pytest.mark.slow
 def test_corpus_job_with_a_json_schema(tmp_path: Path, fixtures, ray_cluster) -> None:
     """generation.structured_output on a JSONL corpus: every row that stops validates."""
     import jsonschema
