@@ -47,6 +47,8 @@ bench: setup
 	$(PY) -m benchmarks.pipeline_efficiency --compile-cache cold --json out/bench/pipeline_cold.json
 	$(PY) -m benchmarks.pipeline_scale --json out/bench/pipeline_scale.json
 	$(PY) -m benchmarks.prefix_reuse --json out/bench/prefix_reuse.json
+	$(PY) -m benchmarks.grammar --json out/bench/grammar.json
+	$(PY) -m benchmarks.grammar_libraries --json out/bench/grammar_libraries.json
 	$(PY) -m benchmarks.fault_soak --json out/bench/fault_soak.json
 
 FIXTURES ?= .fixtures

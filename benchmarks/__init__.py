@@ -7,6 +7,8 @@
   pipeline_scale       the driver's memory and reads at two corpus sizes; rows/s per stage
   prefix_reuse         many questions per document: prefilled tokens and rows/s with and without
                        reusing the document's state
+  grammar              structured output: JSON-schema-constrained rows/s against plain rows/s
+  grammar_libraries    xgrammar, llguidance and outlines-core at a 256k vocabulary
   gpu_engine           the Engine at full size on one accelerator, against the roofline
   gpu_reference        the same 2B workload through the official Sampler and HF generate
   gpu_numerics         bf16 logits against float32 on a short batch

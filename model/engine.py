@@ -243,9 +243,11 @@ class Engine:
         dispatches the next decode call, and then (while the device runs it) returns what the
         calls read back finished."""
         retired = self._retire()
-        self._admit()
-        if self.scheduler.occupied:
-            self._inflight.append((self.runner.run_decode(self.scheduler.refill_at()), None))
+        constrained = self._admit()
+        if self.scheduler.occupied and not constrained:
+            steps, mask = self.scheduler.decode_plan()
+            out = self.runner.run_decode(self.scheduler.refill_at(), steps, mask)
+            self._inflight.append((out, None))
         return self.scheduler.collect(retired)
 
     def _retire(self) -> list[Retired]:
@@ -255,9 +257,12 @@ class Engine:
         hosts = fetch([out for out, _ in calls], [slots for _, slots in calls])
         return [self.scheduler.retire(host) for host in hosts]
 
-    def _admit(self) -> None:
+    def _admit(self) -> bool:
         """Prefills and inserts full prefill batches while enough slots are free (dispatched,
-        not waited for, except for the prefix states the batches need)."""
+        not waited for, except for the prefix states the batches need). True if a batch held a
+        constrained request: its first token must reach its matcher before the next decode
+        call's mask, so that call waits for the next step."""
+        constrained = False
         sched = self.scheduler
         free = sched.free_slots()
         while size := sched.admission_size(len(free)):
@@ -267,7 +272,9 @@ class Engine:
             if prefixes:
                 sched.store_prefixes(prefixes, self.runner.prefix_states(prefixes))
             plan = sched.plan(batch, targets)
+            constrained |= plan.constrained
             self._inflight.append((self.runner.run_admit(plan), plan.slots))
+        return constrained
 
     def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:
         """float32 [len(prompts), vocab]: the logits after each prompt, through chunked prefill."""

@@ -24,7 +24,7 @@ from jax.sharding import PartitionSpec as P
 from model.config import ModelConfig
 from model.engine_config import EngineConfig
 from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
-from model.sampling import SamplingParams, sample
+from model.sampling import SamplingParams, apply_mask, sample
 from model.scheduler import AdmitPlan, CallOutput
 from model.sharding import (
     cache_specs,
@@ -99,6 +99,13 @@ class DeviceRunner:
         self._spare: Cache | None = None  # the last prefill cache, reused (emptied) by the next
         self._wire(params)
         self.state = self.empty_state()
+        # All-ones packed masks (every token allowed), kept on the device for the calls
+        # without a constrained row: the mask is always an input, so no call shape changes.
+        words = -(-config.vocab_size // 32)
+        self._open_masks = {
+            rows: self._replicated(np.full((rows, words), -1, np.int32))
+            for rows in {self.prefill_rows, ec.max_slots}
+        }
 
     # The jit wiring --------------------------------------------------------------------------------
     def _wire(self, params: Any) -> None:
@@ -159,8 +166,8 @@ class DeviceRunner:
         logits = named_shardings(mesh, P(None, "tp"))  # split by vocab, like the embedding
         return {
             "prefill": ((param_sh, rep, rep, prefill_cache, rep), (logits, prefill_cache)),
-            "insert": ((state, prefill_cache, logits, *[rep] * 5), (state, rep)),
-            "decode": ((param_sh, state, rep), (state, rep)),
+            "insert": ((state, prefill_cache, logits, *[rep] * 6), (state, rep)),
+            "decode": ((param_sh, state, rep, rep, rep), (state, rep)),
             "new_prefill_cache": (None, prefill_cache),
             "new_state": (None, state),
         }
@@ -195,9 +202,11 @@ class DeviceRunner:
         budget: Array,
         stop_ids: Array,
         sampling: SamplingParams,
+        mask: Array,
     ) -> tuple[SlotState, StepOutput]:
-        """Samples each new row's first token and moves its state into slot ``slots[i]``."""
-        first = sample(logits, sampling, jnp.zeros_like(prompt_len))
+        """Samples each new row's first token (under its packed ``mask``) and moves its state
+        into slot ``slots[i]``."""
+        first = sample(apply_mask(logits, mask), sampling, jnp.zeros_like(prompt_len))
         stopped = jnp.any(first[:, None] == stop_ids, axis=-1)
         emitted = ~stopped
         active = emitted & (budget > 1)
@@ -218,10 +227,12 @@ class DeviceRunner:
         return new_state, StepOutput(first, emitted, stopped)
 
     def _decode_fn(
-        self, params: Any, state: SlotState, refill_at: Array
+        self, params: Any, state: SlotState, refill_at: Array, max_steps: Array, mask: Array
     ) -> tuple[SlotState, StepOutput]:
-        """Up to decode_steps steps; stops early once ``refill_at`` slots are free (so the host
-        can admit a full prefill batch) or none is active. Steps not run are not emitted."""
+        """Up to ``min(decode_steps, max_steps)`` steps, each drawing under the packed ``mask``
+        [slots, words] (the host passes one step while a constrained row runs); stops early
+        once ``refill_at`` slots are free (so the host can admit a full prefill batch) or none
+        is active. Steps not run are not emitted."""
         steps, slots = self.engine_config.decode_steps, self.engine_config.max_slots
 
         def step(carry: tuple[SlotState, Array, StepOutput]) -> tuple[SlotState, Array, StepOutput]:
@@ -233,7 +244,7 @@ class DeviceRunner:
                 positions[:, None],
                 state.cache,
             )
-            token = sample(logits[:, 0], state.sampling, state.generated)
+            token = sample(apply_mask(logits[:, 0], mask), state.sampling, state.generated)
             stopped = state.active & jnp.any(token[:, None] == state.stop_ids, axis=-1)
             emitted = state.active & ~stopped
             generated = state.generated + emitted
@@ -255,7 +266,7 @@ class DeviceRunner:
         def more(carry: tuple[SlotState, Array, StepOutput]) -> Array:
             state, i, _ = carry
             free = slots - jnp.sum(state.active)
-            return (i < steps) & jnp.any(state.active) & (free < refill_at)
+            return (i < jnp.minimum(steps, max_steps)) & jnp.any(state.active) & (free < refill_at)
 
         empty = StepOutput(
             jnp.zeros((slots, steps), jnp.int32),
@@ -266,18 +277,39 @@ class DeviceRunner:
         return state, out
 
     # Calls (dispatched, not waited for) ----------------------------------------------------------
-    def run_decode(self, refill_at: int) -> StepOutput:
-        """One decode call on the slot state."""
-        self.state, out = self.decode(self.params, self.state, np.int32(refill_at))
+    def run_decode(
+        self, refill_at: int, max_steps: int | None = None, mask: np.ndarray | None = None
+    ) -> StepOutput:
+        """One decode call on the slot state: at most ``max_steps`` steps (default
+        decode_steps), under ``mask`` (int32 [max_slots, words]; None allows every token)."""
+        self.state, out = self.decode(*self.decode_inputs(refill_at, max_steps, mask))
         return out
+
+    def decode_inputs(
+        self, refill_at: int, max_steps: int | None = None, mask: np.ndarray | None = None
+    ) -> tuple[Any, ...]:
+        """The arguments of one decode call (see :meth:`run_decode`), e.g. to lower it."""
+        steps = self.engine_config.decode_steps if max_steps is None else max_steps
+        masks = self._mask_input(mask, self.engine_config.max_slots)
+        return self.params, self.state, np.int32(refill_at), np.int32(steps), masks
+
+    def _mask_input(self, mask: np.ndarray | None, rows: int) -> Array:
+        return self._open_masks[rows] if mask is None else self._replicated(mask)
+
+    def _replicated(self, x: np.ndarray) -> Array:
+        """A host array on the replica's device (every device of its mesh holding all of it)."""
+        if self.engine_config.tensor_parallel > 1:
+            return jax.device_put(x, named_shardings(self.mesh, P()))
+        return self._committed(jax.device_put(x))
 
     def run_admit(self, plan: AdmitPlan) -> StepOutput:
         """Prefills the plan's rows and inserts them into their slots; the first tokens."""
         logits, cache = self.prefill_prompts(plan.prompts, plan.starts, plan.states)
         sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, plan.seed)
+        mask = self._mask_input(plan.mask, self.prefill_rows)
         self.state, first = self.insert(
             self.state, cache, logits, plan.slots, plan.prompt_len, plan.budget, plan.stop_ids,
-            sampling,
+            sampling, mask,
         )  # fmt: skip
         return first
 

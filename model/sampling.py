@@ -68,6 +68,16 @@ class SamplingParams(NamedTuple):
     seed: Array
 
 
+def apply_mask(logits: Array, mask: Array) -> Array:
+    """logits [b, v], packed allowed tokens int32 [b, ceil(v / 32)] (bit ``i % 32`` of word
+    ``i // 32`` for token ``i``) -> the logits with -inf where a token is not allowed. An
+    all-ones row leaves its logits exactly as they were."""
+    shifts = jnp.arange(32, dtype=jnp.uint32)
+    bits = (mask.astype(jnp.uint32)[:, :, None] >> shifts) & np.uint32(1)
+    allowed = bits.reshape(mask.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
+    return jnp.where(allowed, logits, -jnp.inf)
+
+
 def row_key(seed: Array, token_index: Array) -> Array:
     """The key of one row's draw: its seed folded with the index of the token being drawn."""
     return jax.random.fold_in(jax.random.key(seed), token_index)

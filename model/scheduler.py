@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from model.engine_config import EngineConfig
+from model.grammar import GrammarSlots
 from model.prefix_cache import PrefixCache
 
 DEFAULT_EOS_ID = 1
@@ -49,6 +50,9 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int = 0
     prefix_len: int = 0  # the first prefix_len ids may be shared: their state is computed once
+    # A model.grammar.CompiledGrammar the output must match (its EOS must be among stop_ids):
+    # each token is drawn under its mask, one decode step per call while such a row runs.
+    grammar: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +114,8 @@ class AdmitPlan:
       stop_ids: int32 [prefill_rows, max_stop_ids], -1 padded.
       temperature, top_k, top_p, seed: [prefill_rows] sampling settings (float32, int32,
         float32, int32).
+      mask: int32 [prefill_rows, ceil(vocab / 32)]: each row's packed allowed tokens for its
+        first token, or None when no row is constrained (all allowed).
     """
 
     prompts: list[Sequence[int]]
@@ -123,6 +129,11 @@ class AdmitPlan:
     top_k: np.ndarray
     top_p: np.ndarray
     seed: np.ndarray
+    mask: np.ndarray | None = None
+
+    @property
+    def constrained(self) -> bool:
+        return self.mask is not None
 
 
 @dataclasses.dataclass
@@ -150,6 +161,7 @@ class _Running:
     first: list[int] = dataclasses.field(default_factory=list)  # the insert's token, if emitted
     end: int = -1  # the index of the decode call that finished it (start - 1: the insert did)
     stopped: bool = False
+    error: str | None = None  # a grammar error met on the way (the result is an error)
 
 
 @dataclasses.dataclass
@@ -178,6 +190,14 @@ def validate(request: GenerationRequest, vocab_size: int, engine: EngineConfig) 
         return f"at most {engine.max_stop_ids} stop ids, got {len(request.stop_ids)}"
     if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
         return "temperature and top_k must be >= 0 and top_p in (0, 1]"
+    if request.grammar is not None:
+        if request.grammar.vocab_size != vocab_size:
+            return (
+                f"the grammar was compiled for a {request.grammar.vocab_size}-token vocabulary, "
+                f"the model has {vocab_size}"
+            )
+        if request.grammar.eos_id not in request.stop_ids:
+            return f"a constrained request needs its EOS id {request.grammar.eos_id} in stop_ids"
     n = request.prefix_len
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n < ids.size:
         return (
@@ -230,6 +250,7 @@ class Scheduler:
         self._live = np.zeros(s, bool)  # slots whose request is not yet seen to finish
         self._generated = np.zeros(s, np.int64)  # tokens each slot's request has emitted
         self._budget = np.zeros(s, np.int64)
+        self.grammars: GrammarSlots | None = None  # made at the first constrained request
         # Decode outputs (tokens, emitted) from index _first_kept on, while a request needs them.
         self._history: list[tuple[np.ndarray, np.ndarray]] = []
         self._first_kept = 0
@@ -313,6 +334,13 @@ class Scheduler:
             seed=np.zeros((p,), np.int32),
         )
         plan.slots[: len(targets)] = targets
+        if any(req.grammar is not None for req in requests):
+            grammars = self._grammar_slots()
+            plan.mask = np.full((p, grammars.words), -1, np.int32)
+            for row, req in enumerate(requests):
+                if req.grammar is not None:
+                    grammars.start(targets[row], req.grammar)
+                    grammars.fill(targets[row], plan.mask[row])
         for row, (key, req) in enumerate(batch):
             plan.prompt_len[row] = len(req.prompt_ids)
             plan.budget[row] = req.max_new_tokens
@@ -326,6 +354,18 @@ class Scheduler:
             self._generated[slot] = 0
             self._budget[slot] = req.max_new_tokens
         return plan
+
+    def _grammar_slots(self) -> GrammarSlots:
+        if self.grammars is None:
+            self.grammars = GrammarSlots(self.engine_config.max_slots, self.vocab_size)
+        return self.grammars
+
+    def decode_plan(self) -> tuple[int, np.ndarray | None]:
+        """(most steps, mask) of the next decode call: one step under the slots' masks while a
+        constrained request runs (its matcher must see each token before the next mask), else
+        every step with no mask."""
+        mask = self.grammars.decode_mask(self._live) if self.grammars is not None else None
+        return (self.engine_config.decode_steps if mask is None else 1), mask
 
     def count_prefill(self, prompts: Sequence[Sequence[int]]) -> None:
         """Adds a prefill of ``prompts`` (right-aligned in chunks) to the stats."""
@@ -434,6 +474,8 @@ class Scheduler:
             index = self._first_kept + len(self._history)
             self._history.append((output.tokens, output.emitted))
             self._generated += output.emitted.sum(axis=1) * self._live
+            if self.grammars is not None:
+                self._accept(output.tokens, output.emitted, np.flatnonzero(self._live))
             stopped = output.stopped.any(axis=1)
             done = self._live & (stopped | (self._generated >= self._budget))
             slots = np.flatnonzero(done)
@@ -450,6 +492,14 @@ class Scheduler:
                 run = self._runs[slot]
                 if first and run is not None:
                     run.first.append(int(output.tokens[row, 0]))
+            if self.grammars is not None:
+                live = np.zeros(len(self._runs), bool)
+                live[slots] = True
+                tokens = np.zeros((len(self._runs), 1), np.int32)
+                tokens[slots, 0] = output.tokens[rows, 0]
+                emits = np.zeros((len(self._runs), 1), bool)
+                emits[slots, 0] = emitted
+                self._accept(tokens, emits, slots)
             done = stopped | (self._generated[slots] >= self._budget[slots])
             slots, stopped = slots[done], stopped[done]
         finished = []
@@ -457,10 +507,20 @@ class Scheduler:
             run = self._runs[slot]
             assert run is not None
             run.stopped, run.end = stop, index if index >= 0 else run.start - 1
+            if self.grammars is not None and self.grammars.matchers[slot] is not None:
+                run.error = self.grammars.release(slot)
             self._runs[slot] = None
             self._live[slot] = False
             finished.append(run)
         return Retired(finished)
+
+    def _accept(self, tokens: np.ndarray, emitted: np.ndarray, slots: np.ndarray) -> None:
+        """Feeds each constrained slot's emitted tokens to its matcher (before the next mask)."""
+        grammars = self.grammars
+        assert grammars is not None
+        for slot in slots.tolist():
+            if grammars.matchers[slot] is not None:
+                grammars.accept(slot, tokens[slot][emitted[slot]].tolist())
 
     def collect(self, retired: Sequence[Retired]) -> list[tuple[Any, GenerationResult]]:
         """The requests that finished, as (key, result): each one's tokens gathered from the
@@ -475,7 +535,10 @@ class Scheduler:
                 ids = np.concatenate(parts).tolist()
                 reason = "stop" if run.stopped else "length"
                 n_prompt = len(run.request.prompt_ids)
-                done.append((run.key, GenerationResult(ids, reason, n_prompt, len(ids))))
+                if run.error is not None:
+                    reason = "error"
+                result = GenerationResult(ids, reason, n_prompt, len(ids), run.error)
+                done.append((run.key, result))
         starts = [run.start for run in self._runs if run is not None]
         keep_from = min(starts, default=self._first_kept + len(self._history))
         del self._history[: keep_from - self._first_kept]

@@ -56,6 +56,7 @@ ERROR_KINDS = (
     "unreadable_file",  # one row per input file whose bytes are corrupt (its other rows kept)
     "row_too_large",  # a JSONL line over input.max_row_bytes
     "prompt_too_long",  # over the prompt limit with truncation off
+    "invalid_constraint",  # the structured-output constraint does not compile
     "generation",  # the engine rejected or failed the request
     "toxicity",  # scoring failed
 )

@@ -34,6 +34,7 @@ import pyarrow as pa
 import ray
 
 from model.engine_config import EngineConfig
+from model.grammar import ConstraintError, GrammarCache
 from model.scheduler import GenerationRequest, GenerationResult
 from model.tokenizer import Tokenizer
 from pipeline import columns as S
@@ -283,6 +284,7 @@ class ModelStage:
         chat = model.use_chat_template
         chat = ckpt.variant.endswith("-it") if chat is None else chat
         self.settings = RequestSettings.from_config(generation, chat=chat)
+        self.grammar_cache = GrammarCache()
         self.model_name = f"{ckpt.variant}@{fingerprint(ckpt.params)}"
         options = planned_engine_options(
             ckpt.config, model.dtype, engine_options(model, generation), model.memory_headroom
@@ -305,6 +307,22 @@ class ModelStage:
         if self.progress is not None:
             self.progress.phase.remote(name)
 
+    def _grammars(
+        self, settings: dict[int, RequestSettings], errors: list[Any], kinds: list[Any]
+    ) -> dict[int, Any]:
+        """Each constrained row's compiled grammar (compiled once per constraint per replica);
+        a constraint that does not compile makes its row an ``invalid_constraint`` error."""
+        out: dict[int, Any] = {}
+        for i, row in settings.items():
+            constraint = row.constraint_of()
+            if constraint is None:
+                continue
+            try:
+                out[i] = self.grammar_cache.get(constraint, self.tokenizer)
+            except ConstraintError as err:
+                errors[i], kinds[i] = str(err), "invalid_constraint"
+        return out
+
     def __call__(self, table: pa.Table) -> pa.Table:
         ids = table.column(S.ID).to_pylist()
         prompts = table.column(S.PROMPT_IDS).to_pylist()
@@ -318,12 +336,15 @@ class ModelStage:
         todo = [i for i, err in enumerate(errors) if err is None]
         rows = row_settings(table)
         settings = {i: self.settings.for_row(rows[i], ids[i]) for i in todo}
+        grammars = self._grammars(settings, errors, kinds)
+        todo = [i for i in todo if errors[i] is None]
         limit = self.worker.max_stop_ids
         requests = [
             settings[i].engine_request(
                 prompts[i],
                 prefix_len=shared[i] or 0,
                 stop_ids=settings[i].stop_ids(self.tokenizer, limit),
+                grammar=grammars.get(i),
             )
             for i in todo
         ]

@@ -23,6 +23,11 @@ decoded text, since the model can spell it with other tokens: the text is cut be
 occurrence, the finish reason becomes ``stop`` and the token count covers the tokens up to the one
 that completed the stop string (generation past it, up to the token limit, is wasted work but not
 reported).
+
+Structured output: ``constraint`` is a :class:`model.grammar.Constraint` as JSON text (the job's
+from ``generation.structured_output``, a row's from an OpenAI ``response_format``); a row's
+replaces the job's. A constrained row stops only at EOS (or ``<end_of_turn>``, which no grammar
+admits): stop strings are not applied to it, so a ``stop`` output is a complete match.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class RequestSettings:
     seed: int  # the job's: the base of each row's seed; a row's: its own seed
     stop: tuple[str, ...] = ()  # stop strings
     end_of_turn: bool = False  # also stop at <end_of_turn> (chat checkpoints and chat requests)
+    # Structured output: a model.grammar.Constraint as its JSON text (see constraint_of), or None.
+    constraint: str | None = None
 
     @classmethod
     def from_config(cls, generation: GenerationSection, *, chat: bool = False) -> RequestSettings:
@@ -66,6 +73,9 @@ class RequestSettings:
         given = type(generation).model_fields
         values = {f.name: getattr(generation, f.name) for f in _fields() if f.name in given}
         values.setdefault("end_of_turn", chat)
+        structured = getattr(generation, "structured_output", None)
+        if structured is not None:
+            values["constraint"] = structured.constraint().to_json()
         return cls(**values)
 
     def for_row(self, row: Mapping[str, Any] | None, row_id: str) -> RequestSettings:
@@ -87,34 +97,50 @@ class RequestSettings:
         return dataclasses.replace(self, **values)
 
     def stop_ids(self, tokenizer: Tokenizer, limit: int) -> tuple[int, ...]:
-        """EOS, ``<end_of_turn>`` when asked, then single-piece stop strings, at most ``limit``."""
+        """EOS, ``<end_of_turn>`` when asked, then single-piece stop strings, at most ``limit``
+        (none with a constraint: the grammar decides where the output ends)."""
         ids = [tokenizer.eos_id]
         extra = []
         if self.end_of_turn and tokenizer.end_of_turn_id is not None:
             extra.append(tokenizer.end_of_turn_id)
-        extra += single_piece_ids(tokenizer, self.stop)
+        if self.constraint is None:
+            extra += single_piece_ids(tokenizer, self.stop)
         for idx in extra:
             if idx not in ids and len(ids) < limit:
                 ids.append(idx)
         return tuple(ids)
 
     def engine_request(
-        self, prompt_ids: Sequence[int], *, prefix_len: int, stop_ids: Sequence[int]
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        prefix_len: int,
+        stop_ids: Sequence[int],
+        grammar: Any = None,
     ) -> GenerationRequest:
-        """The engine's request: every field the engine's request shares with these settings."""
+        """The engine's request: every field the engine's request shares with these settings,
+        and ``grammar`` (this row's compiled constraint, see :meth:`constraint_of`)."""
         from model.engine import GenerationRequest
 
         shared = {f.name for f in dataclasses.fields(GenerationRequest)} & _names()
         values = {name: getattr(self, name) for name in shared}
         return GenerationRequest(
-            prompt_ids, prefix_len=prefix_len, stop_ids=tuple(stop_ids), **values
+            prompt_ids, prefix_len=prefix_len, stop_ids=tuple(stop_ids), grammar=grammar, **values
         )
+
+    def constraint_of(self) -> Any:
+        """The row's :class:`model.grammar.Constraint`, or None."""
+        if self.constraint is None:
+            return None
+        from model.grammar import Constraint
+
+        return Constraint.from_json(self.constraint)
 
     def finish(
         self, tokenizer: Tokenizer, token_ids: Sequence[int], text: str, tokens: int, reason: str
     ) -> tuple[str, int, str]:
         """(text, output tokens, finish reason) once the stop strings are applied to the text."""
-        cut = cut_at_stop(text, self.stop) if self.stop else None
+        cut = cut_at_stop(text, self.stop) if self.stop and self.constraint is None else None
         if cut is None:
             return text, tokens, reason
         # The fewest tokens whose text holds a stop string (their text only grows with more).
@@ -136,6 +162,7 @@ ROW_SETTINGS_TYPE = pa.struct(
         pa.field("seed", pa.int64()),
         pa.field("stop", pa.list_(pa.string())),
         pa.field("end_of_turn", pa.bool_()),
+        pa.field("constraint", pa.string()),
     ]
 )
 """The settings a row may set (a subset of :class:`RequestSettings`' fields, by name)."""

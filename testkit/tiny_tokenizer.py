@@ -112,3 +112,33 @@ def train_tiny_tokenizer(path: str | os.PathLike[str], *, vocab_size: int = 512)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(buffer.getvalue())
     return out
+
+
+def widen_tokenizer(model: bytes, vocab_size: int, *, seed: int = 0) -> bytes:
+    """``model`` (a serialized SentencePiece model) with synthetic pieces appended up to
+    ``vocab_size`` (Gemma's 256,000 for benchmarks at the real vocabulary).
+
+    The new pieces are distinct strings of 2-12 characters (letters, digits, JSON punctuation,
+    half of them with the ``▁`` word marker), scored below every trained piece. Encoding may use
+    them (BPE merges into any piece it holds); the point is a vocabulary of the real size for
+    masks, samplers and grammar compilers.
+    """
+    import random
+
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.ParseFromString(model)
+    seen = {p.piece for p in proto.pieces}
+    floor = min(p.score for p in proto.pieces) - 1.0
+    rng = random.Random(seed)
+    alphabet = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789" + '{}[]":,. -_'
+    while len(proto.pieces) < vocab_size:
+        text = "".join(rng.choices(alphabet, k=rng.randint(2, 12)))
+        piece = ("\u2581" + text) if rng.random() < 0.5 else text
+        if piece in seen:
+            continue
+        seen.add(piece)
+        new = proto.pieces.add()
+        new.piece, new.score, new.type = piece, floor - len(proto.pieces) * 1e-6, new.NORMAL
+    return proto.SerializeToString()

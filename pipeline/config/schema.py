@@ -416,6 +416,66 @@ class ModelSection(_Section):
         return self.checkpoint.rstrip("/").endswith("-it")
 
 
+class StructuredOutputSection(_Section):
+    """One of: a JSON schema, any JSON object, a regex, a list of choices."""
+
+    json_schema: dict[str, Any] | None = Field(
+        json_schema_extra=IDENTITY,
+        default=None,
+        description="Every output is JSON valid against this JSON schema (an object; written "
+        "as json.dumps writes it: ', ' and ': ', no other whitespace; properties in the "
+        "schema's order).",
+    )
+    json_object: bool = Field(
+        json_schema_extra=IDENTITY,
+        default=False,
+        description="Every output is a JSON object (any keys; OpenAI's json_object).",
+    )
+    regex: str | None = Field(
+        json_schema_extra=IDENTITY,
+        default=None,
+        description="Every output matches this regular expression as a whole.",
+    )
+    choice: list[str] | None = Field(
+        json_schema_extra=IDENTITY,
+        default=None,
+        min_length=1,
+        description="Every output is exactly one of these strings.",
+    )
+
+    @model_validator(mode="after")
+    def _one_and_compiles(self) -> StructuredOutputSection:
+        from model.grammar import ConstraintError
+
+        given = [
+            name for name in type(self).model_fields if getattr(self, name) not in (None, False)
+        ]
+        if len(given) != 1:
+            raise ValueError(
+                f"set exactly one of json_schema, json_object, regex, choice (got {given or 'none'})"
+            )
+        try:
+            self.constraint().check()
+        except ConstraintError as err:
+            error = InitErrorDetails(
+                type=PydanticCustomError("value_error", str(err)), loc=(given[0],), input=None
+            )
+            raise ValidationError.from_exception_data(type(self).__name__, [error]) from None
+        return self
+
+    def constraint(self) -> Any:
+        """The :class:`model.grammar.Constraint` this section describes."""
+        from model.grammar import Constraint
+
+        if self.json_schema is not None:
+            return Constraint.json_schema(self.json_schema)
+        if self.regex is not None:
+            return Constraint.regex(self.regex)
+        if self.choice is not None:
+            return Constraint.choice(self.choice)
+        return Constraint.json_object()
+
+
 class GenerationSection(_Section):
     max_new_tokens: Int32 = Field(
         json_schema_extra=IDENTITY, default=256, ge=1, description="Most tokens generated per row."
@@ -528,6 +588,18 @@ class GenerationSection(_Section):
             raise ValidationError.from_exception_data(type(self).__name__, [error])
         return self
 
+    structured_output: StructuredOutputSection | None = Field(
+        json_schema_extra=IDENTITY,
+        default=None,
+        description="Constrain every row's output (structured output): exactly one of "
+        "json_schema (a JSON schema object: outputs are JSON valid against it, written as "
+        "json.dumps writes it, properties in the schema's order), json_object (true: any JSON "
+        "object), regex (the whole output matches it) or choice (a list of strings: the output "
+        "is one of them). Tokens are drawn under the grammar's mask; "
+        "an output that ends with finish_reason stop matches it, one cut by max_new_tokens "
+        "ends with length (an unfinished prefix). Stop strings do not apply to constrained "
+        "rows. An OpenAI request's response_format overrides it for that row.",
+    )
     prompt_workers: int | None = Field(
         json_schema_extra=NOT_IDENTITY,
         default=None,

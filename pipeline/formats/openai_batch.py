@@ -45,11 +45,14 @@ Generation (the row's settings, applied by the model stage under the rules of
 ``max_new_tokens``, capped at ``generation.max_new_tokens``; ``temperature`` and ``top_p`` replace
 the job's for that row (``generation.top_k`` still applies); ``seed`` replaces the row's derived
 seed; ``stop`` strings end generation and cut the text (``completion_tokens`` counts the tokens up
-to the stop); chat requests also stop at Gemma's ``<end_of_turn>``.
+to the stop); chat requests also stop at Gemma's ``<end_of_turn>``. ``response_format`` ``{"type":
+"json_object"}`` or ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``
+constrains the output (structured output, :mod:`model.grammar`; every schema is enforced as if
+``strict`` were true); a schema that does not compile makes the line an error line.
 
 Unsupported parameters that would change the answer are errors, never silently ignored: ``n`` or
 ``best_of`` other than 1, ``stream: true``, ``logprobs`` / ``top_logprobs`` / ``echo``, tools and
-functions, a ``response_format`` other than text, non-zero ``presence_penalty`` /
+functions, non-zero ``presence_penalty`` /
 ``frequency_penalty``, a non-empty ``logit_bias``, ``suffix``. Other body fields (``model``,
 ``user``, ``metadata``, ``store``, ``stream_options``, ...) are ignored.
 """
@@ -143,6 +146,7 @@ class Request:
     top_p: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] | None = None
+    constraint: str | None = None  # response_format as a model.grammar.Constraint's JSON text
 
 
 # ------------------------------------------------------------------------------- parsing
@@ -232,9 +236,43 @@ def _check_unsupported(body: dict[str, Any]) -> None:
         value = tuple(value) if isinstance(value, list) else value
         if value not in allowed:
             raise RequestError(f"body.{name}={json.dumps(body[name])[:60]} is not supported")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise RequestError("body.response_format: only {'type': 'text'} is supported")
+
+
+def _response_format(value: Any) -> str | None:
+    """The constraint (JSON text) of a ``response_format``, None for text; raises RequestError."""
+    from model.grammar import Constraint, ConstraintError
+
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise RequestError("body.response_format must be an object")
+    kind = value.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return Constraint.json_object().to_json()
+    if kind != "json_schema":
+        raise RequestError(
+            f"body.response_format.type must be text, json_object or json_schema, got {kind!r}"
+        )
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise RequestError("body.response_format.json_schema must be an object")
+    name = spec.get("name")
+    if not isinstance(name, str) or not name:
+        raise RequestError("body.response_format.json_schema.name must be a non-empty string")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        raise RequestError("body.response_format.json_schema.schema must be an object")
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise RequestError("body.response_format.json_schema.strict must be a boolean")
+    constraint = Constraint.json_schema(schema)
+    try:
+        constraint.check()
+    except ConstraintError as err:
+        raise RequestError(f"body.response_format.json_schema.schema: {err}") from None
+    return constraint.to_json()
 
 
 def _int_range(name: str) -> tuple[int, int]:
@@ -278,6 +316,9 @@ def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
         kept = tuple(dict.fromkeys(s for s in stops if s))
         if kept:
             out["stop"] = kept
+    constraint = _response_format(body.get("response_format"))
+    if constraint is not None:
+        out["constraint"] = constraint
     return out
 
 
@@ -428,6 +469,7 @@ def _request_values(request: Request) -> dict[str, Any]:
         "seed": request.seed,
         "stop": list(request.stop) if request.stop else None,
         "end_of_turn": True if request.endpoint == CHAT else None,
+        "constraint": request.constraint,
     }
     return {S.PROMPT: request.prompt, REQ_ENDPOINT: request.endpoint, ROW_SETTINGS: settings}
 

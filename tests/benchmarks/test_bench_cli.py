@@ -16,6 +16,8 @@ BENCHMARKS = (
     "pipeline_efficiency",
     "pipeline_scale",
     "prefix_reuse",
+    "grammar",
+    "grammar_libraries",
     "fault_soak",
     "gpu_engine",
     "gpu_reference",

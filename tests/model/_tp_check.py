@@ -10,13 +10,18 @@ from __future__ import annotations
 import json
 import re
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
 from model.engine import Engine, GenerationRequest
+from model.grammar import Constraint, GrammarCache
+from model.tokenizer import Tokenizer
 from testkit.tiny_model import random_params, tiny_config
+from testkit.tiny_tokenizer import train_tiny_tokenizer
 
 CONFIG = tiny_config()  # 4 heads, widths 64 (lru) and 96 (MLP), vocab 512: all divide by 4
 SHAPES = dict(max_slots=4, prefill_batch=2, prefill_chunk=8, decode_steps=3)
@@ -48,7 +53,7 @@ def shards(array: jax.Array) -> dict:
 
 
 def collectives(engine: Engine) -> dict:
-    hlo = engine._decode.lower(engine.params, engine._state, np.int32(1)).compile().as_text()
+    hlo = engine._decode.lower(*engine.runner.decode_inputs(1)).compile().as_text()
     return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
 
 
@@ -60,12 +65,14 @@ def run(n: int, params, prompts, greedy, sampled) -> dict:
     logits = engine.next_token_logits(prompts)
     tokens = [r.token_ids for r in engine.generate(greedy)]
     drawn = [r.token_ids for r in engine.generate(sampled)]
+    constrained = [r.token_ids for r in engine.generate(with_grammar(greedy[:6]))]
     for seed in (40, 41):  # more batches of other sizes and mixes: nothing may compile
         engine.generate(requests(seed, 3 + seed % 7, temperature=0.7))
     out = {
         "logits": np.asarray(logits).tolist(),
         "greedy": tokens,
         "sampled": drawn,
+        "constrained": constrained,
         "compiled_after_warmup": warm,
         "compiled_after_batches": engine.compiled_shapes(),
         "seconds": time.perf_counter() - start,
@@ -96,6 +103,17 @@ def run(n: int, params, prompts, greedy, sampled) -> dict:
         if n == 4:
             out["decode_collectives"] = collectives(engine)
     return out
+
+
+def with_grammar(batch: list[GenerationRequest]) -> list[GenerationRequest]:
+    """Every other request constrained to a regex (a mask on the vocab-split logits)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = Tokenizer(train_tiny_tokenizer(Path(tmp) / "t.model"))
+    grammar = GrammarCache().get(Constraint.regex("[a-z]{2,5}"), tokenizer)
+    return [
+        GenerationRequest(r.prompt_ids, 8, stop_ids=(1,), grammar=grammar if i % 2 else None)
+        for i, r in enumerate(batch)
+    ]
 
 
 def main() -> None:

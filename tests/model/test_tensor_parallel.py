@@ -64,6 +64,8 @@ def test_tokens_equal_one_device_on_a_mixed_batch(report: dict, n: str) -> None:
     assert split["greedy"] == one["greedy"]
     assert sum(map(len, one["greedy"])) > 3 * len(lengths)  # not vacuous: tokens came out
     assert split["sampled"] == one["sampled"]  # top-k/top-p sort over the vocab-split logits
+    assert split["constrained"] == one["constrained"]  # grammar masks over the split logits
+    assert all(one["constrained"][1::2])  # the constrained rows drew under their masks
 
 
 @pytest.mark.slow

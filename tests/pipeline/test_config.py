@@ -754,3 +754,23 @@ def test_loading_a_config_imports_no_jax(tmp_path: Path) -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("structured", "fragment"),
+    [
+        ({"json_schema": {"type": "strung"}}, "structured_output.json_schema: "),
+        ({"regex": "(open"}, "structured_output.regex: "),
+        ({"regex": "a", "choice": ["a"]}, "exactly one of"),
+        ({}, "exactly one of"),
+        ({"choice": []}, "structured_output.choice: "),
+    ],
+)
+def test_structured_output_must_compile(structured: dict[str, Any], fragment: str) -> None:
+    message = error_of(with_(generation={"structured_output": structured}))
+    assert message.startswith("generation.structured_output") and fragment in message, message
+
+
+def test_structured_output_loads() -> None:
+    cfg = load(with_(generation={"structured_output": {"json_schema": {"type": "object"}}}))
+    assert cfg.generation.structured_output.constraint().kind == "json_schema"

@@ -98,3 +98,24 @@ def test_row_seed_is_stable_and_spread() -> None:
     assert row_seed(0, "doc-1") == row_seed(0, "doc-1")
     assert len({row_seed(0, f"doc-{i}") for i in range(1000)}) == 1000
     assert row_seed(0, "doc-1") != row_seed(1, "doc-1")
+
+
+def test_a_constraint_travels_from_the_config_and_a_row_replaces_it(tokenizer) -> None:
+    """generation.structured_output becomes the job's constraint; a row's own (an OpenAI
+    response_format) replaces it through the settings column; constrained rows stop only at
+    EOS (and <end_of_turn>), never at stop strings, and their text is not cut."""
+    from model.grammar import Constraint
+
+    gen = GenerationSection(structured_output={"choice": ["yes", "no"]})
+    job = RequestSettings.from_config(gen, chat=True)
+    assert Constraint.from_json(job.constraint) == Constraint.choice(["yes", "no"])
+    own = Constraint.json_object().to_json()
+    (row,) = settings_column([{"constraint": own, "stop": ["e"]}])
+    settings = job.for_row(row, "r1")
+    assert settings.constraint_of() == Constraint.json_object()
+    assert settings.stop_ids(tokenizer, 4) == (tokenizer.eos_id, tokenizer.end_of_turn_id)
+    assert settings.finish(tokenizer, [5, 6], "the end", 2, "stop") == ("the end", 2, "stop")
+    request = settings.engine_request([2, 5], prefix_len=0, stop_ids=(1,), grammar="compiled")
+    assert request.grammar == "compiled"
+    plain = RequestSettings.from_config(GenerationSection())
+    assert plain.constraint is None and plain.for_row(None, "r").constraint_of() is None

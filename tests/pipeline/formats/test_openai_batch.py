@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow as pa
 import pytest
 import yaml
 from openai.types import Completion
@@ -106,6 +107,18 @@ def test_parse_chat_and_completion_requests_with_params() -> None:
     assert ob.parse_request(quiet).prompt == "Once upon"
 
 
+def test_response_format_becomes_the_rows_constraint() -> None:
+    from model.grammar import Constraint
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    fmt = {"type": "json_schema", "json_schema": {"name": "a", "schema": schema, "strict": True}}
+    request = ob.parse_request(chat_line("a", response_format=fmt))
+    assert Constraint.from_json(request.constraint) == Constraint.json_schema(schema)
+    request = ob.parse_request(chat_line("b", response_format={"type": "json_object"}))
+    assert Constraint.from_json(request.constraint) == Constraint.json_object()
+    assert ob.parse_request(chat_line("c", response_format={"type": "text"})).constraint is None
+
+
 @pytest.mark.parametrize(
     ("change", "fragment"),
     [
@@ -126,10 +139,31 @@ def test_parse_chat_and_completion_requests_with_params() -> None:
             {
                 "body": {
                     "messages": [{"role": "user", "content": "x"}],
-                    "response_format": {"type": "json_object"},
+                    "response_format": {"type": "grammar"},
                 }
             },
-            "response_format",
+            "response_format.type",
+        ),
+        (
+            {
+                "body": {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": "x", "schema": {"type": "strung"}},
+                    },
+                }
+            },
+            "json_schema.schema: json_schema does not compile",
+        ),
+        (
+            {
+                "body": {
+                    "messages": [{"role": "user", "content": "x"}],
+                    "response_format": {"type": "json_schema", "json_schema": {"schema": {}}},
+                }
+            },
+            "json_schema.name",
         ),
         ({"body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}}, ">= 1"),
         ({"body": {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1.5}}, ">= 1"),
@@ -509,3 +543,103 @@ def test_example_config_and_sample_requests() -> None:
     rows = read_table(str(repo / config.input.uri), fmt="openai_batch").to_pylist()
     assert rows and all(r[S.ERROR] is None for r in rows)
     assert len({r[S.ID] for r in rows}) == len(rows)
+
+
+# Structured output runs (sharing this module's cluster) ----------------------------------------
+
+STRUCTURED = {
+    "type": "object",
+    "properties": {
+        "label": {"enum": ["river", "city"]},
+        "score": {"type": "integer", "minimum": 0, "maximum": 9},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["label", "score", "ok"],
+    "additionalProperties": False,
+}
+
+
+def schema_format(schema: Any) -> dict[str, Any]:
+    return {"type": "json_schema", "json_schema": {"name": "row", "schema": schema, "strict": True}}
+
+
+@pytest.mark.slow
+def test_openai_batch_with_response_format(tmp_path: Path, fixtures, ray_cluster) -> None:
+    """json_schema and json_object lines beside a plain one: outputs ending with stop parse and
+    validate, a line cut by max_tokens says length, a schema that does not compile is an error
+    line; every body parses with the openai types."""
+    import jsonschema
+
+    prompt = "Write a line about the river"
+    lines = [
+        chat_line("js-greedy", prompt, response_format=schema_format(STRUCTURED)),
+        chat_line(
+            "js-seed", prompt, temperature=1.0, seed=3, response_format=schema_format(STRUCTURED)
+        ),
+        chat_line("js-short", prompt, max_tokens=3, response_format=schema_format(STRUCTURED)),
+        chat_line("obj", prompt, response_format={"type": "json_object"}),
+        chat_line("bad-schema", prompt, response_format=schema_format({"type": "strung"})),
+        completion_line("plain", prompt=prompt, max_tokens=4),
+    ]
+    (tmp_path / "in").mkdir()
+    write_lines(tmp_path / "in" / "requests.jsonl", lines)
+    text = run_config(
+        fixtures,
+        str(tmp_path / "in" / "requests.jsonl"),
+        str(tmp_path / "out"),
+        generation={"max_new_tokens": 60},
+    )
+    assert run_job(job_config(text, run_id="oai-json")).status == "succeeded"
+    by_id = {line["custom_id"]: line for line in read_lines(str(tmp_path / "out" / "oai-json"))}
+    assert set(by_id) == {line["custom_id"] for line in lines}
+    bodies = {}
+    for custom_id in ("js-greedy", "js-seed", "js-short", "obj", "plain"):
+        body = by_id[custom_id]["response"]["body"]
+        kind = Completion if custom_id == "plain" else ChatCompletion
+        bodies[custom_id] = kind.model_validate(body)
+    for custom_id in ("js-greedy", "js-seed"):
+        choice = bodies[custom_id].choices[0]
+        assert choice.finish_reason == "stop", choice
+        jsonschema.validate(json.loads(choice.message.content), STRUCTURED)
+    short = bodies["js-short"]
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3
+    assert short.choices[0].message.content.startswith("{")
+    obj = bodies["obj"].choices[0]
+    if obj.finish_reason == "stop":
+        assert isinstance(json.loads(obj.message.content), dict)
+    else:
+        assert obj.finish_reason == "length" and obj.message.content.startswith("{")
+    bad = by_id["bad-schema"]
+    assert bad["response"]["status_code"] == 400 and bad["error"]["code"] == "invalid_request"
+    assert "json_schema.schema" in bad["error"]["message"]
+
+
+@pytest.mark.slow
+def test_corpus_job_with_a_json_schema(tmp_path: Path, fixtures, ray_cluster) -> None:
+    """generation.structured_output on a JSONL corpus: every row that stops validates."""
+    import jsonschema
+    import pyarrow.parquet as pq
+
+    rows = [{"id": f"r{i}", "title": "t", "prompt": f"Describe place {i}"} for i in range(5)]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = yaml.safe_load(
+        job_yaml(
+            fixtures,
+            task="generate",
+            input_uri=str(tmp_path / "in" / "rows.jsonl"),
+            output_uri=str(tmp_path / "out"),
+        )
+    )
+    data["generation"].update(
+        max_new_tokens=60, temperature=1.0, structured_output={"json_schema": STRUCTURED}
+    )
+    assert run_job(job_config(yaml.safe_dump(data), run_id="corpus-json")).status == "succeeded"
+    parts = sorted(LOCAL.glob(str(tmp_path / "out" / "corpus-json" / "part-*.parquet")))
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    assert sorted(table.column(S.ID).to_pylist()) == [r["id"] for r in rows]
+    reasons = table.column(S.FINISH_REASON).to_pylist()
+    assert "stop" in reasons and set(reasons) <= {"stop", "length"}
+    for text, reason in zip(table.column(S.OUTPUT_TEXT).to_pylist(), reasons, strict=True):
+        if reason == "stop":
+            jsonschema.validate(json.loads(text), STRUCTURED)
