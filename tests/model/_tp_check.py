@@ -48,7 +48,16 @@ def shards(array: jax.Array) -> dict:
 
 
 def collectives(engine: Engine) -> dict:
-    hlo = engine._decode.lower(engine.params, engine._state, np.int32(1)).compile().as_text()
+    hlo = (
+        engine._decode.lower(
+            engine.params,
+            engine._state,
+            np.int32(1),
+            np.zeros(engine.engine_config.max_slots, bool),
+        )
+        .compile()
+        .as_text()
+    )
     return {op: len(re.findall(rf"\s{op}(?:-start)?\(", hlo)) for op in COLLECTIVES}
 
 
