@@ -39,8 +39,12 @@ def test_the_jobs_settings_come_from_the_generation_section_by_name() -> None:
     assert settings == RequestSettings(9, 0.3, 5, 0.8, 7, stop=(), end_of_turn=True)
     # Every field the section shares with the settings is carried (none is copied by hand).
     shared = {f.name for f in dataclasses.fields(RequestSettings)} & set(gen.model_fields)
-    assert shared == {"max_new_tokens", "temperature", "top_k", "top_p", "seed"}
-    assert all(getattr(settings, name) == getattr(gen, name) for name in shared)
+    assert shared == {f.name for f in dataclasses.fields(RequestSettings)} - {"end_of_turn"}
+
+    def same(value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # stop: a list in the config
+
+    assert all(getattr(settings, name) == same(getattr(gen, name)) for name in shared)
     # The row settings a row may set are settings fields.
     assert set(ROW_SETTINGS_TYPE.names) <= {f.name for f in dataclasses.fields(RequestSettings)}
 
@@ -76,8 +80,14 @@ def test_a_rows_settings_override_the_job_within_its_limits(tokenizer: Tokenizer
     assert done.stop_ids(tokenizer, 1) == (1,)
     request = done.engine_request([2, 5], prefix_len=1, stop_ids=(1,))
     assert request == GenerationRequest(
-        [2, 5], 2, stop_ids=(1,), temperature=0.8, top_k=3, top_p=0.5, seed=done.seed, prefix_len=1
-    )
+        [2, 5], 2, stop_ids=(1,), temperature=0.8, top_k=3, top_p=0.5, seed=done.seed, prefix_len=1,
+        stop_strings=(stop_piece, "two words"),
+    )  # fmt: skip
+    # Every stop string also goes to the engine as its plain encoding, matched on the device.
+    seqs = done.stop_sequences(tokenizer, 8, 16)
+    assert seqs == (tuple(tokenizer.encode(stop_piece)), tuple(tokenizer.encode("two words")))
+    assert done.stop_sequences(tokenizer, 1, 16) == seqs[:1]
+    assert done.stop_sequences(tokenizer, 8, 1) == seqs[:1]  # "two words" takes more ids
 
 
 def test_stop_strings_cut_the_text_and_count_tokens_to_the_stop(tokenizer: Tokenizer) -> None:
