@@ -38,10 +38,15 @@ the job's for that row (``generation.top_k`` still applies); ``seed`` replaces t
 seed; ``stop`` strings end generation and cut the text (``completion_tokens`` counts the tokens up
 to the stop); chat requests also stop at Gemma's ``<end_of_turn>``.
 
-Unsupported parameters that would change the answer are errors, never silently ignored: ``n`` or
-``best_of`` other than 1, ``stream: true``, ``logprobs`` / ``top_logprobs`` / ``echo``, tools and
-functions, a ``response_format`` other than text, non-zero ``presence_penalty`` /
-``frequency_penalty``, a non-empty ``logit_bias``, ``suffix``. Other body fields (``model``,
+Also honoured: ``n`` (choices 0..n-1 from one prefill, usage counting the prompt once),
+``logprobs`` / ``top_logprobs`` (OpenAI's chat and completions shapes; raw log-softmax, see
+docs/guide.md), ``presence_penalty`` / ``frequency_penalty``, and vLLM's ``repetition_penalty``,
+``min_tokens`` and ``top_k``. The same body keys set a corpus row's settings from
+``input.settings_column`` (:func:`row_settings_from_body`).
+
+Unsupported parameters that would change the answer are errors, never silently ignored:
+``best_of`` other than 1, ``stream: true``, ``echo``, tools and functions, a
+``response_format`` other than text, a non-empty ``logit_bias``, ``suffix``. Other body fields (``model``,
 ``user``, ``metadata``, ``store``, ``stream_options``, ...) are ignored.
 """
 

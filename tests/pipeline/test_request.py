@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from model.engine import GenerationRequest
 from model.tokenizer import Tokenizer
+from pipeline import columns as S
 from pipeline.config.schema import GenerationSection
 from pipeline.request import (
     ROW_SETTINGS,
@@ -108,3 +111,39 @@ def test_row_seed_is_stable_and_spread() -> None:
     assert row_seed(0, "doc-1") == row_seed(0, "doc-1")
     assert len({row_seed(0, f"doc-{i}") for i in range(1000)}) == 1000
     assert row_seed(0, "doc-1") != row_seed(1, "doc-1")
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_settings_column_becomes_the_rows_settings(tmp_path, fmt: str) -> None:
+    """``input.settings_column``: OpenAI body keys per row (an object, a struct or JSON text),
+    parsed by the OpenAI batch parser; a bad value is that row's error."""
+    from pipeline import formats
+    from pipeline.formats import ReadSpec
+
+    values = [
+        {"max_tokens": 3, "n": 2, "temperature": 0.5, "stop": ["x"], "presence_penalty": 0.5},
+        None,
+        {"logprobs": True, "top_logprobs": 4, "repetition_penalty": 1.2, "min_tokens": 1},
+        {"temperature": 9},
+    ]
+    rows = [{"id": f"r{i}", "prompt": "Hi", "params": v} for i, v in enumerate(values)]
+    path = tmp_path / f"in.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:  # a JSON string column (a struct column of mixed keys would need one schema)
+        texts = [None if v is None else json.dumps(v) for v in values]
+        pq.write_table(pa.table({"id": ["r0", "r1", "r2", "r3"], "prompt": ["Hi"] * 4,
+                                 "params": texts}), path)  # fmt: skip
+    spec = ReadSpec(format=fmt, id_column="id", settings_column="params")
+    (table, _), *_ = list(formats.reader(fmt).read(str(path), spec))
+    got = row_settings(table)
+    assert got[0]["max_new_tokens"] == 3 and got[0]["n"] == 2 and got[0]["stop"] == ["x"]
+    assert got[0]["presence_penalty"] == 0.5 and got[1] is None
+    assert got[2]["logprobs"] == 4 and got[2]["repetition_penalty"] == 1.2
+    assert got[2]["min_tokens"] == 1
+    errors, kinds = table.column(S.ERROR).to_pylist(), table.column(S.ERROR_KIND).to_pylist()
+    assert (
+        errors[:3] == [None] * 3 and kinds[3] == "invalid_settings" and "temperature" in errors[3]
+    )
+    done = JOB.for_row(got[0], "r0")
+    assert (done.n, done.max_new_tokens, done.presence_penalty) == (2, 3, 0.5)
