@@ -19,9 +19,10 @@ computes exactly what it would without them):
 - ``logprobs``: -1 off, else the drawn token's log-probability and the ``logprobs`` most likely
   tokens' (log-softmax of the model's raw logits: before temperature, penalties and filters).
 
-Device state these add per slot (``EngineConfig`` defaults, 128 slots, Gemma's 256k vocabulary):
-the last ``history_tokens`` (1024) generated ids, int32, 0.5 MB; the prompt's tokens as a packed
-bitmask [vocab / 32] uint32, 4.1 MB; the stop sequences [8, 16] int32, 64 KB. No [slots, vocab]
+Device state these add, in all for 128 slots (``EngineConfig`` defaults, Gemma's 256k
+vocabulary): per slot the last ``history_tokens`` (1024) generated ids, int32, 0.5 MB; the
+prompt's tokens as a packed bitmask [vocab / 32] uint32, 4.1 MB; the stop sequences [8, 16] int32,
+64 KB. No [slots, vocab]
 array is kept: the penalties are scattered from the history into the logits each step (inside a
 branch that only runs when a row uses them).
 """
