@@ -16,6 +16,7 @@ BENCHMARKS = (
     "pipeline_efficiency",
     "pipeline_scale",
     "prefix_reuse",
+    "controls",
     "fault_soak",
     "gpu_engine",
     "gpu_reference",
