@@ -424,6 +424,9 @@ class ModelSection(_Section):
         return self.checkpoint.rstrip("/").endswith("-it")
 
 
+_LOOP_WINDOW = EngineConfig.max_loop_window  # the loop guard's most tokens looked back
+
+
 class GenerationSection(_Section):
     max_new_tokens: Int32 = Field(
         json_schema_extra=IDENTITY, default=256, ge=1, description="Most tokens generated per row."
@@ -600,6 +603,24 @@ class GenerationSection(_Section):
                 input=None,
             )
             raise ValidationError.from_exception_data(type(self).__name__, [error])
+        return self
+
+    @model_validator(mode="after")
+    def _controls(self) -> GenerationSection:
+        """The loop guard's window and min_tokens fit the engine and the token limit."""
+        problems = []
+        if self.loop_ngram * self.loop_repeats > _LOOP_WINDOW:
+            problems.append(("loop_ngram", f"loop_ngram * loop_repeats must be <= {_LOOP_WINDOW}"))
+        if self.min_tokens > self.max_new_tokens:
+            problems.append(("min_tokens", "must be <= max_new_tokens"))
+        if problems:
+            errors = [
+                InitErrorDetails(
+                    type=PydanticCustomError("value_error", message), loc=(name,), input=None
+                )
+                for name, message in problems
+            ]
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
         return self
 
     prompt_workers: int | None = Field(
