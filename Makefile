@@ -43,6 +43,7 @@ bench: setup
 	$(PY) -m benchmarks.prefill --json out/bench/prefill.json
 	$(PY) -m benchmarks.engine_vs_reference --json out/bench/engine.json
 	$(PY) -m benchmarks.engine_host --json out/bench/engine_host.json
+	$(PY) -m benchmarks.controls --json out/bench/controls.json
 	$(PY) -m benchmarks.pipeline_efficiency --json out/bench/pipeline.json
 	$(PY) -m benchmarks.pipeline_efficiency --compile-cache cold --json out/bench/pipeline_cold.json
 	$(PY) -m benchmarks.pipeline_scale --json out/bench/pipeline_scale.json

@@ -5,6 +5,8 @@
   engine_vs_reference  our Engine against the official Sampler and HF generate (parts in engine/)
   pipeline_efficiency  end-to-end pipeline tokens/s over engine-only tokens/s
   pipeline_scale       the driver's memory and reads at two corpus sizes; rows/s per stage
+  controls             generation controls: n=4 prefills once, tokens wasted past a stop,
+                       greedy rows unchanged beside rows with controls, their cost
   prefix_reuse         many questions per document: prefilled tokens and rows/s with and without
                        reusing the document's state
   grammar              structured output: JSON-schema-constrained rows/s against plain rows/s

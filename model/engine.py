@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +128,7 @@ class Engine:
         engine_config: EngineConfig | None = None,
         devices: Sequence[jax.Device] | None = None,
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        detokenize: Callable[[Sequence[int]], str] | None = None,
         **engine_options: Any,
     ) -> None:
         self.config = config
@@ -136,7 +137,9 @@ class Engine:
         self.prefix_entry_bytes = cache_bytes_per_sequence(config, ec.dtype)
         prefix_cache = make_prefix_cache(prefix_cache_bytes, self.prefix_entry_bytes)
         self.runner = DeviceRunner(config, params, ec, devices)
-        self.scheduler = Scheduler(ec, config.vocab_size, prefix_cache, self.prefix_entry_bytes)
+        self.scheduler = Scheduler(
+            ec, config.vocab_size, prefix_cache, self.prefix_entry_bytes, detokenize
+        )
         # Calls dispatched and not yet read back, in order: (device output, insert target slots).
         self._inflight: deque[tuple[StepOutput, np.ndarray | None]] = deque()
 
@@ -245,8 +248,9 @@ class Engine:
         retired = self._retire()
         constrained = self._admit()
         if self.scheduler.occupied and not constrained:
-            steps, mask = self.scheduler.decode_plan()
-            out = self.runner.run_decode(self.scheduler.refill_at(), steps, mask)
+            sched = self.scheduler
+            steps, mask = sched.decode_plan()
+            out = self.runner.run_decode(sched.refill_at(), steps, mask, sched.take_cancel())
             self._inflight.append((out, None))
         return self.scheduler.collect(retired)
 
@@ -266,14 +270,15 @@ class Engine:
         sched = self.scheduler
         free = sched.free_slots()
         while size := sched.admission_size(len(free)):
-            batch = sched.next_batch(size)
-            targets, free = free[: len(batch)], free[len(batch) :]
+            batch = sched.next_batch(size, len(free))
+            taken = sum(req.n for _, req in batch)
+            targets, free = free[:taken], free[taken:]
             prefixes = sched.prefixes_to_fill(batch)
             if prefixes:
                 sched.store_prefixes(prefixes, self.runner.prefix_states(prefixes))
             plan = sched.plan(batch, targets)
             constrained |= plan.constrained
-            self._inflight.append((self.runner.run_admit(plan), plan.slots))
+            self._inflight.extend(self.runner.run_admit(plan))
         return constrained
 
     def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -29,6 +29,13 @@ class EngineConfig:
       dtype: Compute dtype; params are cast to it once, on the device.
       tensor_parallel: Devices one replica's weights and slot state are split over (see
         :class:`Engine`); 1 runs on one device.
+      history_tokens: Generated ids kept per slot on the device (a ring): what the presence,
+        frequency and repetition penalties count, the stop sequences and the loop guard read.
+      max_stop_sequences: Most stop token sequences per request (matched on the device).
+      max_stop_length: Most ids per stop sequence.
+      max_logprobs: Most top alternatives per token a request may ask for (0: none; the
+        drawn token's log-probability is always available).
+      max_loop_window: Most tokens the loop guard looks back (loop_ngram * loop_repeats).
     """
 
     max_slots: int = 32
@@ -40,6 +47,11 @@ class EngineConfig:
     max_stop_ids: int = 4
     dtype: Any = np.float32
     tensor_parallel: int = 1
+    history_tokens: int = 1024
+    max_stop_sequences: int = 8
+    max_stop_length: int = 16
+    max_logprobs: int = 20
+    max_loop_window: int = 64
 
     def __post_init__(self) -> None:
         names = (
@@ -50,7 +62,13 @@ class EngineConfig:
             "length_lookahead",
             "max_stop_ids",
             "tensor_parallel",
+            "history_tokens",
+            "max_stop_sequences",
+            "max_stop_length",
+            "max_loop_window",
         )
         for name in names:
             if getattr(self, name) < 1:
                 raise ValueError(f"EngineConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs < 0:
+            raise ValueError(f"EngineConfig.max_logprobs must be >= 0, got {self.max_logprobs}")

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from model import control_ops
 from model.config import ModelConfig
+from model.controls import Controls, empty_controls
 from model.engine_config import EngineConfig
 from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
 from model.sampling import SamplingParams, apply_mask, sample
@@ -50,25 +52,35 @@ class SlotState(NamedTuple):
     budget: Array  # int32: max_new_tokens
     stop_ids: Array  # int32 [s, max_stop_ids], -1 padded
     sampling: SamplingParams
+    recent: Array  # int32 [s, history_tokens]: generated ids, a ring at generated % h (-1 none)
+    controls: Controls
 
 
 class StepOutput(NamedTuple):
-    """Per slot and step: the drawn token, whether it was emitted, whether it was a stop id."""
+    """Per slot and step: the drawn token, whether it was emitted, whether it was a stop id,
+    whether a stop sequence or loop ended the row (model.controls codes), and log-probabilities
+    (the drawn token's, the top ids and theirs; zeros unless some row asked)."""
 
     tokens: Array
     emitted: Array
     stopped: Array
+    ended: Array
+    logprob: Array
+    top_ids: Array
+    top_logprobs: Array
 
 
 def fetch(outs: Sequence[StepOutput], slots: Sequence[np.ndarray | None]) -> list[CallOutput]:
     """Calls' outputs on the host, in one transfer (waits for the device); ``slots``: each
     call's insert target slots, or None for a decode call."""
     hosts = []
-    for (tokens, emitted, stopped), where in zip(jax.device_get(list(outs)), slots, strict=True):
-        if tokens.ndim == 1:  # an insert: one step per row
-            tokens, emitted, stopped = tokens[:, None], emitted[:, None], stopped[:, None]
+    for out, where in zip(jax.device_get(list(outs)), slots, strict=True):
+        fields = [np.asarray(x) for x in out]
+        if fields[0].ndim == 1:  # an insert: one step per row
+            fields = [x[:, None] for x in fields]
+        tokens, emitted, stopped, ended, logprob, top_ids, top_logprobs = fields
         hosts.append(
-            CallOutput(np.asarray(tokens), np.asarray(emitted), np.asarray(stopped), where)
+            CallOutput(tokens, emitted, stopped, where, ended, logprob, top_ids, top_logprobs)
         )
     return hosts
 
@@ -97,6 +109,7 @@ class DeviceRunner:
         self._prefill_cache_sharding: Any = None  # set with tensor parallelism
         self._blank_row: Any = None  # one empty sequence's cache, host copy
         self._spare: Cache | None = None  # the last prefill cache, reused (emptied) by the next
+        self._no_bits: np.ndarray | None = None  # the prompt bitmask when no row needs it
         self._wire(params)
         self.state = self.empty_state()
         # All-ones packed masks (every token allowed), kept on the device for the calls
@@ -162,12 +175,12 @@ class DeviceRunner:
         prefill_cache = cache_sh(self.prefill_rows)
         self._prefill_cache_sharding = prefill_cache
         slot_cache = cache_sh(ec.max_slots)
-        state = SlotState(slot_cache, *([rep] * (len(SlotState._fields) - 2)), sampling=rep)
+        state = SlotState(slot_cache, *([rep] * (len(SlotState._fields) - 1)))
         logits = named_shardings(mesh, P(None, "tp"))  # split by vocab, like the embedding
         return {
             "prefill": ((param_sh, rep, rep, prefill_cache, rep), (logits, prefill_cache)),
-            "insert": ((state, prefill_cache, logits, *[rep] * 6), (state, rep)),
-            "decode": ((param_sh, state, rep, rep, rep), (state, rep)),
+            "insert": ((state, prefill_cache, logits, *[rep] * 8), (state, rep)),
+            "decode": ((param_sh, state, *[rep] * 4), (state, rep)),
             "new_prefill_cache": (None, prefill_cache),
             "new_state": (None, state),
         }
@@ -197,25 +210,39 @@ class DeviceRunner:
         state: SlotState,
         prefill_cache: Cache,
         logits: Array,
+        source: Array,
         slots: Array,
         prompt_len: Array,
         budget: Array,
         stop_ids: Array,
         sampling: SamplingParams,
+        controls: Controls,
         mask: Array,
     ) -> tuple[SlotState, StepOutput]:
-        """Samples each new row's first token (under its packed ``mask``) and moves its state
-        into slot ``slots[i]``."""
-        first = sample(apply_mask(logits, mask), sampling, jnp.zeros_like(prompt_len))
+        """Samples each entry's first token from prefill row ``source[i]`` (under its packed
+        ``mask``) and moves that row's state into slot ``slots[i]`` (several entries may copy
+        one row: the samples of n > 1)."""
+        logits = jnp.take(logits, source, axis=0)
+        cache = jax.tree.map(lambda x: jnp.take(x, source, axis=0), prefill_cache)
+        controls = controls._replace(prompt_bits=jnp.take(controls.prompt_bits, source, axis=0))
+        zero = jnp.zeros_like(prompt_len)
+        recent = jnp.full((source.shape[0], state.recent.shape[1]), -1, jnp.int32)
+        adjusted = control_ops.adjust_logits(logits, controls, recent, zero, stop_ids)
+        first = sample(apply_mask(adjusted, mask), sampling, zero)
         stopped = jnp.any(first[:, None] == stop_ids, axis=-1)
         emitted = ~stopped
-        active = emitted & (budget > 1)
+        recent = control_ops.record(recent, zero, first, emitted)
+        ended = jnp.where(emitted, self._ended(recent, emitted.astype(jnp.int32), controls), 0)
+        active = emitted & (budget > 1) & (ended == 0)
+        lps = control_ops.logprob_outputs(
+            logits, first, controls, emitted, self.engine_config.max_logprobs
+        )
 
         def put(big: Array, small: Array) -> Array:
             return big.at[slots].set(small.astype(big.dtype), mode="drop")
 
         new_state = SlotState(
-            cache=jax.tree.map(put, state.cache, prefill_cache),
+            cache=jax.tree.map(put, state.cache, cache),
             next_token=put(state.next_token, first),
             position=put(state.position, prompt_len),
             active=put(state.active, active),
@@ -223,17 +250,31 @@ class DeviceRunner:
             budget=put(state.budget, budget),
             stop_ids=put(state.stop_ids, stop_ids),
             sampling=jax.tree.map(put, state.sampling, sampling),
+            recent=put(state.recent, recent),
+            controls=jax.tree.map(put, state.controls, controls),
         )
-        return new_state, StepOutput(first, emitted, stopped)
+        return new_state, StepOutput(first, emitted, stopped, ended.astype(jnp.int8), *lps)
+
+    def _ended(self, recent: Array, count: Array, controls: Controls) -> Array:
+        return control_ops.ended(recent, count, controls, self.engine_config.max_loop_window)
 
     def _decode_fn(
-        self, params: Any, state: SlotState, refill_at: Array, max_steps: Array, mask: Array
+        self,
+        params: Any,
+        state: SlotState,
+        refill_at: Array,
+        max_steps: Array,
+        mask: Array,
+        cancel: Array,
     ) -> tuple[SlotState, StepOutput]:
         """Up to ``min(decode_steps, max_steps)`` steps, each drawing under the packed ``mask``
         [slots, words] (the host passes one step while a constrained row runs); stops early
         once ``refill_at`` slots are free (so the host can admit a full prefill batch) or none
-        is active. Steps not run are not emitted."""
-        steps, slots = self.engine_config.decode_steps, self.engine_config.max_slots
+        is active. Steps not run are not emitted. ``cancel``: slots the host stopped (a stop
+        string in the text), made inactive first."""
+        ec = self.engine_config
+        steps, slots, top = ec.decode_steps, ec.max_slots, ec.max_logprobs
+        state = state._replace(active=state.active & ~cancel)
 
         def step(carry: tuple[SlotState, Array, StepOutput]) -> tuple[SlotState, Array, StepOutput]:
             state, i, out = carry
@@ -244,23 +285,28 @@ class DeviceRunner:
                 positions[:, None],
                 state.cache,
             )
-            token = sample(apply_mask(logits[:, 0], mask), state.sampling, state.generated)
+            raw = logits[:, 0]
+            adjusted = control_ops.adjust_logits(
+                raw, state.controls, state.recent, state.generated, state.stop_ids
+            )
+            token = sample(apply_mask(adjusted, mask), state.sampling, state.generated)
             stopped = state.active & jnp.any(token[:, None] == state.stop_ids, axis=-1)
             emitted = state.active & ~stopped
+            recent = control_ops.record(state.recent, state.generated, token, emitted)
             generated = state.generated + emitted
-            active = emitted & (generated < state.budget)
+            ended = jnp.where(emitted, self._ended(recent, generated, state.controls), 0)
+            active = emitted & (generated < state.budget) & (ended == 0)
+            lps = control_ops.logprob_outputs(raw, token, state.controls, state.active, top)
             new_state = state._replace(
                 cache=cache,
                 next_token=jnp.where(emitted, token, state.next_token),
                 position=state.position + emitted,
                 active=active,
                 generated=generated,
+                recent=recent,
             )
-            out = StepOutput(
-                out.tokens.at[:, i].set(token),
-                out.emitted.at[:, i].set(emitted),
-                out.stopped.at[:, i].set(stopped),
-            )
+            values = (token, emitted, stopped, ended.astype(jnp.int8), *lps)
+            out = StepOutput(*(o.at[:, i].set(v) for o, v in zip(out, values, strict=True)))
             return new_state, i + 1, out
 
         def more(carry: tuple[SlotState, Array, StepOutput]) -> Array:
@@ -272,26 +318,42 @@ class DeviceRunner:
             jnp.zeros((slots, steps), jnp.int32),
             jnp.zeros((slots, steps), bool),
             jnp.zeros((slots, steps), bool),
+            jnp.zeros((slots, steps), jnp.int8),
+            jnp.zeros((slots, steps), jnp.float32),
+            jnp.zeros((slots, steps, top), jnp.int32),
+            jnp.zeros((slots, steps, top), jnp.float32),
         )
         state, _, out = jax.lax.while_loop(more, step, (state, jnp.int32(0), empty))
         return state, out
 
     # Calls (dispatched, not waited for) ----------------------------------------------------------
     def run_decode(
-        self, refill_at: int, max_steps: int | None = None, mask: np.ndarray | None = None
+        self,
+        refill_at: int,
+        max_steps: int | None = None,
+        mask: np.ndarray | None = None,
+        cancel: np.ndarray | None = None,
     ) -> StepOutput:
         """One decode call on the slot state: at most ``max_steps`` steps (default
-        decode_steps), under ``mask`` (int32 [max_slots, words]; None allows every token)."""
-        self.state, out = self.decode(*self.decode_inputs(refill_at, max_steps, mask))
+        decode_steps), under ``mask`` (int32 [max_slots, words]; None allows every token);
+        ``cancel``: slots to deactivate first."""
+        self.state, out = self.decode(*self.decode_inputs(refill_at, max_steps, mask, cancel))
         return out
 
     def decode_inputs(
-        self, refill_at: int, max_steps: int | None = None, mask: np.ndarray | None = None
+        self,
+        refill_at: int,
+        max_steps: int | None = None,
+        mask: np.ndarray | None = None,
+        cancel: np.ndarray | None = None,
     ) -> tuple[Any, ...]:
         """The arguments of one decode call (see :meth:`run_decode`), e.g. to lower it."""
-        steps = self.engine_config.decode_steps if max_steps is None else max_steps
-        masks = self._mask_input(mask, self.engine_config.max_slots)
-        return self.params, self.state, np.int32(refill_at), np.int32(steps), masks
+        ec = self.engine_config
+        steps = ec.decode_steps if max_steps is None else max_steps
+        masks = self._mask_input(mask, ec.max_slots)
+        if cancel is None:
+            cancel = np.zeros((ec.max_slots,), bool)
+        return self.params, self.state, np.int32(refill_at), np.int32(steps), masks, cancel
 
     def _mask_input(self, mask: np.ndarray | None, rows: int) -> Array:
         return self._open_masks[rows] if mask is None else self._replicated(mask)
@@ -302,16 +364,32 @@ class DeviceRunner:
             return jax.device_put(x, named_shardings(self.mesh, P()))
         return self._committed(jax.device_put(x))
 
-    def run_admit(self, plan: AdmitPlan) -> StepOutput:
-        """Prefills the plan's rows and inserts them into their slots; the first tokens."""
+    def run_admit(self, plan: AdmitPlan) -> list[tuple[StepOutput, np.ndarray]]:
+        """Prefills the plan's rows once and inserts its entries into their slots, prefill_rows
+        entries per insert call; each call's first tokens and target slots."""
         logits, cache = self.prefill_prompts(plan.prompts, plan.starts, plan.states)
-        sampling = SamplingParams(plan.temperature, plan.top_k, plan.top_p, plan.seed)
-        mask = self._mask_input(plan.mask, self.prefill_rows)
-        self.state, first = self.insert(
-            self.state, cache, logits, plan.slots, plan.prompt_len, plan.budget, plan.stop_ids,
-            sampling, mask,
-        )  # fmt: skip
-        return first
+        bits = plan.controls.prompt_bits
+        if bits is None:
+            if self._no_bits is None:
+                words = -(-self.config.vocab_size // 32)
+                self._no_bits = np.zeros((self.prefill_rows, words), np.uint32)
+            bits = self._no_bits
+        outs = []
+        p = self.prefill_rows
+        for k in range(0, len(plan.slots), p):
+            part = slice(k, k + p)
+            sampling = SamplingParams(
+                plan.temperature[part], plan.top_k[part], plan.top_p[part], plan.seed[part]
+            )
+            controls = Controls(*(x[part] for x in plan.controls[:-1]), prompt_bits=bits)
+            mask = self._mask_input(None if plan.mask is None else plan.mask[part], p)
+            self.state, first = self.insert(
+                self.state, cache, logits, plan.source[part], plan.slots[part],
+                plan.prompt_len[part], plan.budget[part], plan.stop_ids[part], sampling, controls,
+                mask,
+            )  # fmt: skip
+            outs.append((first, plan.slots[part]))
+        return outs
 
     def prefill_prompts(
         self,
@@ -369,6 +447,15 @@ class DeviceRunner:
             budget=zeros(),
             stop_ids=jnp.full((s, ec.max_stop_ids), -1, jnp.int32),
             sampling=SamplingParams(zeros(jnp.float32), zeros(), jnp.ones((s,)), zeros()),
+            recent=jnp.full((s, ec.history_tokens), -1, jnp.int32),
+            controls=Controls(
+                *(
+                    jnp.asarray(x)
+                    for x in empty_controls(
+                        s, (ec.max_stop_sequences, ec.max_stop_length), self.config.vocab_size
+                    )
+                )
+            ),
         )
 
     def _committed(self, tree: Any) -> Any:

@@ -25,11 +25,13 @@ import itertools
 import logging
 import math
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
+from model import controls as ctl
+from model.controls import ENDED_LOOP, ENDED_STOP_SEQUENCE, Controls
 from model.engine_config import EngineConfig
 from model.grammar import GrammarSlots
 from model.prefix_cache import PrefixCache
@@ -50,20 +52,42 @@ class GenerationRequest:
     top_p: float = 1.0
     seed: int = 0
     prefix_len: int = 0  # the first prefix_len ids may be shared: their state is computed once
+    # Controls past sampling (all off by default; see model.controls).
+    n: int = 1  # samples from one prefill, each in its own slot (seeds: controls.sample_seed)
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None off; k: the drawn token's and the top k (0..max_logprobs)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # matched on the device
+    stop_strings: tuple[str, ...] = ()  # matched on the host in the decoded text (if it can)
+    loop_ngram: int = 0  # loop guard: end when the last loop_ngram * loop_repeats tokens repeat
+    loop_repeats: int = 0
     # A model.grammar.CompiledGrammar the output must match (its EOS must be among stop_ids):
-    # each token is drawn under its mask, one decode step per call while such a row runs.
+    # each token is drawn under its mask, one decode step per call while such a row runs. Stop
+    # strings found in the text do not end such a row (a match is complete or cut by length).
     grammar: Any = None
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
-    """Generated ids (without the stop id) and why generation ended: stop, length or error."""
+    """Generated ids (without the stop id) and why generation ended: stop, length, loop (the
+    loop guard) or error. A stop sequence or stop string ends ``token_ids`` with the token that
+    completed it (the caller cuts the text).
+
+    ``logprobs`` (when asked): per token, its log-probability; ``top_logprobs`` per token the
+    asked number of (id, log-probability), most likely first. ``samples``: for ``n > 1`` all n
+    samples in order (the fields above are sample 0's).
+    """
 
     token_ids: list[int]
     finish_reason: str
     prompt_tokens: int
     output_tokens: int
     error: str | None = None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    samples: tuple[GenerationResult, ...] = ()
 
 
 @dataclasses.dataclass
@@ -85,6 +109,7 @@ class EngineStats:
     decode_calls: int = 0
     decode_steps: int = 0  # steps run on device, over all calls
     generated_tokens: int = 0
+    wasted_tokens: int = 0  # generated past a stop string the host found (up to a call's steps)
 
     @property
     def prefill_fill(self) -> float:
@@ -101,6 +126,9 @@ class EngineStats:
 class AdmitPlan:
     """One prefill batch for the runner to prefill and insert (rows past the batch are padding).
 
+    The per-row arrays below are per insert entry: one per sample (``n`` of a request), in
+    ``inserts`` groups of ``prefill_rows``; ``source`` says which prefill row each copies.
+
     Attributes:
       prompts: The ids each row prefills: its prompt, or what follows its reused prefix.
       starts: Each row's first position (the reused prefix's length, else 0); None: all 0.
@@ -114,8 +142,9 @@ class AdmitPlan:
       stop_ids: int32 [prefill_rows, max_stop_ids], -1 padded.
       temperature, top_k, top_p, seed: [prefill_rows] sampling settings (float32, int32,
         float32, int32).
-      mask: int32 [prefill_rows, ceil(vocab / 32)]: each row's packed allowed tokens for its
-        first token, or None when no row is constrained (all allowed).
+      source: int32 [entries]: the prefill row each entry starts from.
+      controls: The entries' :class:`model.controls.Controls` (numpy); its ``prompt_bits`` per
+        prefill row, None when no row uses the repetition penalty.
     """
 
     prompts: list[Sequence[int]]
@@ -129,6 +158,8 @@ class AdmitPlan:
     top_k: np.ndarray
     top_p: np.ndarray
     seed: np.ndarray
+    source: np.ndarray
+    controls: Controls
     mask: np.ndarray | None = None
 
     @property
@@ -150,6 +181,27 @@ class CallOutput:
     emitted: np.ndarray  # bool [rows, steps]
     stopped: np.ndarray  # bool [rows, steps]
     slots: np.ndarray | None = None  # int32 [rows]: an insert's target slots
+    ended: np.ndarray | None = None  # int8 [rows, steps]: a stop sequence / loop ended the row
+    logprob: np.ndarray | None = None  # float32 [rows, steps]: the drawn token's
+    top_ids: np.ndarray | None = None  # int32 [rows, steps, max_logprobs]
+    top_logprobs: np.ndarray | None = None  # float32 [rows, steps, max_logprobs]
+
+    def row_logprobs(self, row: int, k: int, picked: Any) -> tuple[list[float], list[Any]]:
+        """Row ``row``'s logprobs and top-``k`` (id, logprob) at the ``picked`` steps."""
+        assert self.logprob is not None and self.top_ids is not None
+        assert self.top_logprobs is not None
+        lps = self.logprob[row][picked].tolist()
+        ids = self.top_ids[row][picked][:, :k].tolist()
+        values = self.top_logprobs[row][picked][:, :k].tolist()
+        tops = [list(zip(i, v, strict=True)) for i, v in zip(ids, values, strict=True)]
+        return lps, tops
+
+
+@dataclasses.dataclass
+class _Group:
+    """The samples of one request with n > 1, as they finish."""
+
+    results: list[GenerationResult | None]
 
 
 @dataclasses.dataclass
@@ -160,7 +212,13 @@ class _Running:
     start: int  # the index of the first decode call the request takes part in
     first: list[int] = dataclasses.field(default_factory=list)  # the insert's token, if emitted
     end: int = -1  # the index of the decode call that finished it (start - 1: the insert did)
-    stopped: bool = False
+    reason: str = "length"
+    limit: int | None = None  # tokens kept: a stop string found on the host ends them there
+    sample: int = 0
+    group: _Group | None = None
+    first_logprobs: tuple[list[float], list[Any]] = ([], [])
+    tail: list[int] = dataclasses.field(default_factory=list)  # last ids, for stop strings
+    count: int = 0  # tokens the stop-string check has seen
     error: str | None = None  # a grammar error met on the way (the result is an error)
 
 
@@ -190,6 +248,9 @@ def validate(request: GenerationRequest, vocab_size: int, engine: EngineConfig) 
         return f"at most {engine.max_stop_ids} stop ids, got {len(request.stop_ids)}"
     if request.temperature < 0 or request.top_k < 0 or not 0 < request.top_p <= 1:
         return "temperature and top_k must be >= 0 and top_p in (0, 1]"
+    problem = ctl.problem(request, vocab_size, engine)
+    if problem is not None:
+        return problem
     if request.grammar is not None:
         if request.grammar.vocab_size != vocab_size:
             return (
@@ -232,7 +293,9 @@ class Scheduler:
         vocab_size: int,
         prefix_cache: PrefixCache | None,
         prefix_entry_bytes: int,
+        detokenize: Callable[[Sequence[int]], str] | None = None,
     ) -> None:
+        self.detokenize = detokenize  # for stop strings: without it only stop sequences match
         self.engine_config = engine_config
         self.vocab_size = vocab_size
         self.prefix_cache = prefix_cache
@@ -250,9 +313,10 @@ class Scheduler:
         self._live = np.zeros(s, bool)  # slots whose request is not yet seen to finish
         self._generated = np.zeros(s, np.int64)  # tokens each slot's request has emitted
         self._budget = np.zeros(s, np.int64)
+        self._cancel = np.zeros(s, bool)  # slots stopped by the host, to deactivate on device
         self.grammars: GrammarSlots | None = None  # made at the first constrained request
         # Decode outputs (tokens, emitted) from index _first_kept on, while a request needs them.
-        self._history: list[tuple[np.ndarray, np.ndarray]] = []
+        self._history: list[CallOutput] = []
         self._first_kept = 0
 
     # Requests -------------------------------------------------------------------------------------
@@ -269,31 +333,32 @@ class Scheduler:
         """Whether any slot holds a request not yet seen to finish."""
         return bool(self._live.any())
 
-    @property
-    def slots_in_use(self) -> int:
-        """How many slots hold a request not yet seen to finish."""
-        return int(self._live.sum())
-
     # Admission ------------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
         return np.flatnonzero(~self._live).tolist()
 
+    def _slots_needed(self, count: int) -> int:
+        """Slots the next ``count`` queued requests take (their samples), at most max_slots."""
+        taken = sum(req.n for _, req in itertools.islice(self.pending, count))
+        return min(self.engine_config.max_slots, taken)
+
     def admission_size(self, free: int) -> int:
         """Rows of the next prefill batch, or 0: only full batches (or all that is left) are
         admitted, since a partial one would be padded and a decode call hands back as soon as a
-        full one fits."""
+        full one fits (a request with n samples takes n slots)."""
         n = min(self.prefill_rows, len(self.pending))
-        return n if n and free >= n else 0
+        return n if n and free >= self._slots_needed(n) else 0
 
     def refill_at(self) -> int:
         """Free slots at which a decode call hands back (past max_slots: never)."""
         if self.pending:
-            return min(self.prefill_rows, len(self.pending))
+            return self._slots_needed(min(self.prefill_rows, len(self.pending)))
         return self.engine_config.max_slots + 1
 
-    def next_batch(self, size: int) -> list[tuple[Any, GenerationRequest]]:
+    def next_batch(self, size: int, free: int | None = None) -> list[tuple[Any, GenerationRequest]]:
         """The oldest queued prompt and the size-1 others of the most similar lengths among the
-        next length_lookahead queued ones (the oldest always goes first: nothing starves)."""
+        next length_lookahead queued ones (the oldest always goes first: nothing starves), as
+        many as fit ``free`` slots (None: any)."""
         pending = self.pending
         anchor = pending.popleft()
         if size == 1:
@@ -304,11 +369,16 @@ class Scheduler:
         order = sorted(
             range(len(window)), key=lambda j: (abs(self.fed_len(window[j][1]) - target), j)
         )
-        chosen = set(order[: size - 1])
+        chosen, used = [], anchor[1].n
+        for j in sorted(order[: size - 1]):
+            if free is None or used + window[j][1].n <= free:
+                chosen.append(j)
+                used += window[j][1].n
+        kept = set(chosen)
         for j in reversed(range(len(window))):  # the rest go back, in their order
-            if j not in chosen:
+            if j not in kept:
                 pending.appendleft(window[j])
-        return [anchor] + [window[j] for j in sorted(chosen)]
+        return [anchor] + [window[j] for j in chosen]
 
     def plan(self, batch: list[tuple[Any, GenerationRequest]], targets: list[int]) -> AdmitPlan:
         """The prefill plan of ``batch`` into slots ``targets`` (the slots are taken now). With
@@ -320,39 +390,57 @@ class Scheduler:
             prompts, starts, states = [req.prompt_ids for req in requests], None, None
         self.count_prefill(prompts)
         ec, p = self.engine_config, self.prefill_rows
+        e = p * math.ceil(sum(req.n for req in requests) / p)  # entries: one per sample
+        controls = ctl.empty_controls(e, (ec.max_stop_sequences, ec.max_stop_length), 1)
+        bits = None
+        if any(req.repetition_penalty != 1 for req in requests):
+            bits = np.zeros((p, ctl.bitmask_words(self.vocab_size)), np.uint32)
+            for row, req in enumerate(requests):
+                if req.repetition_penalty != 1:
+                    bits[row] = ctl.pack_tokens(req.prompt_ids, self.vocab_size)
         plan = AdmitPlan(
             prompts=prompts,
             starts=starts,
             states=states,
-            slots=np.full((p,), ec.max_slots, np.int32),  # out of range: padding rows drop
-            prompt_len=np.zeros((p,), np.int32),
-            budget=np.ones((p,), np.int32),
-            stop_ids=np.full((p, ec.max_stop_ids), -1, np.int32),
-            temperature=np.zeros((p,), np.float32),
-            top_k=np.zeros((p,), np.int32),
-            top_p=np.ones((p,), np.float32),
-            seed=np.zeros((p,), np.int32),
+            slots=np.full((e,), ec.max_slots, np.int32),  # out of range: padding rows drop
+            prompt_len=np.zeros((e,), np.int32),
+            budget=np.ones((e,), np.int32),
+            stop_ids=np.full((e, ec.max_stop_ids), -1, np.int32),
+            temperature=np.zeros((e,), np.float32),
+            top_k=np.zeros((e,), np.int32),
+            top_p=np.ones((e,), np.float32),
+            seed=np.zeros((e,), np.int32),
+            source=np.zeros((e,), np.int32),
+            controls=controls._replace(prompt_bits=bits),
         )
-        plan.slots[: len(targets)] = targets
-        if any(req.grammar is not None for req in requests):
-            grammars = self._grammar_slots()
-            plan.mask = np.full((p, grammars.words), -1, np.int32)
-            for row, req in enumerate(requests):
-                if req.grammar is not None:
-                    grammars.start(targets[row], req.grammar)
-                    grammars.fill(targets[row], plan.mask[row])
+        entry = 0
         for row, (key, req) in enumerate(batch):
-            plan.prompt_len[row] = len(req.prompt_ids)
-            plan.budget[row] = req.max_new_tokens
-            plan.stop_ids[row, : len(req.stop_ids)] = list(req.stop_ids)
-            plan.temperature[row], plan.top_k[row] = req.temperature, req.top_k
-            plan.top_p[row] = req.top_p
-            plan.seed[row] = np.int64(req.seed) & 0x7FFFFFFF
-            slot = targets[row]
-            self._runs[slot] = _Running(key, req, slot, self._first_kept + len(self._history))
-            self._live[slot] = True
-            self._generated[slot] = 0
-            self._budget[slot] = req.max_new_tokens
+            group = _Group([None] * req.n) if req.n > 1 else None
+            for sample in range(req.n):
+                slot = targets[entry]
+                plan.slots[entry], plan.source[entry] = slot, row
+                plan.prompt_len[entry] = len(req.prompt_ids)
+                plan.budget[entry] = req.max_new_tokens
+                plan.stop_ids[entry, : len(req.stop_ids)] = list(req.stop_ids)
+                plan.temperature[entry], plan.top_k[entry] = req.temperature, req.top_k
+                plan.top_p[entry] = req.top_p
+                plan.seed[entry] = ctl.sample_seed(req.seed, sample)
+                ctl.fill_row(controls, entry, req)
+                start = self._first_kept + len(self._history)
+                self._runs[slot] = _Running(key, req, slot, start, sample=sample, group=group)
+                self._live[slot] = True
+                self._cancel[slot] = False
+                self._generated[slot] = 0
+                self._budget[slot] = req.max_new_tokens
+                entry += 1
+        if any(req.grammar is not None for req in requests):  # each sample: its own matcher
+            grammars = self._grammar_slots()
+            plan.mask = np.full((e, grammars.words), -1, np.int32)
+            for entry, slot in enumerate(plan.slots.tolist()):
+                run = self._runs[slot] if slot < len(self._runs) else None
+                if run is not None and run.request.grammar is not None:
+                    grammars.start(slot, run.request.grammar)
+                    grammars.fill(slot, plan.mask[entry])
         return plan
 
     def _grammar_slots(self) -> GrammarSlots:
@@ -366,6 +454,12 @@ class Scheduler:
         every step with no mask."""
         mask = self.grammars.decode_mask(self._live) if self.grammars is not None else None
         return (self.engine_config.decode_steps if mask is None else 1), mask
+
+    def take_cancel(self) -> np.ndarray:
+        """bool [max_slots]: the slots the host stopped since the last call (to deactivate on
+        the device before the next decode call), cleared."""
+        cancel, self._cancel = self._cancel, np.zeros_like(self._cancel)
+        return cancel
 
     def count_prefill(self, prompts: Sequence[Sequence[int]]) -> None:
         """Adds a prefill of ``prompts`` (right-aligned in chunks) to the stats."""
@@ -461,10 +555,13 @@ class Scheduler:
                 states.append(entry.state)
         return prompts, starts, states
 
-    # Results --------------------------------------------------------------------------------------
+    # Results ------------------------------------------------------------------------------------
     def retire(self, output: CallOutput) -> Retired:
-        """Frees the slots whose request ``output`` finished (stop id drawn or budget reached)
-        and counts the work: numpy over rows and steps, Python only per finished request."""
+        """Frees the slots whose request ``output`` finished (stop id drawn, stop sequence or loop
+        matched on the device, stop string found in the text here, or budget reached) and counts
+        the work: numpy over rows and steps, Python only per finished request (and per running
+        request with stop strings)."""
+        ended = output.ended if output.ended is not None else np.zeros(output.tokens.shape, np.int8)
         if output.slots is None:  # a decode call: rows are slots
             busy = np.flatnonzero((output.emitted | output.stopped).any(axis=0))
             stats = self.stats
@@ -472,41 +569,61 @@ class Scheduler:
             stats.decode_steps += int(busy[-1]) + 1 if busy.size else 0
             stats.generated_tokens += int(output.emitted.sum())
             index = self._first_kept + len(self._history)
-            self._history.append((output.tokens, output.emitted))
+            self._history.append(output)
             self._generated += output.emitted.sum(axis=1) * self._live
-            if self.grammars is not None:
-                self._accept(output.tokens, output.emitted, np.flatnonzero(self._live))
-            stopped = output.stopped.any(axis=1)
-            done = self._live & (stopped | (self._generated >= self._budget))
-            slots = np.flatnonzero(done)
-            stopped = stopped[slots]
+            rows = np.arange(len(self._runs))
+            stopped, code = output.stopped.any(axis=1), ended.max(axis=1)
+            emitted = output.emitted
         else:  # an insert: rows are prefill rows, each going to output.slots[row]
             index = -1
             rows = np.flatnonzero(output.slots < len(self._runs))
             slots = output.slots[rows]
-            emitted, stopped = output.emitted[rows, 0], output.stopped[rows, 0]
-            self._generated[slots] = emitted
-            for row, slot, first in zip(
-                rows.tolist(), slots.tolist(), emitted.tolist(), strict=True
-            ):
+            first = output.emitted[rows, 0]
+            self._generated[slots] = first
+            for row, slot, emit in zip(rows.tolist(), slots.tolist(), first.tolist(), strict=True):
                 run = self._runs[slot]
-                if first and run is not None:
+                if emit and run is not None:
                     run.first.append(int(output.tokens[row, 0]))
-            if self.grammars is not None:
-                live = np.zeros(len(self._runs), bool)
-                live[slots] = True
-                tokens = np.zeros((len(self._runs), 1), np.int32)
-                tokens[slots, 0] = output.tokens[rows, 0]
-                emits = np.zeros((len(self._runs), 1), bool)
-                emits[slots, 0] = emitted
-                self._accept(tokens, emits, slots)
-            done = stopped | (self._generated[slots] >= self._budget[slots])
-            slots, stopped = slots[done], stopped[done]
+                    if run.request.logprobs is not None:
+                        run.first_logprobs = output.row_logprobs(row, run.request.logprobs, [0])
+            stopped, code = output.stopped[rows, 0], ended[rows, 0]
+            emitted = output.emitted[rows]
+            full = np.zeros(len(self._runs), bool)
+            full[slots] = True
+            stopped, code = _by_slot(stopped, slots, full), _by_slot(code, slots, full)
+            emitted = _by_slot(emitted, slots, full)
+            rows = _by_slot(rows, slots, full)
+            live = full
+        live = self._live if output.slots is None else live & self._live
+        if self.grammars is not None:  # each constrained slot's matcher sees its new tokens
+            for slot in np.flatnonzero(live).tolist():
+                if self.grammars.matchers[slot] is not None:
+                    picked = output.tokens[rows[slot]][emitted[slot]].tolist()
+                    self.grammars.accept(slot, picked)
+        reasons = np.where(stopped | (code == ENDED_STOP_SEQUENCE), "stop", "length")
+        reasons = np.where(code == ENDED_LOOP, "loop", reasons)
+        done = live & (stopped | (code > 0) | (self._generated >= self._budget))
+        limits: dict[int, int] = {}
+        if self.detokenize is not None:
+            for slot in np.flatnonzero(live).tolist():
+                run = self._runs[slot]
+                if run is None or not run.request.stop_strings or run.request.grammar is not None:
+                    continue
+                tokens = output.tokens[rows[slot]][emitted[slot]].tolist()
+                cut = self._text_stop(run, tokens)
+                if cut is not None:
+                    limits[slot] = cut
+                    self.stats.wasted_tokens += int(self._generated[slot]) - cut
+                    if not done[slot]:
+                        done[slot] = True
+                        self._cancel[slot] = True
         finished = []
-        for slot, stop in zip(slots.tolist(), stopped.tolist(), strict=True):
+        for slot in np.flatnonzero(done).tolist():
             run = self._runs[slot]
             assert run is not None
-            run.stopped, run.end = stop, index if index >= 0 else run.start - 1
+            run.reason = "stop" if slot in limits else str(reasons[slot])
+            run.limit = limits.get(slot)
+            run.end = index if index >= 0 else run.start - 1
             if self.grammars is not None and self.grammars.matchers[slot] is not None:
                 run.error = self.grammars.release(slot)
             self._runs[slot] = None
@@ -514,33 +631,82 @@ class Scheduler:
             finished.append(run)
         return Retired(finished)
 
-    def _accept(self, tokens: np.ndarray, emitted: np.ndarray, slots: np.ndarray) -> None:
-        """Feeds each constrained slot's emitted tokens to its matcher (before the next mask)."""
-        grammars = self.grammars
-        assert grammars is not None
-        for slot in slots.tolist():
-            if grammars.matchers[slot] is not None:
-                grammars.accept(slot, tokens[slot][emitted[slot]].tolist())
+    def _text_stop(self, run: _Running, new: list[int]) -> int | None:
+        """The output tokens up to the one completing a stop string in the text, if ``new`` (the
+        run's next tokens) completes one past min_tokens; keeps a tail of ids to decode."""
+        req, decode = run.request, self.detokenize
+        assert decode is not None
+        before, run.count = run.count, run.count + len(new)
+        tail, offset = run.tail + new, before - len(run.tail)  # offset: output index of tail[0]
+        run.tail = tail[-(4 * max(map(len, req.stop_strings)) + 4) :]
+        if not new or run.count < max(req.min_tokens, 1):
+            return None
+
+        def holds(m: int) -> bool:
+            text = decode(tail[:m])
+            return any(stop in text for stop in req.stop_strings)
+
+        if not holds(len(tail)):
+            return None
+        low, high = max(len(tail) - len(new) + 1, req.min_tokens - offset, 1), len(tail)
+        while low < high:  # the fewest tokens whose text holds one (text only grows with more)
+            mid = (low + high) // 2
+            if holds(mid):
+                high = mid
+            else:
+                low = mid + 1
+        return offset + high
 
     def collect(self, retired: Sequence[Retired]) -> list[tuple[Any, GenerationResult]]:
         """The requests that finished, as (key, result): each one's tokens gathered from the
-        decode outputs it took part in; outputs no running request needs are dropped."""
+        decode outputs it took part in; outputs no running request needs are dropped. A request
+        with n > 1 comes once all its samples are done."""
         done: list[tuple[Any, GenerationResult]] = []
         for item in retired:
             for run in item.finished:
-                parts = [np.asarray(run.first, np.int32)]
-                for call in range(run.start, run.end + 1):
-                    tokens, emitted = self._history[call - self._first_kept]
-                    parts.append(tokens[run.slot][emitted[run.slot]])
-                ids = np.concatenate(parts).tolist()
-                reason = "stop" if run.stopped else "length"
-                n_prompt = len(run.request.prompt_ids)
-                if run.error is not None:
-                    reason = "error"
-                result = GenerationResult(ids, reason, n_prompt, len(ids), run.error)
-                done.append((run.key, result))
+                result = self._result(run)
+                if run.group is None:
+                    done.append((run.key, result))
+                    continue
+                run.group.results[run.sample] = result
+                if all(r is not None for r in run.group.results):
+                    samples = tuple(run.group.results)  # type: ignore[arg-type]
+                    done.append((run.key, dataclasses.replace(samples[0], samples=samples)))
         starts = [run.start for run in self._runs if run is not None]
         keep_from = min(starts, default=self._first_kept + len(self._history))
         del self._history[: keep_from - self._first_kept]
         self._first_kept = keep_from
         return done
+
+    def _result(self, run: _Running) -> GenerationResult:
+        k = run.request.logprobs
+        parts = [np.asarray(run.first, np.int32)]
+        lps, tops = list(run.first_logprobs[0]), list(run.first_logprobs[1])
+        for call in range(run.start, run.end + 1):
+            out = self._history[call - self._first_kept]
+            picked = out.emitted[run.slot]
+            parts.append(out.tokens[run.slot][picked])
+            if k is not None:
+                more_lps, more_tops = out.row_logprobs(run.slot, k, picked)
+                lps += more_lps
+                tops += more_tops
+        ids = np.concatenate(parts).tolist()
+        if run.limit is not None:
+            ids, lps, tops = ids[: run.limit], lps[: run.limit], tops[: run.limit]
+        n_prompt = len(run.request.prompt_ids)
+        return GenerationResult(
+            ids,
+            "error" if run.error is not None else run.reason,
+            n_prompt,
+            len(ids),
+            run.error,
+            logprobs=lps if k is not None else None,
+            top_logprobs=tops if k is not None else None,
+        )
+
+
+def _by_slot(values: np.ndarray, slots: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """Per-row ``values`` of an insert laid out per slot (zeros where no row went)."""
+    out = np.zeros((len(full), *values.shape[1:]), values.dtype)
+    out[slots] = values
+    return out

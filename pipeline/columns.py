@@ -33,6 +33,11 @@ OUTPUT_TEXT = "output_text"  # str | null
 OUTPUT_TOKENS = "output_tokens"  # int32
 FINISH_REASON = "finish_reason"  # "stop" | "length" | "error"
 GENERATED_AT = "generated_at"  # float64: unix time the row's batch left the model stage
+# Only when the job may ask for logprobs or n > 1 (generation.logprobs / n, per-row settings):
+OUTPUT_LOGPROBS = "output_logprobs"  # list<float32> | null: each output token's log-probability
+MEAN_LOGPROB = "mean_logprob"  # float64 | null: their mean
+OUTPUT_SAMPLES = "output_samples"  # list<str> | null: the n samples' texts (n > 1; 0 = output_text)
+CHOICES = "choices"  # str | null: JSON, per sample its text, finish, tokens and logprobs
 
 # Set by the toxicity stage and policy ------------------------------------------------------------
 TOXICITY_PREFIX = "toxicity_"  # toxicity_<label>: float32 | null, one per detoxify label
@@ -54,6 +59,7 @@ ERROR_KINDS = (
     "invalid_request",  # an OpenAI batch line that is no valid, supported request
     "invalid_custom_id",  # an OpenAI batch line without a usable custom_id (to errors/)
     "unreadable_file",  # one row per input file whose bytes are corrupt (its other rows kept)
+    "invalid_settings",  # the row's input.settings_column value is no valid request body
     "row_too_large",  # a JSONL line over input.max_row_bytes
     "prompt_too_long",  # over the prompt limit with truncation off
     "invalid_constraint",  # the structured-output constraint does not compile

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import json
 import logging
 import os
 import queue
@@ -137,6 +138,10 @@ class EngineWorker:
     @property
     def max_stop_ids(self) -> int:
         return self._engine.engine_config.max_stop_ids
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        return self._engine.engine_config
 
     def close(self) -> None:
         self._inbox.put(None)
@@ -266,7 +271,11 @@ class ModelStage:
     """
 
     def __init__(
-        self, model: ModelSection, generation: GenerationSection, progress: Any = None
+        self,
+        model: ModelSection,
+        generation: GenerationSection,
+        progress: Any = None,
+        extras: bool = False,
     ) -> None:
         import jax.numpy as jnp
 
@@ -274,6 +283,7 @@ class ModelStage:
         from model.engine import Engine, enable_compilation_cache
 
         self.progress = progress  # a ProgressCounter actor handle, or None
+        self.extras = extras  # add the logprob and sample columns (EXTRA_ADDS)
         self._phase("loading the model")
         if model.compilation_cache:
             enable_compilation_cache()
@@ -289,7 +299,13 @@ class ModelStage:
         options = planned_engine_options(
             ckpt.config, model.dtype, engine_options(model, generation), model.memory_headroom
         )
-        engine = Engine(ckpt.config, ckpt.params, dtype=jnp.dtype(model.dtype), **options)
+        engine = Engine(
+            ckpt.config,
+            ckpt.params,
+            dtype=jnp.dtype(model.dtype),
+            detokenize=self.tokenizer.decode,
+            **options,
+        )
         self._phase("compiling")
         engine.warmup()
         self._phase("generating")
@@ -338,12 +354,15 @@ class ModelStage:
         settings = {i: self.settings.for_row(rows[i], ids[i]) for i in todo}
         grammars = self._grammars(settings, errors, kinds)
         todo = [i for i in todo if errors[i] is None]
-        limit = self.worker.max_stop_ids
+        ec = self.worker.engine_config
         requests = [
             settings[i].engine_request(
                 prompts[i],
                 prefix_len=shared[i] or 0,
-                stop_ids=settings[i].stop_ids(self.tokenizer, limit),
+                stop_ids=settings[i].stop_ids(self.tokenizer, ec.max_stop_ids),
+                stop_sequences=settings[i].stop_sequences(
+                    self.tokenizer, ec.max_stop_sequences, ec.max_stop_length
+                ),
                 grammar=grammars.get(i),
             )
             for i in todo
@@ -352,18 +371,17 @@ class ModelStage:
         text: list[str | None] = [None] * n
         n_out = [0] * n
         reasons = ["error"] * n
+        choices: list[list[dict[str, Any]] | None] = [None] * n
         for i, result in zip(todo, self.worker.run(requests), strict=True):
             reasons[i] = result.finish_reason
             if result.finish_reason == "error":
                 errors[i], kinds[i] = result.error, "generation"
-            else:
-                text[i], n_out[i], reasons[i] = settings[i].finish(
-                    self.tokenizer,
-                    result.token_ids,
-                    self.tokenizer.decode(result.token_ids),
-                    result.output_tokens,
-                    result.finish_reason,
-                )
+                continue
+            samples = [self._choice(settings[i], r) for r in (result.samples or (result,))]
+            first = samples[0]
+            text[i], reasons[i] = first["text"], first["finish_reason"]
+            n_out[i] = sum(c["output_tokens"] for c in samples)
+            choices[i] = samples
         drop = [S.PROMPT_IDS, S.PREFIX_LEN, S.ERROR, S.ERROR_KIND]
         table = table.drop_columns([c for c in drop if c in table.column_names])
         columns = {
@@ -375,6 +393,8 @@ class ModelStage:
             S.MODEL: pa.array([self.model_name] * n, pa.string()),
             S.GENERATED_AT: pa.array([time.time()] * n, pa.float64()),
         }
+        if self.extras:
+            columns.update(extra_columns(choices))
         for name, values in columns.items():
             table = table.append_column(name, values)
         if self.progress is not None:
@@ -395,6 +415,70 @@ class ModelStage:
         )
         return table
 
+    def _choice(self, settings: RequestSettings, result: GenerationResult) -> dict[str, Any]:
+        """One sample: text and token count after the stop strings, finish reason, and (when
+        asked) its tokens' text, bytes, logprobs and top alternatives."""
+        tok = self.tokenizer
+        text, tokens, reason = settings.finish(
+            tok, result.token_ids, tok.decode(result.token_ids), result.output_tokens,
+            result.finish_reason,
+        )  # fmt: skip
+        choice: dict[str, Any] = {"text": text, "finish_reason": reason, "output_tokens": tokens}
+        if result.logprobs is not None and result.top_logprobs is not None:
+            ids = result.token_ids[:tokens]
+            choice["logprobs"] = [
+                {
+                    "token": token_text(tok, t),
+                    "logprob": lp,
+                    "top": [[token_text(tok, a), v] for a, v in top],
+                }
+                for t, lp, top in zip(ids, result.logprobs, result.top_logprobs, strict=False)
+            ]
+        return choice
+
+
+def token_text(tokenizer: Tokenizer, token_id: int) -> str:
+    """A token's text as it appears in the output (SentencePiece's word marker as a space; a
+    byte piece as its character when it is one on its own, else empty)."""
+    piece = tokenizer.processor.id_to_piece(int(token_id))
+    if piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+        return bytes([int(piece[3:5], 16)]).decode("utf-8", "ignore")
+    return piece.replace("\u2581", " ")
+
+
+def extra_columns(choices: Sequence[list[dict[str, Any]] | None]) -> dict[str, pa.Array]:
+    """The logprob and sample columns (EXTRA_ADDS) of the rows' choices (None: an error row)."""
+    lps: list[list[float] | None] = []
+    means: list[float | None] = []
+    samples: list[list[str] | None] = []
+    details: list[str | None] = []
+    for row in choices:
+        first = row[0] if row else None
+        values = (
+            [t["logprob"] for t in first["logprobs"]] if first and "logprobs" in first else None
+        )
+        lps.append(values)
+        means.append(sum(values) / len(values) if values else None)
+        samples.append([c["text"] for c in row] if row and len(row) > 1 else None)
+        keep = row is not None and (len(row) > 1 or "logprobs" in row[0])
+        details.append(json.dumps(row, ensure_ascii=False) if keep else None)
+    return {
+        S.OUTPUT_LOGPROBS: pa.array(lps, pa.list_(pa.float32())),
+        S.MEAN_LOGPROB: pa.array(means, pa.float64()),
+        S.OUTPUT_SAMPLES: pa.array(samples, pa.list_(pa.string())),
+        S.CHOICES: pa.array(details, pa.string()),
+    }
+
+
+EXTRA_ADDS = (S.OUTPUT_LOGPROBS, S.MEAN_LOGPROB, S.OUTPUT_SAMPLES, S.CHOICES)
+
+
+def wants_extras(config: JobConfig) -> bool:
+    """Whether rows may ask for logprobs or n > 1: then the model stage adds EXTRA_ADDS."""
+    gen = config.generation
+    per_row = config.input.format == "openai_batch" or config.input.settings_column is not None
+    return per_row or gen.logprobs is not None or gen.n > 1
+
 
 MODEL_ADDS = (
     S.OUTPUT_TEXT,
@@ -407,7 +491,7 @@ MODEL_ADDS = (
 )
 
 
-@declares(*MODEL_ADDS)
+@declares(*MODEL_ADDS, *EXTRA_ADDS)
 def model_stage(config: JobConfig, context: PlanContext) -> Stage:
     """The model replicas: a fixed pool, one engine per actor on its accelerators.
 
@@ -415,13 +499,16 @@ def model_stage(config: JobConfig, context: PlanContext) -> Stage:
     drains, so the accelerator does not wait between batches.
     """
     model, gen = config.model, config.generation
+    extras = wants_extras(config)
     return Stage(
         name="model",
         fn=ModelStage,
         requires=(S.ID, S.PROMPT_IDS, S.ERROR, S.ERROR_KIND),
-        adds=MODEL_ADDS,
+        adds=MODEL_ADDS + (EXTRA_ADDS if extras else ()),
         drops=(S.PROMPT_IDS, S.PREFIX_LEN),
-        constructor_kwargs=dict(model=model, generation=gen, progress=context.progress),
+        constructor_kwargs=dict(
+            model=model, generation=gen, progress=context.progress, extras=extras
+        ),
         ray_args=dict(
             compute=ray.data.ActorPoolStrategy(
                 size=model.replicas,

@@ -11,18 +11,20 @@ the engine's request (:meth:`RequestSettings.engine_request`); stop strings are 
 decoded text afterwards (:meth:`RequestSettings.finish`).
 
 Rules for a row's values: ``max_new_tokens`` is capped at the job's (the job's value is the
-budget); ``temperature``, ``top_p`` and ``stop`` replace the job's; ``seed`` is the row's exact
+budget); ``temperature``, ``top_k``, ``top_p``, ``stop``, ``min_tokens``, the penalties,
+``logprobs`` and ``n`` replace the job's; ``seed`` is the row's exact
 seed, taken modulo :data:`SEED_RANGE` (the engine's int32 seed), where a row without one draws
 with a seed derived from the job's seed and the row id (:func:`row_seed`), the same in any batch
 and on any replica; ``end_of_turn`` adds Gemma's ``<end_of_turn>`` to the stop ids.
 
 Stop strings: a stop string that is exactly one piece of the vocabulary also becomes an engine
 stop id (while the engine's ``max_stop_ids`` allows), so generation ends as soon as it is drawn;
-the engine drops a stop id from the output. Every stop string is then also looked for in the
-decoded text, since the model can spell it with other tokens: the text is cut before the first
-occurrence, the finish reason becomes ``stop`` and the token count covers the tokens up to the one
-that completed the stop string (generation past it, up to the token limit, is wasted work but not
-reported).
+the engine drops a stop id from the output. Every stop string's plain encoding is also a stop
+sequence the engine matches on the device (the row stops at the token completing it), and the
+engine checks the decoded text of each running row with stop strings after each decode call, so
+other spellings stop the row too (at most one call's remaining steps later). The text is then cut
+before the first occurrence, the finish reason is ``stop`` and the token count covers the tokens
+up to the one that completed the stop string.
 
 Structured output: ``constraint`` is a :class:`model.grammar.Constraint` as JSON text (the job's
 from ``generation.structured_output``, a row's from an OpenAI ``response_format``); a row's
@@ -64,6 +66,14 @@ class RequestSettings:
     seed: int  # the job's: the base of each row's seed; a row's: its own seed
     stop: tuple[str, ...] = ()  # stop strings
     end_of_turn: bool = False  # also stop at <end_of_turn> (chat checkpoints and chat requests)
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # None: off; k: each token's logprob and the top k
+    n: int = 1
+    loop_ngram: int = 0
+    loop_repeats: int = 8
     # Structured output: a model.grammar.Constraint as its JSON text (see constraint_of), or None.
     constraint: str | None = None
 
@@ -76,6 +86,7 @@ class RequestSettings:
         structured = getattr(generation, "structured_output", None)
         if structured is not None:
             values["constraint"] = structured.constraint().to_json()
+        values["stop"] = tuple(values.get("stop", ()))
         return cls(**values)
 
     def for_row(self, row: Mapping[str, Any] | None, row_id: str) -> RequestSettings:
@@ -110,22 +121,41 @@ class RequestSettings:
                 ids.append(idx)
         return tuple(ids)
 
+    def stop_sequences(
+        self, tokenizer: Tokenizer, count: int, length: int
+    ) -> tuple[tuple[int, ...], ...]:
+        """The stop strings as token sequences the engine matches on the device (their plain
+        encoding; at most ``count``, each at most ``length`` ids). Other spellings are found by
+        the engine's host check of the text, and the text is cut by :meth:`finish`."""
+        seqs = [tuple(tokenizer.encode(stop)) for stop in self.stop]
+        return tuple(dict.fromkeys(s for s in seqs if 0 < len(s) <= length))[:count]
+
     def engine_request(
         self,
         prompt_ids: Sequence[int],
         *,
         prefix_len: int,
         stop_ids: Sequence[int],
+        stop_sequences: Sequence[tuple[int, ...]] = (),
         grammar: Any = None,
     ) -> GenerationRequest:
         """The engine's request: every field the engine's request shares with these settings,
-        and ``grammar`` (this row's compiled constraint, see :meth:`constraint_of`)."""
+        the stop strings as ``stop_strings`` (the engine's host check) and ``stop_sequences``,
+        and ``grammar`` (this row's compiled constraint, see :meth:`constraint_of`; a
+        constrained row gets no stop strings or sequences: the grammar decides its end)."""
         from model.engine import GenerationRequest
 
         shared = {f.name for f in dataclasses.fields(GenerationRequest)} & _names()
         values = {name: getattr(self, name) for name in shared}
+        loop = {} if self.loop_ngram else {"loop_ngram": 0, "loop_repeats": 0}
         return GenerationRequest(
-            prompt_ids, prefix_len=prefix_len, stop_ids=tuple(stop_ids), grammar=grammar, **values
+            prompt_ids,
+            prefix_len=prefix_len,
+            stop_ids=tuple(stop_ids),
+            stop_sequences=tuple(stop_sequences) if grammar is None else (),
+            stop_strings=self.stop if grammar is None else (),
+            grammar=grammar,
+            **{**values, **loop},
         )
 
     def constraint_of(self) -> Any:
@@ -163,6 +193,13 @@ ROW_SETTINGS_TYPE = pa.struct(
         pa.field("stop", pa.list_(pa.string())),
         pa.field("end_of_turn", pa.bool_()),
         pa.field("constraint", pa.string()),
+        pa.field("top_k", pa.int32()),
+        pa.field("min_tokens", pa.int32()),
+        pa.field("presence_penalty", pa.float64()),
+        pa.field("frequency_penalty", pa.float64()),
+        pa.field("repetition_penalty", pa.float64()),
+        pa.field("logprobs", pa.int32()),
+        pa.field("n", pa.int32()),
     ]
 )
 """The settings a row may set (a subset of :class:`RequestSettings`' fields, by name)."""

@@ -188,6 +188,14 @@ class InputSection(_Section):
         "are different ids); repeated ids are allowed: every row is generated and written, and "
         "the manifest counts them (ids_repeated, rows_with_repeated_ids).",
     )
+    settings_column: str | None = Field(
+        json_schema_extra=IDENTITY,
+        default=None,
+        description="Column holding per-row generation settings: an object (JSONL) or struct "
+        "(Parquet) with OpenAI request body keys (max_tokens, temperature, top_p, top_k, seed, "
+        "stop, n, logprobs, presence_penalty, ...) overriding generation.* for that row; a bad "
+        "value makes the row an error (invalid_settings).",
+    )
     text_column: str = Field(
         json_schema_extra=IDENTITY,
         default="text",
@@ -476,6 +484,9 @@ class StructuredOutputSection(_Section):
         return Constraint.json_object()
 
 
+_LOOP_WINDOW = EngineConfig.max_loop_window  # the loop guard's most tokens looked back
+
+
 class GenerationSection(_Section):
     max_new_tokens: Int32 = Field(
         json_schema_extra=IDENTITY, default=256, ge=1, description="Most tokens generated per row."
@@ -519,6 +530,73 @@ class GenerationSection(_Section):
         json_schema_extra=IDENTITY,
         default=0,
         description="Base sampling seed; each row's seed derives from it and its id.",
+    )
+    stop: list[str] = Field(
+        json_schema_extra=IDENTITY,
+        default_factory=list,
+        description="Stop strings (OpenAI `stop`): generation ends when the text ends with one "
+        "(the engine stops the row: on the device for the string's plain encoding, on the host "
+        "after each decode call for other spellings); the text is cut before it, finish_reason "
+        "stop.",
+    )
+    min_tokens: Int32 = Field(
+        json_schema_extra=IDENTITY,
+        default=0,
+        ge=0,
+        description="Tokens generated before EOS, stop ids or stop strings may end a row (vLLM's "
+        "min_tokens).",
+    )
+    presence_penalty: float = Field(
+        json_schema_extra=IDENTITY,
+        default=0.0,
+        ge=-2,
+        le=2,
+        description="OpenAI presence_penalty: subtracted from the logit of every token generated "
+        "so far (the prompt not counted).",
+    )
+    frequency_penalty: float = Field(
+        json_schema_extra=IDENTITY,
+        default=0.0,
+        ge=-2,
+        le=2,
+        description="OpenAI frequency_penalty: times how often a token was generated so far, "
+        "subtracted from its logit.",
+    )
+    repetition_penalty: float = Field(
+        json_schema_extra=IDENTITY,
+        default=1.0,
+        gt=0,
+        description="HF / vLLM repetition_penalty over prompt and output tokens: a seen "
+        "token's logit is divided by it when positive, multiplied when negative; 1 is off.",
+    )
+    logprobs: int | None = Field(
+        json_schema_extra=IDENTITY,
+        default=None,
+        ge=0,
+        le=20,
+        description="null: off; k: each output token's log-probability (log-softmax of the "
+        "model's raw logits, before temperature and penalties) in output_logprobs and their "
+        "mean in mean_logprob, and the k most likely alternatives in choices.",
+    )
+    n: Int32 = Field(
+        json_schema_extra=IDENTITY,
+        default=1,
+        ge=1,
+        description="Samples per row from one prefill; n > 1 keeps one output row per input row "
+        "with the samples' texts in output_samples (sample 0 also in output_text).",
+    )
+    loop_ngram: Int32 = Field(
+        json_schema_extra=IDENTITY,
+        default=0,
+        ge=0,
+        description="Loop guard: end a row (finish_reason loop) whose last loop_ngram * "
+        "loop_repeats tokens are one loop_ngram-token sequence repeated; 0 is off.",
+    )
+    loop_repeats: Int32 = Field(
+        json_schema_extra=IDENTITY,
+        default=8,
+        ge=2,
+        description="Repeats the loop guard waits for (loop_ngram * loop_repeats <= 64).",
     )
     max_slots: Annotated[int | Literal["auto"], INT32] = Field(
         json_schema_extra=NOT_IDENTITY,
@@ -600,6 +678,25 @@ class GenerationSection(_Section):
         "ends with length (an unfinished prefix). Stop strings do not apply to constrained "
         "rows. An OpenAI request's response_format overrides it for that row.",
     )
+
+    @model_validator(mode="after")
+    def _controls(self) -> GenerationSection:
+        """The loop guard's window and min_tokens fit the engine and the token limit."""
+        problems = []
+        if self.loop_ngram * self.loop_repeats > _LOOP_WINDOW:
+            problems.append(("loop_ngram", f"loop_ngram * loop_repeats must be <= {_LOOP_WINDOW}"))
+        if self.min_tokens > self.max_new_tokens:
+            problems.append(("min_tokens", "must be <= max_new_tokens"))
+        if problems:
+            errors = [
+                InitErrorDetails(
+                    type=PydanticCustomError("value_error", message), loc=(name,), input=None
+                )
+                for name, message in problems
+            ]
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        return self
+
     prompt_workers: int | None = Field(
         json_schema_extra=NOT_IDENTITY,
         default=None,

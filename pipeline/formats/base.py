@@ -52,6 +52,7 @@ class ReadSpec:
     question_column: str = QUESTION
     prompt_column: str = PROMPT
     passthrough: tuple[str, ...] = ()
+    settings_column: str | None = None  # per-row generation settings (OpenAI body keys)
     storage_options: Mapping[str, Any] = field(default_factory=dict)
     batch_rows: int = DEFAULT_BATCH_ROWS
     max_row_bytes: int = DEFAULT_MAX_ROW_BYTES

@@ -115,6 +115,10 @@ def _add_row(
     rows.id_keys.append(key)
     for name in spec.passthrough:
         passthrough[name].append(passthrough_text(obj.get(name)))
+    if spec.settings_column is not None:
+        if rows.settings is None:
+            rows.settings = []
+        rows.settings.append(obj.get(spec.settings_column))
     error, error_kind = join_errors(errors)
     rows.errors.append(error)
     rows.kinds.append(error_kind)

@@ -50,11 +50,17 @@ to the stop); chat requests also stop at Gemma's ``<end_of_turn>``. ``response_f
 constrains the output (structured output, :mod:`model.grammar`; every schema is enforced as if
 ``strict`` were true); a schema that does not compile makes the line an error line.
 
-Unsupported parameters that would change the answer are errors, never silently ignored: ``n`` or
-``best_of`` other than 1, ``stream: true``, ``logprobs`` / ``top_logprobs`` / ``echo``, tools and
-functions, non-zero ``presence_penalty`` /
-``frequency_penalty``, a non-empty ``logit_bias``, ``suffix``. Other body fields (``model``,
-``user``, ``metadata``, ``store``, ``stream_options``, ...) are ignored.
+Also honoured: ``n`` (choices 0..n-1 from one prefill, usage counting the prompt once),
+``logprobs`` / ``top_logprobs`` (OpenAI's chat and completions shapes; raw log-softmax, see
+docs/guide.md), ``presence_penalty`` / ``frequency_penalty``, and vLLM's ``repetition_penalty``,
+``min_tokens`` and ``top_k``. The same body keys set a corpus row's settings from
+``input.settings_column`` (:func:`row_settings_from_body`).
+
+Unsupported parameters that would change the answer are errors, never silently ignored:
+``best_of`` other than 1, ``stream: true``, ``echo``, tools and functions, a
+``response_format`` other than text, json_object or json_schema, a non-empty ``logit_bias``,
+``suffix``. Other body fields (``model``, ``user``, ``metadata``, ``store``, ``stream_options``,
+...) are ignored.
 """
 
 from __future__ import annotations
@@ -109,18 +115,13 @@ REQUEST_SCHEMA = pa.schema(
 
 # Body fields that change the answer, with the one value (or values) we can honour.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "n": (1,),
     "best_of": (1,),
     "stream": (False,),
-    "logprobs": (False, None),
-    "top_logprobs": (0, None),
     "echo": (False,),
     "tools": ((), None),
     "functions": ((), None),
     "tool_choice": ("none", "auto", None),
     "function_call": ("none", None),
-    "presence_penalty": (0,),
-    "frequency_penalty": (0,),
     "logit_bias": ({}, None),
     "suffix": (None, ""),
     "prediction": (None,),
@@ -147,6 +148,13 @@ class Request:
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     constraint: str | None = None  # response_format as a model.grammar.Constraint's JSON text
+    top_k: int | None = None
+    min_tokens: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    logprobs: int | None = None  # None: off; k: the top k alternatives too
+    n: int | None = None
 
 
 # ------------------------------------------------------------------------------- parsing
@@ -283,7 +291,7 @@ def _int_range(name: str) -> tuple[int, int]:
 
 def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    names = ("max_completion_tokens", "max_tokens") if endpoint == CHAT else ("max_tokens",)
+    names = ("max_completion_tokens", "max_tokens") if endpoint != COMPLETIONS else ("max_tokens",)
     most = _int_range("max_new_tokens")[1]
     for name in names:
         value = body.get(name)
@@ -319,7 +327,79 @@ def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
     constraint = _response_format(body.get("response_format"))
     if constraint is not None:
         out["constraint"] = constraint
+    out.update(_control_params(body, endpoint))
     return out
+
+
+MAX_N = 128  # OpenAI's limit (the engine's max_slots may be lower: then an error line)
+MAX_TOP_LOGPROBS = 20
+
+
+def _control_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    """The penalties, min_tokens, top_k (vLLM's extensions too), n and logprobs of a body."""
+    out: dict[str, Any] = {}
+    for name, low, high in (
+        ("presence_penalty", -2.0, 2.0),
+        ("frequency_penalty", -2.0, 2.0),
+        ("repetition_penalty", 0.0, math.inf),
+    ):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_number(value) or not low <= value <= high or (name[0] == "r" and value == 0):
+            raise RequestError(f"body.{name} must be a number in range, got {value!r}")
+        out[name] = float(value)
+    for name, low, high in (("min_tokens", 0, None), ("top_k", -1, None), ("n", 1, MAX_N)):
+        value = body.get(name)
+        if value is None:
+            continue
+        if not _is_int(value) or value < low or (high is not None and value > high):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise RequestError(f"body.{name} must be an integer {bounds}, got {value!r}")
+        out[name] = max(value, 0)  # top_k -1 (vLLM's off) is 0
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise RequestError(f"body.top_logprobs must be an integer in [0, 20], got {top!r}")
+    if isinstance(logprobs, bool):
+        if endpoint == COMPLETIONS:
+            raise RequestError("body.logprobs must be an integer for /v1/completions")
+        if logprobs:
+            out["logprobs"] = top or 0
+        elif top:
+            raise RequestError("body.top_logprobs needs body.logprobs: true")
+    elif logprobs is not None:
+        if endpoint == CHAT or not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
+            want = "true or false" if endpoint == CHAT else "an integer in [0, 20]"
+            raise RequestError(f"body.logprobs must be {want}, got {logprobs!r}")
+        out["logprobs"] = logprobs
+    elif top:
+        raise RequestError("body.top_logprobs needs body.logprobs: true")
+    return out
+
+
+SETTINGS = "settings"  # the "endpoint" of a settings_column value: either logprobs spelling
+
+
+def row_settings_from_body(value: Any) -> dict[str, Any] | None:
+    """A row's settings (:data:`pipeline.request.ROW_SETTINGS` struct values) from an object
+    with OpenAI body keys (a dict, or its JSON text); None keeps the job's. Raises
+    RequestError. ``logprobs`` may be chat's (true with ``top_logprobs``) or completions' (a
+    count)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError as err:
+            raise RequestError(f"not a JSON object: {err}") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"must be an object of request body keys, got {type(value).__name__}")
+    body = {k: v for k, v in value.items() if v is not None}  # a Parquet struct's nulls: unset
+    _check_unsupported(body)
+    endpoint = COMPLETIONS if _is_int(body.get("logprobs")) else SETTINGS
+    params = _params(body, endpoint)
+    request = Request(endpoint, "", **params)
+    return _request_values(request)[ROW_SETTINGS]
 
 
 def parse_request(line: dict[str, Any]) -> Request:
@@ -470,6 +550,13 @@ def _request_values(request: Request) -> dict[str, Any]:
         "stop": list(request.stop) if request.stop else None,
         "end_of_turn": True if request.endpoint == CHAT else None,
         "constraint": request.constraint,
+        "top_k": request.top_k,
+        "min_tokens": request.min_tokens,
+        "presence_penalty": request.presence_penalty,
+        "frequency_penalty": request.frequency_penalty,
+        "repetition_penalty": request.repetition_penalty,
+        "logprobs": request.logprobs,
+        "n": request.n,
     }
     return {S.PROMPT: request.prompt, REQ_ENDPOINT: request.endpoint, ROW_SETTINGS: settings}
 
@@ -594,26 +681,64 @@ def _extra(row: dict[str, Any]) -> dict[str, Any]:
         "toxic": row.get(S.TOXIC),
         "toxicity_decision": row.get(S.TOXICITY_DECISION),
         "error_kind": row.get(S.ERROR_KIND),
+        "finish_reason": row.get(S.FINISH_REASON),
     }
     if row.get(S.ERROR) is not None:
         extra["error"] = row[S.ERROR]
     return extra
 
 
+def _chat_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    content = [
+        {**entry(t["token"], t["logprob"]), "top_logprobs": [entry(a, v) for a, v in t["top"]]}
+        for t in tokens
+    ]
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(tokens: list[dict[str, Any]]) -> dict[str, Any]:
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t["token"])
+    return {
+        "tokens": [t["token"] for t in tokens],
+        "token_logprobs": [t["logprob"] for t in tokens],
+        "top_logprobs": [dict(t["top"]) for t in tokens],
+        "text_offset": offsets,
+    }
+
+
 def _body(row: dict[str, Any], digest: str) -> dict[str, Any]:
+    """The completion object: one choice per sample (the choices column when the row has one:
+    n > 1 or logprobs), usage counting the prompt once and every sample's tokens."""
     chat = row[REQ_ENDPOINT] == CHAT
     prompt, completion = int(row[S.PROMPT_TOKENS] or 0), int(row[S.OUTPUT_TOKENS] or 0)
-    choice: dict[str, Any] = {"index": 0, "finish_reason": row[S.FINISH_REASON], "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": row[S.OUTPUT_TEXT], "refusal": None}
-    else:
-        choice["text"] = row[S.OUTPUT_TEXT]
+    samples = json.loads(row[S.CHOICES]) if row.get(S.CHOICES) else None
+    if samples is None:
+        samples = [{"text": row[S.OUTPUT_TEXT], "finish_reason": row[S.FINISH_REASON]}]
+    choices = []
+    for index, sample in enumerate(samples):
+        tokens = sample.get("logprobs")
+        logprobs = None
+        if tokens is not None:
+            logprobs = _chat_logprobs(tokens) if chat else _completion_logprobs(tokens)
+        reason = "stop" if sample["finish_reason"] == "loop" else sample["finish_reason"]
+        choice: dict[str, Any] = {"index": index, "finish_reason": reason, "logprobs": logprobs}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": sample["text"], "refusal": None}
+        else:
+            choice["text"] = sample["text"]
+        choices.append(choice)
     return {
         "id": ("chatcmpl-" if chat else "cmpl-") + digest,
         "object": "chat.completion" if chat else "text_completion",
         "created": int(row.get(S.GENERATED_AT) or 0),
         "model": row[S.MODEL] or "",
-        "choices": [choice],
+        "choices": choices,
         "usage": {
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -633,7 +758,7 @@ def response_line(row: dict[str, Any]) -> dict[str, Any]:
     digest = _digest(row[S.RUN_ID] or "", row[S.ID])
     line: dict[str, Any] = {"id": "batch_req_" + digest, "custom_id": row[REQ_CUSTOM_ID]}
     request_id = "req_" + digest
-    ok = row[S.OUTPUT_TEXT] is not None and row[S.FINISH_REASON] in ("stop", "length")
+    ok = row[S.OUTPUT_TEXT] is not None and row[S.FINISH_REASON] in ("stop", "length", "loop")
     if ok and row[REQ_ENDPOINT] in (CHAT, COMPLETIONS):
         line["response"] = {
             "status_code": 200,

@@ -118,6 +118,10 @@ def _parquet_table(batch: pa.RecordBatch, spec: ReadSpec, source: str, start: in
         error, kind = join_errors(row_errors)
         rows.errors.append(error)
         rows.kinds.append(kind)
+    if spec.settings_column is not None:
+        present = spec.settings_column in batch.schema.names
+        column = batch.column(spec.settings_column) if present else None
+        rows.settings = column.to_pylist() if column is not None else [None] * batch.num_rows
     passthrough = {name: _passthrough(batch, name, spec) for name in spec.passthrough}
     return rows.keyed(passthrough)
 
@@ -175,7 +179,7 @@ def _parquet_columns(file_schema: pa.Schema, spec: ReadSpec) -> list[str] | None
     """The columns to read: all of them when ids hash the whole row, else only those used."""
     if spec.id_column is None:
         return None
-    wanted = {spec.id_column, *spec.columns.values(), *spec.passthrough}
+    wanted = {spec.id_column, *spec.columns.values(), *spec.passthrough, spec.settings_column}
     return [name for name in file_schema.names if name in wanted]
 
 

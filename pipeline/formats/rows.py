@@ -38,6 +38,7 @@ from pipeline.columns import (
     SOURCE,
     TEXT,
 )
+from pipeline.request import ROW_SETTINGS, ROW_SETTINGS_TYPE
 
 ID_HEX_CHARS = 24
 MAPPED = (TEXT, QUESTION, PROMPT)  # the reader columns filled from configured input columns
@@ -129,6 +130,7 @@ class RowBatch:
         self.errors: list[str | None] = []
         self.kinds: list[str | None] = []
         self.question_lists: dict[int, list[Any]] = {}  # row -> its questions, when a list
+        self.settings: list[Any] | None = None  # each row's settings_column value, when set
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -148,7 +150,30 @@ class RowBatch:
         for name, array in passthrough.items():
             arrays.append(array)
             fields.append(pa.field(name, array.type))
+        if self.settings is not None:
+            arrays.append(self._settings_column(arrays))
+            fields.append(pa.field(ROW_SETTINGS, ROW_SETTINGS_TYPE))
         return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+    def _settings_column(self, arrays: list[Any]) -> pa.Array:
+        """The rows' settings (pipeline.request.ROW_SETTINGS) from their settings_column values
+        (parsed as OpenAI body keys); a bad value becomes the row's error (in ``arrays``)."""
+        from pipeline.formats.openai_batch import RequestError, row_settings_from_body
+
+        assert self.settings is not None
+        parsed: list[dict[str, Any] | None] = []
+        errors, kinds = list(self.errors), list(self.kinds)
+        for i, value in enumerate(self.settings):
+            try:
+                parsed.append(row_settings_from_body(value))
+            except RequestError as err:
+                parsed.append(None)
+                if errors[i] is None:
+                    errors[i], kinds[i] = f"settings: {err}", "invalid_settings"
+        names = READ_SCHEMA.names
+        arrays[names.index(ERROR)] = pa.array(errors, pa.string())
+        arrays[names.index(ERROR_KIND)] = pa.array(kinds, pa.string())
+        return pa.array(parsed, ROW_SETTINGS_TYPE)
 
     def keyed(self, passthrough: dict[str, pa.Array]) -> tuple[pa.Table, list[str | None]]:
         """The batch's table and typed id keys, rows holding a list of questions expanded."""

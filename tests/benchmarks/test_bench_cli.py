@@ -16,6 +16,7 @@ BENCHMARKS = (
     "pipeline_efficiency",
     "pipeline_scale",
     "prefix_reuse",
+    "controls",
     "grammar",
     "grammar_libraries",
     "fault_soak",

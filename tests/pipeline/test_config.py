@@ -252,6 +252,12 @@ def test_out_of_range_and_bad_choices() -> None:
     assert error_of(with_(generation={"max_prompt_tokens": 4})).startswith(
         "generation.max_prompt_tokens: "
     )
+    assert error_of(with_(generation={"loop_ngram": 9})).startswith("generation.loop_ngram: ")
+    assert error_of(with_(generation={"min_tokens": 999})).startswith("generation.min_tokens: ")
+    assert error_of(with_(generation={"logprobs": 21})).startswith("generation.logprobs: ")
+    assert error_of(with_(generation={"repetition_penalty": 0})).startswith(
+        "generation.repetition_penalty: "
+    )
     assert error_of(with_(toxicity={"threshold": 1.5})).startswith("toxicity.threshold: ")
     assert error_of(with_(model={"checkpoint": "c", "replicas": 0})).startswith("model.replicas: ")
     assert error_of(with_(task="translate")).startswith("task: Input should be 'summarize'")

@@ -361,3 +361,41 @@ def test_validate_names_the_run_directory_only_when_it_is_fixed(tmp_path, fixtur
     assert f"output would go to {tmp_path}/out/<run id>: run picks a new run id" in out
     assert cli_main(["validate", str(config), "--date", "2026-11-26"]) == 0
     assert f"output would go to {tmp_path}/out/2026-11-26" in capsys.readouterr().out
+
+
+def test_generation_controls_and_per_row_settings(tmp_path, fixtures, ray_cluster) -> None:
+    """One corpus run: job-level logprobs, per-row settings from a column (n, stop, penalties, a
+    bad value), one output row per input row."""
+    rows = corpus_rows(4)
+    rows[0]["params"] = {"n": 3, "temperature": 0.9, "seed": 5, "max_tokens": 4}
+    rows[1]["params"] = {"presence_penalty": 1.0, "repetition_penalty": 1.3, "min_tokens": 2}
+    rows[2]["params"] = {"temperature": 5}  # out of range: an error row
+    write_corpus(LOCAL, str(tmp_path / "in"), rows, "jsonl", 1)
+    text = job_yaml(
+        fixtures,
+        task="generate",
+        input_uri=str(tmp_path / "in"),
+        output_uri=str(tmp_path / "out"),
+        extra={
+            "input": {"settings_column": "params"},
+            "generation": {"logprobs": 0, "max_new_tokens": 6},
+            "run": {"max_error_fraction": 0.5},
+        },
+    )
+    result = run_job(job_config(text, run_id="controls"))
+    assert result.status == "succeeded"
+    table = read_output(LOCAL, f"{tmp_path}/out/controls", "parquet")
+    by_id = {r[S.ID]: r for r in table.to_pylist()}
+    assert len(by_id) == table.num_rows == len(rows)
+    sampled, penalised, bad, plain = (by_id[r["id"]] for r in rows)
+    assert (
+        len(sampled[S.OUTPUT_SAMPLES]) == 3
+        and sampled[S.OUTPUT_SAMPLES][0] == (sampled[S.OUTPUT_TEXT])
+    )
+    assert plain[S.OUTPUT_SAMPLES] is None and penalised[S.OUTPUT_TOKENS] >= 2
+    for row in (sampled, penalised, plain):
+        lps = row[S.OUTPUT_LOGPROBS]
+        assert lps and all(v <= 0 for v in lps)
+        assert row[S.MEAN_LOGPROB] == pytest.approx(sum(lps) / len(lps), rel=1e-5)
+    assert bad[S.ERROR_KIND] == "invalid_settings" and "temperature" in bad[S.ERROR]
+    assert bad[S.FINISH_REASON] == "error"

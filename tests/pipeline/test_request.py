@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from model.engine import GenerationRequest
 from model.tokenizer import Tokenizer
+from pipeline import columns as S
 from pipeline.config.schema import GenerationSection
 from pipeline.request import (
     ROW_SETTINGS,
@@ -39,8 +42,12 @@ def test_the_jobs_settings_come_from_the_generation_section_by_name() -> None:
     assert settings == RequestSettings(9, 0.3, 5, 0.8, 7, stop=(), end_of_turn=True)
     # Every field the section shares with the settings is carried (none is copied by hand).
     shared = {f.name for f in dataclasses.fields(RequestSettings)} & set(gen.model_fields)
-    assert shared == {"max_new_tokens", "temperature", "top_k", "top_p", "seed"}
-    assert all(getattr(settings, name) == getattr(gen, name) for name in shared)
+    assert shared == {f.name for f in dataclasses.fields(RequestSettings)} - {"end_of_turn"}
+
+    def same(value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value  # stop: a list in the config
+
+    assert all(getattr(settings, name) == same(getattr(gen, name)) for name in shared)
     # The row settings a row may set are settings fields.
     assert set(ROW_SETTINGS_TYPE.names) <= {f.name for f in dataclasses.fields(RequestSettings)}
 
@@ -76,8 +83,14 @@ def test_a_rows_settings_override_the_job_within_its_limits(tokenizer: Tokenizer
     assert done.stop_ids(tokenizer, 1) == (1,)
     request = done.engine_request([2, 5], prefix_len=1, stop_ids=(1,))
     assert request == GenerationRequest(
-        [2, 5], 2, stop_ids=(1,), temperature=0.8, top_k=3, top_p=0.5, seed=done.seed, prefix_len=1
-    )
+        [2, 5], 2, stop_ids=(1,), temperature=0.8, top_k=3, top_p=0.5, seed=done.seed, prefix_len=1,
+        stop_strings=(stop_piece, "two words"),
+    )  # fmt: skip
+    # Every stop string also goes to the engine as its plain encoding, matched on the device.
+    seqs = done.stop_sequences(tokenizer, 8, 16)
+    assert seqs == (tuple(tokenizer.encode(stop_piece)), tuple(tokenizer.encode("two words")))
+    assert done.stop_sequences(tokenizer, 1, 16) == seqs[:1]
+    assert done.stop_sequences(tokenizer, 8, 1) == seqs[:1]  # "two words" takes more ids
 
 
 def test_stop_strings_cut_the_text_and_count_tokens_to_the_stop(tokenizer: Tokenizer) -> None:
@@ -119,3 +132,39 @@ def test_a_constraint_travels_from_the_config_and_a_row_replaces_it(tokenizer) -
     assert request.grammar == "compiled"
     plain = RequestSettings.from_config(GenerationSection())
     assert plain.constraint is None and plain.for_row(None, "r").constraint_of() is None
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_a_settings_column_becomes_the_rows_settings(tmp_path, fmt: str) -> None:
+    """``input.settings_column``: OpenAI body keys per row (an object, a struct or JSON text),
+    parsed by the OpenAI batch parser; a bad value is that row's error."""
+    from pipeline import formats
+    from pipeline.formats import ReadSpec
+
+    values = [
+        {"max_tokens": 3, "n": 2, "temperature": 0.5, "stop": ["x"], "presence_penalty": 0.5},
+        None,
+        {"logprobs": True, "top_logprobs": 4, "repetition_penalty": 1.2, "min_tokens": 1},
+        {"temperature": 9},
+    ]
+    rows = [{"id": f"r{i}", "prompt": "Hi", "params": v} for i, v in enumerate(values)]
+    path = tmp_path / f"in.{fmt}"
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:  # a JSON string column (a struct column of mixed keys would need one schema)
+        texts = [None if v is None else json.dumps(v) for v in values]
+        pq.write_table(pa.table({"id": ["r0", "r1", "r2", "r3"], "prompt": ["Hi"] * 4,
+                                 "params": texts}), path)  # fmt: skip
+    spec = ReadSpec(format=fmt, id_column="id", settings_column="params")
+    (table, _), *_ = list(formats.reader(fmt).read(str(path), spec))
+    got = row_settings(table)
+    assert got[0]["max_new_tokens"] == 3 and got[0]["n"] == 2 and got[0]["stop"] == ["x"]
+    assert got[0]["presence_penalty"] == 0.5 and got[1] is None
+    assert got[2]["logprobs"] == 4 and got[2]["repetition_penalty"] == 1.2
+    assert got[2]["min_tokens"] == 1
+    errors, kinds = table.column(S.ERROR).to_pylist(), table.column(S.ERROR_KIND).to_pylist()
+    assert (
+        errors[:3] == [None] * 3 and kinds[3] == "invalid_settings" and "temperature" in errors[3]
+    )
+    done = JOB.for_row(got[0], "r0")
+    assert (done.n, done.max_new_tokens, done.presence_penalty) == (2, 3, 0.5)

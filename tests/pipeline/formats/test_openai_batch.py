@@ -127,12 +127,16 @@ def test_response_format_becomes_the_rows_constraint() -> None:
         ({"url": "/v1/embeddings"}, "url '/v1/embeddings' is not supported"),
         ({"body": "x"}, "body must be an object"),
         ({"body": {"model": "m"}}, "body.messages is missing"),
-        ({"body": {"messages": [{"role": "user", "content": "x"}], "n": 2}}, "body.n=2"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "n": 0}}, "body.n must"),
         ({"body": {"messages": [{"role": "user", "content": "x"}], "stream": True}}, "stream"),
         ({"body": {"messages": [{"role": "user", "content": "x"}], "tools": [{}]}}, "tools"),
-        ({"body": {"messages": [{"role": "user", "content": "x"}], "logprobs": True}}, "logprobs"),
+        ({"body": {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}}, "logprobs"),
         (
-            {"body": {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}},
+            {"body": {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}},
+            "top_logprobs needs",
+        ),
+        (
+            {"body": {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 3}},
             "presence_penalty",
         ),
         (
@@ -411,7 +415,8 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
         completion_line("cmpl-stop-e", prompt=prompt, stop=["e", "o"]),
         "{this is not json",
         {**chat_line("no-messages"), "body": {"model": "gemma"}},
-        completion_line("cmpl-n2", prompt=prompt, n=2),
+        completion_line("cmpl-n2", prompt=prompt, n=2, logprobs=2, temperature=0.9, seed=4),
+        chat_line("chat-lp", content=prompt, logprobs=True, top_logprobs=3, presence_penalty=0.5),
         completion_line("cmpl-huge", prompt=prompt, max_tokens=2147483648, seed=1 << 64),
         {k: v for k, v in completion_line("x", prompt=prompt).items() if k != "custom_id"},
         completion_line("cmpl-1", prompt=prompt),  # repeats cmpl-1
@@ -438,13 +443,14 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
     assert codes == ["invalid_custom_id", "invalid_custom_id", "invalid_json_line"]
     assert {e["error"]["message"].split(":")[0].split(" is ")[0] for e in errors} == {
         "line 7",
-        "line 11",
         "line 12",
+        "line 13",
     }
     by_custom_id = {line["custom_id"]: line for line in out}
     assert len(by_custom_id) == len(out) and None not in by_custom_id
     valid = ["chat-1", "chat-sys", "cmpl-1", "cmpl-max1", "cmpl-stop-space", "cmpl-stop-e"]
-    assert set(by_custom_id) == {*valid, "no-messages", "cmpl-n2", "cmpl-huge"}
+    valid += ["cmpl-n2", "chat-lp"]
+    assert set(by_custom_id) == {*valid, "no-messages", "cmpl-huge"}
     assert len({line["id"] for line in out + errors}) == len(lines)
 
     bodies = {}
@@ -456,12 +462,28 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
         bodies[custom_id] = parsed = kind.model_validate(body)
         usage = parsed.usage
         assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
-        assert usage.prompt_tokens > 0 and usage.completion_tokens <= 6
+        assert usage.prompt_tokens > 0 and usage.completion_tokens <= 6 * len(parsed.choices)
         assert parsed.choices[0].finish_reason in ("stop", "length")
         extra = line["rgbatch"]
         assert extra["row_id"] == custom_id and extra["toxic"] in (True, False)
         assert 0 <= extra["toxicity"]["toxicity"] <= 1 and extra["toxicity_decision"] == "keep"
 
+    # n = 2 from one prefill: two choices, the prompt counted once; logprobs as OpenAI shapes.
+    two = bodies["cmpl-n2"]
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.usage.prompt_tokens == bodies["cmpl-1"].usage.prompt_tokens
+    for choice in two.choices:
+        lp = choice.logprobs
+        assert lp is not None and len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset)
+        assert all(len(top) <= 2 for top in lp.top_logprobs) and all(
+            v <= 0 for v in lp.token_logprobs
+        )
+    assert sum(len(c.logprobs.tokens) for c in two.choices) == two.usage.completion_tokens
+    chat_lp = bodies["chat-lp"].choices[0]
+    content = chat_lp.logprobs.content
+    assert content and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert all(t.bytes == list(t.token.encode()) for t in content)
+    assert "".join(t.token for t in content).strip() == chat_lp.message.content.strip()
     one = bodies["cmpl-max1"]
     assert one.usage.completion_tokens <= 1 and one.choices[0].finish_reason == "length"
     # The same greedy prompt with a stop string: the text is cut before the first stop string.
@@ -483,8 +505,7 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
 
     for custom_id, code, fragment in (
         ("no-messages", "invalid_request", "body.messages is missing"),
-        ("cmpl-n2", "invalid_request", "body.n=2"),
-        ("cmpl-huge", "invalid_request", "line 10: body.max_tokens must be an integer >= 1"),
+        ("cmpl-huge", "invalid_request", "line 11: body.max_tokens must be an integer >= 1"),
     ):
         line = by_custom_id[custom_id]
         assert line["error"]["code"] == code and fragment in line["error"]["message"]
@@ -501,7 +522,7 @@ def test_end_to_end_openai_batch(tmp_path: Path, fixtures, ray_cluster) -> None:
     assert manifest["counts"]["rows_written"] == len(lines) - 3
     assert manifest["counts"]["error_kinds"] == {
         "invalid_json": 1,
-        "invalid_request": 3,
+        "invalid_request": 2,
         "invalid_custom_id": 2,
     }
     (per_file,) = manifest["inputs"].values()
