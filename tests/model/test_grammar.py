@@ -166,3 +166,38 @@ def test_json_object_rows_parse_as_objects(engine, tokenizer, grammars) -> None:
             assert isinstance(json.loads(text), dict)
         else:
             assert result.finish_reason == "length" and text.startswith("{")
+
+
+def test_constraints_with_other_controls(engine, tokenizer, grammars) -> None:
+    """n samples of a constrained request each follow the grammar (a matcher per sample slot),
+    a penalty and logprobs leave the match intact, and a plain row's stop sequence still stops
+    it while constrained rows run beside it."""
+    choices = ["alpha", "beta", "gamma delta"]
+    pick = constrained(
+        tokenizer,
+        grammars,
+        Constraint.choice(choices),
+        16,
+        temperature=1.0,
+        seed=7,
+        n=3,
+        presence_penalty=1.5,
+        logprobs=2,
+    )
+    (result,) = engine.generate([pick])
+    assert result.samples is not None and len(result.samples) == 3
+    for sample in result.samples:
+        assert sample.finish_reason == "stop" and tokenizer.decode(sample.token_ids) in choices
+        assert sample.logprobs is not None and len(sample.logprobs) == len(sample.token_ids)
+    plain_ids = prompt(tokenizer, "The storm moved")
+    (free,) = engine.generate([GenerationRequest(plain_ids, 12, stop_ids=(EOS,))])
+    assert len(free.token_ids) >= 3, "the plain row needs a few tokens to stop on"
+    stop = tuple(free.token_ids[1:3])
+    mixed = engine.generate(
+        [
+            constrained(tokenizer, grammars, Constraint.regex(r"[0-9]{3}"), 8),
+            GenerationRequest(plain_ids, 12, stop_ids=(EOS,), stop_sequences=(stop,)),
+        ]
+    )
+    assert re.fullmatch(r"[0-9]{3}", tokenizer.decode(mixed[0].token_ids))
+    assert mixed[1].finish_reason == "stop" and mixed[1].token_ids == free.token_ids[:3]
