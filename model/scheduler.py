@@ -145,6 +145,9 @@ class AdmitPlan:
       source: int32 [entries]: the prefill row each entry starts from.
       controls: The entries' :class:`model.controls.Controls` (numpy); its ``prompt_bits`` per
         prefill row, None when no row uses the repetition penalty.
+      mask: int32 [entries, ceil(vocab / 32)]: each entry's packed allowed tokens for its first
+        token (each sample of a constrained request has its own matcher), or None when no entry
+        is constrained (all allowed).
     """
 
     prompts: list[Sequence[int]]
@@ -332,6 +335,11 @@ class Scheduler:
     def occupied(self) -> bool:
         """Whether any slot holds a request not yet seen to finish."""
         return bool(self._live.any())
+
+    @property
+    def slots_in_use(self) -> int:
+        """How many slots hold a request not yet seen to finish."""
+        return int(self._live.sum())
 
     # Admission ------------------------------------------------------------------------------------
     def free_slots(self) -> list[int]:
