@@ -156,7 +156,7 @@ def test_lines_without_a_usable_custom_id_go_to_the_error_file(tmp_path: Path) -
             chat(7),  # not a string
             chat("a"),  # a repeat
             "{not json",
-            chat("b", n=3),  # a bad request with a custom_id: an answer in the output
+            chat("b", n=0),  # a bad request with a custom_id: an answer in the output
         ],
     )
     table = output_rows(read_table(str(path), fmt="openai_batch"))
