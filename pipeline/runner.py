@@ -173,7 +173,7 @@ def _attempt(config: JobConfig, run_uri: str, fs: Any, run_dir: str) -> RunResul
     metrics.run_state(config.run_id, "running", started)
     try:
         result = _run(config, run_uri, fs, run_dir, pa_fs, started)
-    except BaseException:
+    except Exception:  # not on SIGTERM / Ctrl-C: the driver unwinds at once (lease released)
         metrics.run_state(config.run_id, "failed")
         raise
     else:
