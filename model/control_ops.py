@@ -12,18 +12,11 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from model.controls import ENDED_LOOP, ENDED_NONE, ENDED_STOP_SEQUENCE, Controls
+from model.sampling import unpack_bits
 
 Array = jax.Array
-
-
-def _prompt_seen(bits: Array, vocab: int) -> Array:
-    """bool [b, v] from the packed prompt bitmask uint32 [b, w]."""
-    ids = jnp.arange(vocab, dtype=jnp.int32)
-    words = jnp.take(bits, ids >> 5, axis=1)
-    return ((words >> (ids & 31).astype(jnp.uint32)) & np.uint32(1)).astype(bool)
 
 
 def _penalised(logits: Array, c: Controls, recent: Array) -> Array:
@@ -34,7 +27,7 @@ def _penalised(logits: Array, c: Controls, recent: Array) -> Array:
     ids = jnp.where(valid, recent, vocab)  # out of range: dropped
     seen = jnp.zeros((b, vocab), bool).at[rows, ids].set(True, mode="drop")
     rep = c.repetition[:, None]
-    hit = seen | _prompt_seen(c.prompt_bits, vocab)
+    hit = seen | unpack_bits(c.prompt_bits, vocab)
     out = jnp.where(hit, jnp.where(logits > 0, logits / rep, logits * rep), logits)
     freq = jnp.where(valid, c.frequency[:, None], 0.0)
     out = out.at[rows, ids].add(-freq, mode="drop")

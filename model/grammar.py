@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from model.controls import bitmask_words
+
 if TYPE_CHECKING:
     import llguidance
 
@@ -229,8 +231,8 @@ class Matcher:
 
 
 def words(vocab_size: int) -> int:
-    """int32 words of one packed mask."""
-    return -(-vocab_size // WORD_BITS)
+    """int32 words of one packed mask (the layout of :func:`model.controls.pack_tokens`)."""
+    return bitmask_words(vocab_size)
 
 
 class GrammarCache:

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 
 from model import control_ops
 from model.config import ModelConfig
-from model.controls import Controls, empty_controls
+from model.controls import Controls, bitmask_words, empty_controls
 from model.engine_config import EngineConfig
 from model.griffin import Cache, RecurrentGemma, fuse_params, init_cache
 from model.sampling import SamplingParams, apply_mask, sample
@@ -109,16 +109,17 @@ class DeviceRunner:
         self._prefill_cache_sharding: Any = None  # set with tensor parallelism
         self._blank_row: Any = None  # one empty sequence's cache, host copy
         self._spare: Cache | None = None  # the last prefill cache, reused (emptied) by the next
-        self._no_bits: np.ndarray | None = None  # the prompt bitmask when no row needs it
         self._wire(params)
         self.state = self.empty_state()
         # All-ones packed masks (every token allowed), kept on the device for the calls
         # without a constrained row: the mask is always an input, so no call shape changes.
-        words = -(-config.vocab_size // 32)
+        words = bitmask_words(config.vocab_size)
         self._open_masks = {
             rows: self._replicated(np.full((rows, words), -1, np.int32))
             for rows in {self.prefill_rows, ec.max_slots}
         }
+        # The prompt bitmask of admissions without a repetition penalty: none, on the device.
+        self._no_bits = self._replicated(np.zeros((self.prefill_rows, words), np.uint32))
 
     # The jit wiring --------------------------------------------------------------------------------
     def _wire(self, params: Any) -> None:
@@ -368,12 +369,8 @@ class DeviceRunner:
         """Prefills the plan's rows once and inserts its entries into their slots, prefill_rows
         entries per insert call; each call's first tokens and target slots."""
         logits, cache = self.prefill_prompts(plan.prompts, plan.starts, plan.states)
-        bits = plan.controls.prompt_bits
-        if bits is None:
-            if self._no_bits is None:
-                words = -(-self.config.vocab_size // 32)
-                self._no_bits = np.zeros((self.prefill_rows, words), np.uint32)
-            bits = self._no_bits
+        bits = plan.controls.prompt_bits  # on the device like the "none" one: one executable
+        bits = self._no_bits if bits is None else self._replicated(bits)
         outs = []
         p = self.prefill_rows
         for k in range(0, len(plan.slots), p):

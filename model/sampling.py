@@ -68,14 +68,20 @@ class SamplingParams(NamedTuple):
     seed: Array
 
 
-def apply_mask(logits: Array, mask: Array) -> Array:
-    """logits [b, v], packed allowed tokens int32 [b, ceil(v / 32)] (bit ``i % 32`` of word
-    ``i // 32`` for token ``i``) -> the logits with -inf where a token is not allowed. An
-    all-ones row leaves its logits exactly as they were."""
+def unpack_bits(words: Array, vocab: int) -> Array:
+    """Packed token sets, int32 or uint32 [b, ceil(vocab / 32)] (bit ``i % 32`` of word
+    ``i // 32`` for token ``i``: :func:`model.controls.pack_tokens`, a grammar's mask) -> bool
+    [b, vocab]."""
     shifts = jnp.arange(32, dtype=jnp.uint32)
-    bits = (mask.astype(jnp.uint32)[:, :, None] >> shifts) & np.uint32(1)
-    allowed = bits.reshape(mask.shape[0], -1)[:, : logits.shape[-1]].astype(bool)
-    return jnp.where(allowed, logits, -jnp.inf)
+    bits = (words.astype(jnp.uint32)[:, :, None] >> shifts) & np.uint32(1)
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def apply_mask(logits: Array, mask: Array) -> Array:
+    """logits [b, v], packed allowed tokens int32 [b, ceil(v / 32)] (:func:`unpack_bits`) ->
+    the logits with -inf where a token is not allowed. An all-ones row leaves its logits
+    exactly as they were."""
+    return jnp.where(unpack_bits(mask, logits.shape[-1]), logits, -jnp.inf)
 
 
 def row_key(seed: Array, token_index: Array) -> Array:
