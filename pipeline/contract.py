@@ -17,16 +17,20 @@ heartbeat stopped more than ``run.lease_timeout_s`` ago belonged to a driver tha
 taken over, so a crash never blocks its own resume. A holder on the same host whose process is
 gone (its pid no longer runs, or runs a process started at another time) is taken over at once. Object stores have no atomic create: after
 writing its lease a driver reads it back a moment later and proceeds only if it is still its
-own, so of two drivers starting together at most one goes on.
+own, so of two drivers starting together at most one goes on. A driver stopped with SIGTERM
+(``ray job stop``, a preempted node's shutdown, Kubernetes) removes its lease first, then unwinds:
+whatever the unwinding costs, the run resumes at once, not after the timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import posixpath
+import signal
 import socket
 import threading
 import time
@@ -153,6 +157,9 @@ class Lease:
         }
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="rgbatch-lease", daemon=True)
+        self._released = False
+        self._previous_handler: Any = None
+        self._handler: Any = None
 
     def __enter__(self) -> Lease:
         self._refuse_if_held()
@@ -162,14 +169,30 @@ class Lease:
         if current is None or current.get("token") != self.token:
             self._refuse_if_held(current)
         self._thread.start()
+        self._previous_handler = _release_on_sigterm(self)  # the handler this one replaced
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
+        ours = self._handler is not None and signal.getsignal(signal.SIGTERM) is self._handler
+        if ours and threading.current_thread() is threading.main_thread():
+            previous = self._previous_handler
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def release(self) -> None:
+        """Stops the heartbeat and removes the lease if it is still this driver's (idempotent:
+        the SIGTERM handler and ``__exit__`` may both call it)."""
+        if self._released:
+            return
+        self._released = True
+        _HELD.pop(id(self), None)
         self._stop.set()
-        self._thread.join(timeout=10)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
         current = self._read()
         if current is not None and current.get("token") == self.token:
-            self.fs.rm_file(self.path)
+            with contextlib.suppress(FileNotFoundError):
+                self.fs.rm_file(self.path)
 
     def check(self) -> None:
         """Raises :class:`RunRefused` if a live driver holds the run (reads only: a lease that
@@ -226,6 +249,38 @@ class Lease:
                 self._write()
             except Exception:  # one missed beat is not fatal; the timeout allows several
                 log.warning("could not renew the run lease", exc_info=True)
+
+
+# The leases this process holds, by id: released by the SIGTERM handler before anything unwinds.
+_HELD: dict[int, Lease] = {}
+
+
+def _release_on_sigterm(lease: Lease) -> Any:
+    """Registers ``lease`` for release on SIGTERM and, from the main thread, installs a handler
+    that releases every held lease, then does what the handler before it did (Ray's driver
+    handler exits; a default one exits with 128 + 15; an ignored signal stays ignored). Returns
+    the handler replaced, or None where none was installed (not the main thread)."""
+    _HELD[id(lease)] = lease
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        held = list(_HELD.values())
+        for one in held:
+            try:
+                one.release()
+            except Exception:  # the lease then expires after run.lease_timeout_s
+                log.warning("could not release the run lease on SIGTERM", exc_info=True)
+        log.warning("SIGTERM: released %d run lease(s); stopping", len(held))
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
+
+    lease._handler = handler
+    signal.signal(signal.SIGTERM, handler)
+    return previous
 
 
 def release_dead_lease(run_uri: str, storage_options: dict[str, Any], timeout_s: float) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import pipeline.rundir
 import pipeline.runner
 from pipeline import columns as S
 from pipeline.cli import main as cli_main
-from pipeline.contract import LEASE, RunRefused, identity_fields, identity_mark
+from pipeline.contract import LEASE, Lease, RunRefused, identity_fields, identity_mark
 from pipeline.runner import RunFailed, run_job
 
 LOCAL = fsspec.filesystem("file")
@@ -318,3 +319,48 @@ def test_the_joined_cluster_is_described(ray_cluster) -> None:
 
     cpus = ray.cluster_resources()["CPU"]
     assert _cluster_line() == f"1 node, {cpus:g} CPUs"
+
+
+_SLOW_TO_UNWIND = """
+import sys, time
+from pipeline.contract import Lease
+with Lease(sys.argv[1], {}, 30.0):
+    try:  # "held" is said inside the try, so a SIGTERM right after it still reaches the finally
+        print("held", flush=True)
+        time.sleep(60)
+    finally:  # a driver whose unwinding (executor shutdown, uploads) outlasts the stop grace
+        print("unwinding", flush=True)
+        time.sleep(60)
+"""
+
+
+def test_sigterm_releases_the_lease_before_the_driver_unwinds(tmp_path) -> None:
+    """Ray's job stop sends SIGTERM and SIGKILLs 3 s later: the lease must be gone by then,
+    however long the rest of the unwinding takes (no Ray needed: a process holding a lease)."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_TO_UNWIND, str(run_dir)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "held"
+        assert (run_dir / LEASE).exists()
+        child.send_signal(signal.SIGTERM)
+        assert child.stdout.readline().strip() == "unwinding"
+        assert child.poll() is None  # still unwinding ...
+        assert not (run_dir / LEASE).exists()  # ... with the lease already released
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_a_lease_restores_the_sigterm_handler_it_replaced(tmp_path) -> None:
+    before = signal.getsignal(signal.SIGTERM)
+    with Lease(str(tmp_path), {}, 30.0):
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert not (tmp_path / LEASE).exists()
