@@ -55,19 +55,34 @@ def test_plain_ray_init_would_join_the_stale_address(stale_ray_tmpdir: Path) -> 
     assert "refused: When connecting to an existing cluster" in result.stdout, result.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_end_to_end_module_fixture_starts_its_own_ray(stale_ray_tmpdir: Path) -> None:
-    test = "tests/pipeline/test_end_to_end.py::test_report_command_prints_the_summary"
-    result = _run(["-m", "pytest", "-q", "-p", "no:cacheprovider", test], stale_ray_tmpdir, 600)
+def test_the_module_fixtures_ray_starts_its_own(stale_ray_tmpdir: Path) -> None:
+    """The pipeline tests' ``ray_cluster`` fixture: :func:`testkit.ray_local.local_ray` with 8
+    CPUs starts a Ray of its own beside the stale file, and runs a task on it."""
+    code = (
+        "import ray\n"
+        "from testkit.ray_local import local_ray\n"
+        "with local_ray(num_cpus=8):\n"
+        "    print('cpus', int(ray.cluster_resources()['CPU']))\n"
+        "    print('task', ray.get(ray.remote(lambda: 41 + 1).remote()))\n"
+    )
+    result = _run(["-c", code], stale_ray_tmpdir, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "1 passed" in result.stdout
+    assert "cpus 8" in result.stdout and "task 42" in result.stdout
 
 
 @pytest.mark.slow
 def test_scale_benchmark_child_starts_its_own_ray(stale_ray_tmpdir: Path, tmp_path: Path) -> None:
+    """Also the pipeline scale benchmark's smoke test: it runs end to end at a small size (in a
+    child, as ``make bench`` runs it) and reports its driver figures."""
     out = tmp_path / "scale.json"
     args = ["-m", "benchmarks.pipeline_scale", "--sizes", "40", "80", "--json", str(out)]
     result = _run(args, stale_ray_tmpdir, 600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    sizes = json.loads(out.read_text())["sizes"]
-    assert {size["rows"] for size in sizes.values()} == {40, 80}
+    results = json.loads(out.read_text())
+    assert set(results["sizes"]) == {"40", "80"}
+    for rows, size in results["sizes"].items():
+        assert size["rows"] == int(rows) and size["rows_per_s"] > 0
+        assert size["driver_peak_rss_mb"] > 50 and size["driver_read_bytes"] > 0
+        assert size["corpus_bytes"] > 20 * int(rows)  # 20 to 60 words per row
+        assert "MapBatches(ModelStage)" in size["operator_us_per_row"]
+    assert isinstance(results["meets_targets"], bool)

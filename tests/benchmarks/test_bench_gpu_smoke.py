@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_engine
+from benchmarks import engine_host
 
 # The repository root, wherever under tests/ this file sits.
 ROOT = next(
@@ -59,19 +59,6 @@ def test_gpu_benchmarks_import_neither_ray_nor_the_pipeline() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_gpu_engine_benchmark_runs_at_reduced_size(tmp_path) -> None:
-    result = gpu_engine.main(["--cpu-small", "--json", str(tmp_path / "out.json")])
-    assert (tmp_path / "out.json").is_file()
-    assert result["complete"] and "error" not in result
-    assert [row["slots"] for row in result["rows"]] == [4, 8]
-    for row in result["rows"]:
-        assert row["generated_tokens"] == row["slots"] * result["new_tokens"]
-        assert row["tokens_per_s_decode"] > 0
-        assert row["roofline_fraction"] > 0
-    assert result["target"]["roofline_fraction"] is None  # no 128-slot row at this size
-
-
 def _finite(value: object) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
@@ -83,6 +70,7 @@ def test_gpu_all_script_runs_every_part_at_toy_size(tmp_path) -> None:
     env.update(
         OUT=str(out),
         PYTHON=sys.executable,
+        HOST_BASELINE_REF="HEAD",  # a commit every clone has, shallow or not
         JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax-cache"),
     )
     proc = subprocess.run(
@@ -111,6 +99,7 @@ def test_gpu_all_script_runs_every_part_at_toy_size(tmp_path) -> None:
             assert row["generated_tokens"] == row["slots"] * new_tokens
             assert row["tokens_per_s_decode"] > 0 and row["roofline_fraction"] > 0
         assert set(data["target"]) >= {"slots", "min_roofline_fraction", "roofline_fraction"}
+        assert data["target"]["roofline_fraction"] is None  # no 128-slot row at this size
     assert results["engine9b"]["preset"] == "9b"
 
     reference = results["reference"]
@@ -136,19 +125,29 @@ def test_gpu_all_script_runs_every_part_at_toy_size(tmp_path) -> None:
     assert len(numerics["teacher_forced"]["generated_positions"]["max_abs_diff_by_step"]) == 8
     assert len(numerics["free_running"]["first_divergence"]) == 2
 
+    # The host part is also engine_host's smoke test: ours against a baseline from git.
     host = results["host"]
-    assert host["small"] is True
+    assert host["small"] is True and host["baseline_ref"] == "HEAD"
     assert [(row["slots"], row["new_tokens"]) for row in host["engine"]] == [
         (4, 1), (4, 8), (8, 1), (8, 8)
     ]  # fmt: skip
     for row in host["engine"]:
-        assert row["ours"]["tokens_per_s"] > 0 and 0 <= row["ours"]["device_waits_share"] <= 1
-    assert set(host["sampling"]["ours"]["ms"]) == {
-        "greedy",
-        "temperature 0.7",
-        "top_p 0.9",
-        "top_k 50",
-    }
+        assert row["tokens_equal"], row
+        for label in ("ours", "baseline"):
+            run = row[label]
+            assert run["generated_tokens"] == run["requests"] * row["new_tokens"]
+            assert run["instrumented_equal_plain"] and run["compiled_after"] == 3
+            assert run["tokens_per_s"] > 0 and run["host_s"] > 0
+            assert 0 <= run["device_waits_share"] <= 1
+            assert (run["host_us_per_decode_step"] is None) == (row["new_tokens"] == 1)
+        assert all(value > 0 for value in row["ratios"].values())
+    sampling = host["sampling"]
+    assert sampling["shape"] == [8, 4096]
+    for label in ("ours", "baseline"):
+        assert sampling[label]["over_temperature"]["temperature 0.7"] == 1.0
+        assert all(ms > 0 for ms in sampling[label]["ms"].values())
+        assert set(sampling[label]["ms"]) == set(engine_host.SETTINGS)
+    assert set(sampling["ours/baseline"]) == set(engine_host.SETTINGS)
 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["small"] is True

@@ -539,8 +539,8 @@ def shut_down(head: subprocess.Popen) -> None:
         tree = []
     with contextlib.suppress(ProcessLookupError):
         head.send_signal(signal.SIGINT)
-    try:
-        head.wait(timeout=60)
+    try:  # `ray start --block` often outlives SIGINT by a minute: its tree is killed below
+        head.wait(timeout=10)
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait(timeout=10)
