@@ -158,8 +158,7 @@ class Lease:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="rgbatch-lease", daemon=True)
         self._released = False
-        self._previous_handler: Any = None
-        self._handler: Any = None
+        self._sigterm: tuple[Any, Any] | None = None  # (our handler, the one it replaced)
 
     def __enter__(self) -> Lease:
         self._refuse_if_held()
@@ -169,15 +168,32 @@ class Lease:
         if current is None or current.get("token") != self.token:
             self._refuse_if_held(current)
         self._thread.start()
-        self._previous_handler = _release_on_sigterm(self)  # the handler this one replaced
+        if threading.current_thread() is threading.main_thread():  # signals reach it only
+            self._sigterm = (self._on_sigterm, signal.getsignal(signal.SIGTERM))
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.release()
-        ours = self._handler is not None and signal.getsignal(signal.SIGTERM) is self._handler
-        if ours and threading.current_thread() is threading.main_thread():
-            previous = self._previous_handler
+        if self._sigterm is not None and signal.getsignal(signal.SIGTERM) == self._sigterm[0]:
+            previous = self._sigterm[1]
             signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        """Releases the lease before anything unwinds, then does what the handler it replaced
+        did: Ray's driver handler exits; another lease's handler releases that lease in turn; a
+        default one exits with 128 + 15; an ignored signal stays ignored."""
+        try:
+            self.release()
+            log.warning("SIGTERM: released the run lease; stopping")
+        except Exception:  # the lease then expires after run.lease_timeout_s
+            log.warning("could not release the run lease on SIGTERM", exc_info=True)
+        assert self._sigterm is not None
+        previous = self._sigterm[1]
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lease if it is still this driver's (idempotent:
@@ -185,10 +201,8 @@ class Lease:
         if self._released:
             return
         self._released = True
-        _HELD.pop(id(self), None)
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
+        self._thread.join(timeout=10)
         current = self._read()
         if current is not None and current.get("token") == self.token:
             with contextlib.suppress(FileNotFoundError):
@@ -249,38 +263,6 @@ class Lease:
                 self._write()
             except Exception:  # one missed beat is not fatal; the timeout allows several
                 log.warning("could not renew the run lease", exc_info=True)
-
-
-# The leases this process holds, by id: released by the SIGTERM handler before anything unwinds.
-_HELD: dict[int, Lease] = {}
-
-
-def _release_on_sigterm(lease: Lease) -> Any:
-    """Registers ``lease`` for release on SIGTERM and, from the main thread, installs a handler
-    that releases every held lease, then does what the handler before it did (Ray's driver
-    handler exits; a default one exits with 128 + 15; an ignored signal stays ignored). Returns
-    the handler replaced, or None where none was installed (not the main thread)."""
-    _HELD[id(lease)] = lease
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    previous = signal.getsignal(signal.SIGTERM)
-
-    def handler(signum: int, frame: Any) -> None:
-        held = list(_HELD.values())
-        for one in held:
-            try:
-                one.release()
-            except Exception:  # the lease then expires after run.lease_timeout_s
-                log.warning("could not release the run lease on SIGTERM", exc_info=True)
-        log.warning("SIGTERM: released %d run lease(s); stopping", len(held))
-        if callable(previous):
-            previous(signum, frame)
-        elif previous != signal.SIG_IGN:
-            raise SystemExit(128 + signum)
-
-    lease._handler = handler
-    signal.signal(signal.SIGTERM, handler)
-    return previous
 
 
 def release_dead_lease(run_uri: str, storage_options: dict[str, Any], timeout_s: float) -> bool:
