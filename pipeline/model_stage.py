@@ -39,7 +39,7 @@ from model.grammar import ConstraintError, GrammarCache
 from model.scheduler import GenerationRequest, GenerationResult
 from model.tokenizer import Tokenizer
 from pipeline import columns as S
-from pipeline import metrics
+from pipeline import formats, metrics
 from pipeline.request import RequestSettings, row_settings
 from pipeline.secrets import mask_uri
 from pipeline.stage import PlanContext, Stage, declares
@@ -476,7 +476,8 @@ EXTRA_ADDS = (S.OUTPUT_LOGPROBS, S.MEAN_LOGPROB, S.OUTPUT_SAMPLES, S.CHOICES)
 def wants_extras(config: JobConfig) -> bool:
     """Whether rows may ask for logprobs or n > 1: then the model stage adds EXTRA_ADDS."""
     gen = config.generation
-    per_row = config.input.format == "openai_batch" or config.input.settings_column is not None
+    per_row = formats.reader(config.input.format).row_settings
+    per_row = per_row or config.input.settings_column is not None
     return per_row or gen.logprobs is not None or gen.n > 1
 
 

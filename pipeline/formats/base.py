@@ -122,6 +122,7 @@ class Reader:
     inmemory_factor: ClassVar[float] = 1.0  # bytes in memory per byte on disk (Ray's planning)
     compressed_factor: ClassVar[float] = 5.0  # the same for a .gz file
     prompts_ready: ClassVar[bool] = False  # rows hold finished prompts: no template, no cutting
+    row_settings: ClassVar[bool] = False  # rows carry request settings of their own (ROW_SETTINGS)
     reserved: ClassVar[tuple[str, ...]] = ()  # more column names it keeps (``x_*``: a prefix)
     maps_columns: ClassVar[bool] = True  # rows come from the configured input.*_column columns
     # Error kinds that answer a bad request line (the format's own output, as an API's 4xx

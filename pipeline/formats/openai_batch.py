@@ -68,7 +68,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -88,6 +87,14 @@ from pipeline.formats.base import (
 )
 from pipeline.formats.rows import derive_id, resume_key
 from pipeline.request import ROW_SETTINGS, ROW_SETTINGS_TYPE
+from pipeline.request_body import (
+    CHAT,
+    COMPLETIONS,
+    RequestError,
+    body_params,
+    check_unsupported,
+    settings_values,
+)
 from pipeline.secrets import mask_uri
 
 if TYPE_CHECKING:
@@ -97,10 +104,7 @@ FORMAT = "openai_batch"
 REQUEST_PREFIX = "req_"  # the request columns start with it; passthrough columns may not
 REQ_CUSTOM_ID = "req_custom_id"  # str | null: the line's custom_id as given
 REQ_ENDPOINT = "req_endpoint"  # "chat" | "completions" | null (the line is no valid request)
-CHAT = "chat"
-COMPLETIONS = "completions"
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
-MAX_STOP_STRINGS = 4  # OpenAI's limit
 INVALID_CUSTOM_ID = "invalid_custom_id"  # the error kind of a line without a usable custom_id
 ERRORS_DIR = "errors"  # the error file's directory in the run directory, as OpenAI's batches
 
@@ -113,27 +117,8 @@ REQUEST_SCHEMA = pa.schema(
 )
 """The columns the reader adds after ``READ_SCHEMA``."""
 
-# Body fields that change the answer, with the one value (or values) we can honour.
-_UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,),
-    "stream": (False,),
-    "echo": (False,),
-    "tools": ((), None),
-    "functions": ((), None),
-    "tool_choice": ("none", "auto", None),
-    "function_call": ("none", None),
-    "logit_bias": ({}, None),
-    "suffix": (None, ""),
-    "prediction": (None,),
-    "audio": (None,),
-    "modalities": (None, ("text",)),
-}
 _SYSTEM_ROLES = ("system", "developer")
 _GEMMA_ROLES = {"user": "user", "assistant": "model"}
-
-
-class RequestError(ValueError):
-    """A request line that is not a valid, supported request (the message says why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +143,6 @@ class Request:
 
 
 # ------------------------------------------------------------------------------- parsing
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -234,174 +211,6 @@ def _completion_prompt(prompt: Any) -> str:
     return prompt
 
 
-def _check_unsupported(body: dict[str, Any]) -> None:
-    for name, allowed in _UNSUPPORTED.items():
-        if name not in body:
-            continue
-        value = body[name]
-        if value is None:
-            continue  # null is the default of every one of them
-        value = tuple(value) if isinstance(value, list) else value
-        if value not in allowed:
-            raise RequestError(f"body.{name}={json.dumps(body[name])[:60]} is not supported")
-
-
-def _response_format(value: Any) -> str | None:
-    """The constraint (JSON text) of a ``response_format``, None for text; raises RequestError."""
-    from model.grammar import Constraint, ConstraintError
-
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise RequestError("body.response_format must be an object")
-    kind = value.get("type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return Constraint.json_object().to_json()
-    if kind != "json_schema":
-        raise RequestError(
-            f"body.response_format.type must be text, json_object or json_schema, got {kind!r}"
-        )
-    spec = value.get("json_schema")
-    if not isinstance(spec, dict):
-        raise RequestError("body.response_format.json_schema must be an object")
-    name = spec.get("name")
-    if not isinstance(name, str) or not name:
-        raise RequestError("body.response_format.json_schema.name must be a non-empty string")
-    schema = spec.get("schema", {})
-    if not isinstance(schema, dict):
-        raise RequestError("body.response_format.json_schema.schema must be an object")
-    strict = spec.get("strict")
-    if strict is not None and not isinstance(strict, bool):
-        raise RequestError("body.response_format.json_schema.strict must be a boolean")
-    constraint = Constraint.json_schema(schema)
-    try:
-        constraint.check()
-    except ConstraintError as err:
-        raise RequestError(f"body.response_format.json_schema.schema: {err}") from None
-    return constraint.to_json()
-
-
-def _int_range(name: str) -> tuple[int, int]:
-    """The values the integer field ``name`` of the row settings column can hold."""
-    bits = ROW_SETTINGS_TYPE.field(name).type.bit_width
-    return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-
-
-def _params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    names = ("max_completion_tokens", "max_tokens") if endpoint != COMPLETIONS else ("max_tokens",)
-    most = _int_range("max_new_tokens")[1]
-    for name in names:
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_int(value) or not 1 <= value <= most:
-            raise RequestError(f"body.{name} must be an integer >= 1 and <= {most}, got {value!r}")
-        out.setdefault("max_tokens", value)
-    for name, low, high, low_open in (("temperature", 0, 2, False), ("top_p", 0, 1, True)):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_number(value) or value > high or value < low or (low_open and value == low):
-            bounds = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
-            raise RequestError(f"body.{name} must be a number in {bounds}, got {value!r}")
-        out[name] = float(value)
-    seed = body.get("seed")
-    if seed is not None:
-        low, high = _int_range("seed")
-        if not _is_int(seed) or not low <= seed <= high:
-            raise RequestError(f"body.seed must be an integer in [{low}, {high}], got {seed!r}")
-        out["seed"] = seed
-    stop = body.get("stop")
-    if stop is not None:
-        stops = [stop] if isinstance(stop, str) else stop
-        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-            raise RequestError("body.stop must be a string or a list of strings")
-        if len(stops) > MAX_STOP_STRINGS:
-            raise RequestError(f"body.stop holds {len(stops)} strings, at most {MAX_STOP_STRINGS}")
-        kept = tuple(dict.fromkeys(s for s in stops if s))
-        if kept:
-            out["stop"] = kept
-    constraint = _response_format(body.get("response_format"))
-    if constraint is not None:
-        out["constraint"] = constraint
-    out.update(_control_params(body, endpoint))
-    return out
-
-
-MAX_N = 128  # OpenAI's limit (the engine's max_slots may be lower: then an error line)
-MAX_TOP_LOGPROBS = 20
-
-
-def _control_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
-    """The penalties, min_tokens, top_k (vLLM's extensions too), n and logprobs of a body."""
-    out: dict[str, Any] = {}
-    for name, low, high in (
-        ("presence_penalty", -2.0, 2.0),
-        ("frequency_penalty", -2.0, 2.0),
-        ("repetition_penalty", 0.0, math.inf),
-    ):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_number(value) or not low <= value <= high or (name[0] == "r" and value == 0):
-            raise RequestError(f"body.{name} must be a number in range, got {value!r}")
-        out[name] = float(value)
-    for name, low, high in (("min_tokens", 0, None), ("top_k", -1, None), ("n", 1, MAX_N)):
-        value = body.get(name)
-        if value is None:
-            continue
-        if not _is_int(value) or value < low or (high is not None and value > high):
-            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-            raise RequestError(f"body.{name} must be an integer {bounds}, got {value!r}")
-        out[name] = max(value, 0)  # top_k -1 (vLLM's off) is 0
-    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
-    if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise RequestError(f"body.top_logprobs must be an integer in [0, 20], got {top!r}")
-    if isinstance(logprobs, bool):
-        if endpoint == COMPLETIONS:
-            raise RequestError("body.logprobs must be an integer for /v1/completions")
-        if logprobs:
-            out["logprobs"] = top or 0
-        elif top:
-            raise RequestError("body.top_logprobs needs body.logprobs: true")
-    elif logprobs is not None:
-        if endpoint == CHAT or not _is_int(logprobs) or not 0 <= logprobs <= MAX_TOP_LOGPROBS:
-            want = "true or false" if endpoint == CHAT else "an integer in [0, 20]"
-            raise RequestError(f"body.logprobs must be {want}, got {logprobs!r}")
-        out["logprobs"] = logprobs
-    elif top:
-        raise RequestError("body.top_logprobs needs body.logprobs: true")
-    return out
-
-
-SETTINGS = "settings"  # the "endpoint" of a settings_column value: either logprobs spelling
-
-
-def row_settings_from_body(value: Any) -> dict[str, Any] | None:
-    """A row's settings (:data:`pipeline.request.ROW_SETTINGS` struct values) from an object
-    with OpenAI body keys (a dict, or its JSON text); None keeps the job's. Raises
-    RequestError. ``logprobs`` may be chat's (true with ``top_logprobs``) or completions' (a
-    count)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError as err:
-            raise RequestError(f"not a JSON object: {err}") from None
-    if not isinstance(value, dict):
-        raise RequestError(f"must be an object of request body keys, got {type(value).__name__}")
-    body = {k: v for k, v in value.items() if v is not None}  # a Parquet struct's nulls: unset
-    _check_unsupported(body)
-    endpoint = COMPLETIONS if _is_int(body.get("logprobs")) else SETTINGS
-    params = _params(body, endpoint)
-    request = Request(endpoint, "", **params)
-    return _request_values(request)[ROW_SETTINGS]
-
-
 def parse_request(line: dict[str, Any]) -> Request:
     """The request of a parsed line (its ``custom_id`` is checked apart); raises RequestError."""
     method = line.get("method")
@@ -414,7 +223,7 @@ def parse_request(line: dict[str, Any]) -> Request:
     body = line.get("body")
     if not isinstance(body, dict):
         raise RequestError("body must be an object")
-    _check_unsupported(body)
+    check_unsupported(body)
     if endpoint == CHAT:
         if "messages" not in body:
             raise RequestError("body.messages is missing")
@@ -423,7 +232,7 @@ def parse_request(line: dict[str, Any]) -> Request:
         if "prompt" not in body:
             raise RequestError("body.prompt is missing")
         prompt = _completion_prompt(body["prompt"])
-    return Request(endpoint, prompt, **_params(body, endpoint))
+    return Request(endpoint, prompt, **body_params(body, endpoint))
 
 
 def custom_id_problem(value: Any) -> str | None:
@@ -542,22 +351,12 @@ class RequestRows:
 
 
 def _request_values(request: Request) -> dict[str, Any]:
-    settings = {
-        "max_new_tokens": request.max_tokens,
-        "temperature": request.temperature,
-        "top_p": request.top_p,
-        "seed": request.seed,
-        "stop": list(request.stop) if request.stop else None,
-        "end_of_turn": True if request.endpoint == CHAT else None,
-        "constraint": request.constraint,
-        "top_k": request.top_k,
-        "min_tokens": request.min_tokens,
-        "presence_penalty": request.presence_penalty,
-        "frequency_penalty": request.frequency_penalty,
-        "repetition_penalty": request.repetition_penalty,
-        "logprobs": request.logprobs,
-        "n": request.n,
+    params = {
+        f.name: getattr(request, f.name)
+        for f in dataclasses.fields(request)
+        if f.name not in ("endpoint", "prompt")
     }
+    settings = settings_values(params, chat=request.endpoint == CHAT)
     return {S.PROMPT: request.prompt, REQ_ENDPOINT: request.endpoint, ROW_SETTINGS: settings}
 
 
@@ -570,6 +369,7 @@ class OpenAIBatchReader(Reader):
     suffixes = jsonl.JsonlReader.suffixes
     inferred = False
     prompts_ready = True
+    row_settings = True
     reserved = (REQUEST_PREFIX + "*",)
     maps_columns = False  # request lines, checked line by line: a bad one is an error line
     answered_errors = (

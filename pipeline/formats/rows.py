@@ -158,7 +158,7 @@ class RowBatch:
     def _settings_column(self, arrays: list[Any]) -> pa.Array:
         """The rows' settings (pipeline.request.ROW_SETTINGS) from their settings_column values
         (parsed as OpenAI body keys); a bad value becomes the row's error (in ``arrays``)."""
-        from pipeline.formats.openai_batch import RequestError, row_settings_from_body
+        from pipeline.request_body import RequestError, row_settings_from_body
 
         assert self.settings is not None
         parsed: list[dict[str, Any] | None] = []
