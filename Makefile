@@ -57,6 +57,7 @@ bench: setup
 	$(PY) -m benchmarks.grammar --json out/bench/grammar.json
 	$(PY) -m benchmarks.grammar_libraries --json out/bench/grammar_libraries.json
 	$(PY) -m benchmarks.fault_soak --json out/bench/fault_soak.json
+	$(PY) -m benchmarks.estimate_accuracy --json out/bench/estimate.json
 
 FIXTURES ?= .fixtures
 
