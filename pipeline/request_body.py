@@ -42,7 +42,8 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 
 
 class RequestError(ValueError):
-    """A request line that is not a valid, supported request (the message says why)."""
+    """A request body (or settings value) that is not valid or not supported (the message says
+    why)."""
 
 
 def _is_int(value: Any) -> bool:
