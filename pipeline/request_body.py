@@ -55,6 +55,8 @@ def _is_number(value: Any) -> bool:
 
 
 def check_unsupported(body: dict[str, Any]) -> None:
+    """Raises RequestError for a body key whose value would change the answer in a way this
+    engine cannot honour (tools, logit_bias, streaming, best_of, ...)."""
     for name, allowed in _UNSUPPORTED.items():
         if name not in body:
             continue
@@ -110,6 +112,8 @@ def _int_range(name: str) -> tuple[int, int]:
 
 
 def body_params(body: dict[str, Any], endpoint: str) -> dict[str, Any]:
+    """The honoured parameters of ``body`` (CHAT, COMPLETIONS or SETTINGS spelling), each
+    checked against its range; raises RequestError naming the bad key."""
     out: dict[str, Any] = {}
     names = ("max_completion_tokens", "max_tokens") if endpoint != COMPLETIONS else ("max_tokens",)
     most = _int_range("max_new_tokens")[1]
