@@ -29,6 +29,7 @@ branch that only runs when a row uses them).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -92,12 +93,52 @@ def fill_row(controls: Controls, row: int, request: Any) -> None:
         controls.stop_seqs[row, q, length - len(seq) :] = list(seq)
 
 
+def is_off(request: Any) -> bool:
+    """Whether every control of ``request`` (a GenerationRequest) is at its default (off), so
+    its row of :func:`empty_controls` already holds them."""
+    return (
+        request.min_tokens == 0
+        and request.presence_penalty == 0
+        and request.frequency_penalty == 0
+        and request.repetition_penalty == 1
+        and request.logprobs is None
+        and request.loop_ngram == 0
+        and request.loop_repeats == 0
+        and not request.stop_sequences
+    )
+
+
+def fill_rows(controls: Controls, requests: Sequence[Any]) -> None:
+    """Writes each request's controls into rows ``0 .. len(requests) - 1`` of ``controls``, a
+    column at a time (what :func:`fill_row` writes row by row; prompt bits apart). The rows
+    must hold the defaults of :func:`empty_controls`: when every request's controls are off
+    they are left as they are."""
+    if all(is_off(request) for request in requests):
+        return
+    m = len(requests)
+    controls.min_tokens[:m] = [r.min_tokens for r in requests]
+    controls.presence[:m] = [r.presence_penalty for r in requests]
+    controls.frequency[:m] = [r.frequency_penalty for r in requests]
+    controls.repetition[:m] = [r.repetition_penalty for r in requests]
+    controls.logprobs[:m] = [-1 if r.logprobs is None else r.logprobs for r in requests]
+    controls.loop_ngram[:m] = [r.loop_ngram for r in requests]
+    controls.loop_repeats[:m] = [r.loop_repeats for r in requests]
+    length = controls.stop_seqs.shape[-1]
+    for row, request in enumerate(requests):
+        for q, seq in enumerate(request.stop_sequences):
+            controls.stop_seqs[row, q, length - len(seq) :] = list(seq)
+
+
 def problem(request: Any, vocab: int, limits: Any) -> str | None:
     """Why the request's controls cannot run on an engine with ``limits`` (an EngineConfig)."""
     if request.min_tokens < 0 or request.min_tokens > request.max_new_tokens:
         return f"min_tokens must be in [0, max_new_tokens], got {request.min_tokens}"
-    values = (request.presence_penalty, request.frequency_penalty, request.repetition_penalty)
-    if not all(np.isfinite(v) for v in values) or request.repetition_penalty <= 0:
+    finite = (
+        _finite(request.presence_penalty)
+        and _finite(request.frequency_penalty)
+        and _finite(request.repetition_penalty)
+    )
+    if not finite or request.repetition_penalty <= 0:
         return "penalties must be finite and repetition_penalty > 0"
     if request.logprobs is not None and not 0 <= request.logprobs <= limits.max_logprobs:
         return f"logprobs must be in [0, {limits.max_logprobs}], got {request.logprobs}"
@@ -115,6 +156,11 @@ def problem(request: Any, vocab: int, limits: Any) -> str | None:
     if not 1 <= request.n <= limits.max_slots:
         return f"n must be in [1, max_slots={limits.max_slots}], got {request.n}"
     return None
+
+
+def _finite(value: Any) -> bool:
+    """Whether a penalty is finite (a Python float without numpy, the rest through numpy)."""
+    return math.isfinite(value) if type(value) is float else bool(np.isfinite(value))
 
 
 def sample_seed(seed: int, index: int) -> int:

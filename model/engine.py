@@ -65,6 +65,7 @@ from model.scheduler import (
     Retired,
     Scheduler,
     make_prefix_cache,
+    merge_inserts,
 )
 from model.storage import cache_dir
 
@@ -140,8 +141,9 @@ class Engine:
         self.scheduler = Scheduler(
             ec, config.vocab_size, prefix_cache, self.prefix_entry_bytes, detokenize
         )
-        # Calls dispatched and not yet read back, in order: (device output, insert target slots).
-        self._inflight: deque[tuple[StepOutput, np.ndarray | None]] = deque()
+        # Calls dispatched and not yet read back, in order: (device output, insert target slots,
+        # whether a row of the call asked for logprobs).
+        self._inflight: deque[tuple[StepOutput, np.ndarray | None, bool]] = deque()
 
     # What tests, benchmarks and the pipeline read ------------------------------------------------
     @property
@@ -251,15 +253,16 @@ class Engine:
             sched = self.scheduler
             steps, mask = sched.decode_plan()
             out = self.runner.run_decode(sched.refill_at(), steps, mask, sched.take_cancel())
-            self._inflight.append((out, None))
+            self._inflight.append((out, None, sched.logprobs_running()))
         return self.scheduler.collect(retired)
 
     def _retire(self) -> list[Retired]:
-        """Reads back every call in flight (one transfer) and retires each, in call order."""
+        """Reads back every call in flight and retires each, in call order (consecutive inserts
+        together)."""
         calls = list(self._inflight)
         self._inflight.clear()
-        hosts = fetch([out for out, _ in calls], [slots for _, slots in calls])
-        return [self.scheduler.retire(host) for host in hosts]
+        hosts = fetch(*zip(*calls, strict=True)) if calls else []
+        return [self.scheduler.retire(host) for host in merge_inserts(hosts)]
 
     def _admit(self) -> bool:
         """Prefills and inserts full prefill batches while enough slots are free (dispatched,
@@ -278,7 +281,8 @@ class Engine:
                 sched.store_prefixes(prefixes, self.runner.prefix_states(prefixes))
             plan = sched.plan(batch, targets)
             constrained |= plan.constrained
-            self._inflight.extend(self.runner.run_admit(plan))
+            logprobs = plan.logprobs
+            self._inflight.extend((out, at, logprobs) for out, at in self.runner.run_admit(plan))
         return constrained
 
     def next_token_logits(self, prompts: Sequence[Sequence[int]]) -> np.ndarray:

@@ -12,6 +12,7 @@ then make the sharded empty caches).
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -70,19 +71,34 @@ class StepOutput(NamedTuple):
     top_logprobs: Array
 
 
-def fetch(outs: Sequence[StepOutput], slots: Sequence[np.ndarray | None]) -> list[CallOutput]:
-    """Calls' outputs on the host, in one transfer (waits for the device); ``slots``: each
-    call's insert target slots, or None for a decode call."""
+def fetch(
+    outs: Sequence[StepOutput],
+    slots: Sequence[np.ndarray | None],
+    logprobs: Sequence[bool] | None = None,
+) -> list[CallOutput]:
+    """Calls' outputs on the host (waits for the device); ``slots``: each call's insert target
+    slots, or None for a decode call; ``logprobs``: whether each call's log-probabilities are
+    wanted (None: all are), else they are not transferred (the CallOutput's are None).
+
+    Every transfer is started before the first is waited for, except on the CPU, where the
+    arrays are in host memory already: ``np.asarray`` reads each in place (starting a copy
+    first, as ``jax.device_get`` does, costs several times more there)."""
+    wanted = [out if logprobs is None or logprobs[i] else out[:4] for i, out in enumerate(outs)]
+    if wanted and _device_platform(wanted[0][0]) != "cpu":
+        for fields in wanted:
+            for x in fields:
+                x.copy_to_host_async()
     hosts = []
-    for out, where in zip(jax.device_get(list(outs)), slots, strict=True):
-        fields = [np.asarray(x) for x in out]
-        if fields[0].ndim == 1:  # an insert: one step per row
-            fields = [x[:, None] for x in fields]
-        tokens, emitted, stopped, ended, logprob, top_ids, top_logprobs = fields
-        hosts.append(
-            CallOutput(tokens, emitted, stopped, where, ended, logprob, top_ids, top_logprobs)
-        )
+    for fields, where in zip(wanted, slots, strict=True):
+        arrays = [np.asarray(x) for x in fields]
+        if arrays[0].ndim == 1:  # an insert: one step per row
+            arrays = [x[:, None] for x in arrays]
+        hosts.append(CallOutput(*arrays[:3], where, *arrays[3:]))
     return hosts
+
+
+def _device_platform(x: Array) -> str:
+    return next(iter(x.devices())).platform
 
 
 class DeviceRunner:
@@ -397,14 +413,9 @@ class DeviceRunner:
         """Right-aligned prompts in chunks of prefill_chunk; state carried across chunks. With
         ``states``, row i continues ``states[i]`` (a cached prefix state, or None for an empty
         one) from position ``starts[i]``."""
-        p, c = self.prefill_rows, self.engine_config.prefill_chunk
-        chunks = math.ceil(max(len(ids) for ids in prompts) / c)
-        tokens = np.zeros((p, chunks * c), np.int32)
-        positions = np.full((p, chunks * c), -1, np.int32)
-        for row, ids in enumerate(prompts):
-            start = starts[row] if starts else 0
-            tokens[row, -len(ids) :] = ids
-            positions[row, -len(ids) :] = np.arange(start, start + len(ids))
+        tokens, positions = self._prefill_inputs(prompts, starts)
+        c = self.engine_config.prefill_chunk
+        chunks = tokens.shape[1] // c
         loaded = states is not None and any(state is not None for state in states)
         if loaded:
             cache = self._loaded_prefill_cache(states)
@@ -419,6 +430,27 @@ class DeviceRunner:
             )
         self._spare = cache
         return logits, cache
+
+    def _prefill_inputs(
+        self, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """int32 tokens and positions [prefill_rows, chunks * prefill_chunk]: each prompt
+        right-aligned, at positions from its start (padding: token 0, position -1)."""
+        p, c = self.prefill_rows, self.engine_config.prefill_chunk
+        lengths = np.zeros((p,), np.int64)
+        lengths[: len(prompts)] = [len(ids) for ids in prompts]
+        width = c * math.ceil(int(lengths.max()) / c)
+        # Column j of row r holds the prompt's token j - (width - length), if that is >= 0.
+        offset = np.arange(width)[None, :] - (width - lengths)[:, None]
+        held = offset >= 0
+        tokens = np.zeros((p, width), np.int32)
+        tokens[held] = np.fromiter(
+            itertools.chain.from_iterable(prompts), np.int32, int(lengths.sum())
+        )  # row by row, left to right: each prompt in order
+        if starts:
+            offset[: len(starts)] += np.asarray(starts, np.int64)[:, None]
+        positions = np.where(held, offset, -1).astype(np.int32)
+        return tokens, positions
 
     def prefix_states(self, prefixes: Sequence[Sequence[int]]) -> list[Any]:
         """Each prefix's state after prefill, as a host cache of one sequence (waits)."""

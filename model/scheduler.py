@@ -37,6 +37,7 @@ from model.grammar import GrammarSlots
 from model.prefix_cache import PrefixCache
 
 DEFAULT_EOS_ID = 1
+_INT_ONLY = {int}
 log = logging.getLogger("model.engine")
 
 
@@ -167,7 +168,13 @@ class AdmitPlan:
 
     @property
     def constrained(self) -> bool:
+        """Whether an entry is constrained (has a grammar mask)."""
         return self.mask is not None
+
+    @property
+    def logprobs(self) -> bool:
+        """Whether an entry asks for log-probabilities."""
+        return bool((self.controls.logprobs >= 0).any())
 
 
 @dataclasses.dataclass
@@ -200,6 +207,46 @@ class CallOutput:
         return lps, tops
 
 
+def merge_inserts(outputs: Sequence[CallOutput]) -> list[CallOutput]:
+    """``outputs`` with each run of consecutive insert outputs (the same fields read back) as
+    one, its rows one after another: retiring it is retiring them in turn (an insert touches
+    only its own slots), for one pass of numpy instead of one per call."""
+    merged: list[CallOutput] = []
+    group: list[CallOutput] = []
+
+    def flush() -> None:
+        if len(group) == 1:
+            merged.append(group[0])
+        elif group:
+            fields = [f.name for f in dataclasses.fields(CallOutput)]
+            values = [getattr(group[0], name) for name in fields]
+            merged.append(
+                CallOutput(
+                    *(
+                        None if v is None else np.concatenate([getattr(o, n) for o in group])
+                        for n, v in zip(fields, values, strict=True)
+                    )
+                )
+            )
+        group.clear()
+
+    for out in outputs:
+        joins = (
+            out.slots is not None
+            and group
+            and (out.logprob is None) == (group[0].logprob is None)
+            and (out.ended is None) == (group[0].ended is None)
+        )
+        if not joins:
+            flush()
+        if out.slots is None:
+            merged.append(out)
+        else:
+            group.append(out)
+    flush()
+    return merged
+
+
 @dataclasses.dataclass
 class _Group:
     """The samples of one request with n > 1, as they finish."""
@@ -207,7 +254,7 @@ class _Group:
     results: list[GenerationResult | None]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Running:
     key: Any
     request: GenerationRequest
@@ -235,16 +282,19 @@ class Retired:
 
 def validate(request: GenerationRequest, vocab_size: int, engine: EngineConfig) -> str | None:
     """Why the request cannot run, or None."""
-    ids = np.asarray(request.prompt_ids)
-    if ids.size == 0:
-        return "empty prompt"
-    if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-        return "prompt_ids must be a flat sequence of integers"
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
-        return f"token id {bad} is outside the vocabulary [0, {vocab_size})"
-    if engine.max_prompt_tokens is not None and ids.size > engine.max_prompt_tokens:
-        return f"prompt has {ids.size} tokens, over max_prompt_tokens={engine.max_prompt_tokens}"
+    size = _checked_prompt_len(request.prompt_ids, vocab_size)
+    if size is None:  # not a plain list of ids in range: numpy says why
+        ids = np.asarray(request.prompt_ids)
+        if ids.size == 0:
+            return "empty prompt"
+        if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
+            return "prompt_ids must be a flat sequence of integers"
+        if ids.min() < 0 or ids.max() >= vocab_size:
+            bad = int(ids[(ids < 0) | (ids >= vocab_size)][0])
+            return f"token id {bad} is outside the vocabulary [0, {vocab_size})"
+        size = int(ids.size)
+    if engine.max_prompt_tokens is not None and size > engine.max_prompt_tokens:
+        return f"prompt has {size} tokens, over max_prompt_tokens={engine.max_prompt_tokens}"
     if request.max_new_tokens < 1:
         return f"max_new_tokens must be >= 1, got {request.max_new_tokens}"
     if len(request.stop_ids) > engine.max_stop_ids:
@@ -263,12 +313,24 @@ def validate(request: GenerationRequest, vocab_size: int, engine: EngineConfig) 
         if request.grammar.eos_id not in request.stop_ids:
             return f"a constrained request needs its EOS id {request.grammar.eos_id} in stop_ids"
     n = request.prefix_len
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n < ids.size:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or not 0 <= n < size:
         return (
-            f"prefix_len must be an integer in [0, {ids.size}) for a {ids.size}-token prompt "
+            f"prefix_len must be an integer in [0, {size}) for a {size}-token prompt "
             f"(at least one prompt token follows the shared prefix), got {n!r}"
         )
     return None
+
+
+def _checked_prompt_len(ids: Any, vocab_size: int) -> int | None:
+    """The length of ``ids`` if it is a non-empty list or tuple of Python ints in the
+    vocabulary (the usual prompt, checked without numpy), else None."""
+    if type(ids) is not list and type(ids) is not tuple:
+        return None
+    if not ids or set(map(type, ids)) != _INT_ONLY:
+        return None
+    if min(ids) < 0 or max(ids) >= vocab_size:
+        return None
+    return len(ids)
 
 
 def make_prefix_cache(max_bytes: int, entry_bytes: int) -> PrefixCache | None:
@@ -306,6 +368,8 @@ class Scheduler:
         self.prefill_rows = min(engine_config.prefill_batch, engine_config.max_slots)
         self.stats = EngineStats()
         self.pending: deque[tuple[Any, GenerationRequest]] = deque()
+        self._plan_templates: dict[int, AdmitPlan] = {}  # blank plans by entries, copied
+        self._slot_ids = np.arange(engine_config.max_slots)
         self.reset()
 
     def reset(self) -> None:
@@ -317,6 +381,8 @@ class Scheduler:
         self._generated = np.zeros(s, np.int64)  # tokens each slot's request has emitted
         self._budget = np.zeros(s, np.int64)
         self._cancel = np.zeros(s, bool)  # slots stopped by the host, to deactivate on device
+        self._start = np.zeros(s, np.int64)  # each slot's request's _Running.start
+        self._logprobs = np.zeros(s, bool)  # slots whose request asks for logprobs
         self.grammars: GrammarSlots | None = None  # made at the first constrained request
         # Decode outputs (tokens, emitted) from index _first_kept on, while a request needs them.
         self._history: list[CallOutput] = []
@@ -371,21 +437,23 @@ class Scheduler:
         anchor = pending.popleft()
         if size == 1:
             return [anchor]
-        reach = max(size, self.engine_config.length_lookahead) - 1
-        window = [pending.popleft() for _ in range(min(len(pending), reach))]
+        reach = min(len(pending), max(size, self.engine_config.length_lookahead) - 1)
+        window = list(itertools.islice(pending, reach))  # looked at in place, not popped
+        shared = self.prefix_cache is not None
         target = self.fed_len(anchor[1])
-        order = sorted(
-            range(len(window)), key=lambda j: (abs(self.fed_len(window[j][1]) - target), j)
-        )
+        gaps = [
+            abs(len(req.prompt_ids) - (req.prefix_len if shared else 0) - target)
+            for _, req in window
+        ]
+        order = sorted(range(reach), key=gaps.__getitem__)  # stable: ties in queue order
         chosen, used = [], anchor[1].n
         for j in sorted(order[: size - 1]):
-            if free is None or used + window[j][1].n <= free:
+            n = window[j][1].n
+            if free is None or used + n <= free:
                 chosen.append(j)
-                used += window[j][1].n
-        kept = set(chosen)
-        for j in reversed(range(len(window))):  # the rest go back, in their order
-            if j not in kept:
-                pending.appendleft(window[j])
+                used += n
+        for j in reversed(chosen):  # the rest stay queued, in their order
+            del pending[j]
         return [anchor] + [window[j] for j in chosen]
 
     def plan(self, batch: list[tuple[Any, GenerationRequest]], targets: list[int]) -> AdmitPlan:
@@ -397,50 +465,54 @@ class Scheduler:
         else:
             prompts, starts, states = [req.prompt_ids for req in requests], None, None
         self.count_prefill(prompts)
-        ec, p = self.engine_config, self.prefill_rows
-        e = p * math.ceil(sum(req.n for req in requests) / p)  # entries: one per sample
-        controls = ctl.empty_controls(e, (ec.max_stop_sequences, ec.max_stop_length), 1)
+        p = self.prefill_rows
+        entries = [(row, sample) for row, req in enumerate(requests) for sample in range(req.n)]
+        m = len(entries)  # one per sample, then padding up to whole inserts
+        e = p * math.ceil(m / p)
         bits = None
         if any(req.repetition_penalty != 1 for req in requests):
             bits = np.zeros((p, ctl.bitmask_words(self.vocab_size)), np.uint32)
             for row, req in enumerate(requests):
                 if req.repetition_penalty != 1:
                     bits[row] = ctl.pack_tokens(req.prompt_ids, self.vocab_size)
-        plan = AdmitPlan(
-            prompts=prompts,
-            starts=starts,
-            states=states,
-            slots=np.full((e,), ec.max_slots, np.int32),  # out of range: padding rows drop
-            prompt_len=np.zeros((e,), np.int32),
-            budget=np.ones((e,), np.int32),
-            stop_ids=np.full((e, ec.max_stop_ids), -1, np.int32),
-            temperature=np.zeros((e,), np.float32),
-            top_k=np.zeros((e,), np.int32),
-            top_p=np.ones((e,), np.float32),
-            seed=np.zeros((e,), np.int32),
-            source=np.zeros((e,), np.int32),
-            controls=controls._replace(prompt_bits=bits),
-        )
-        entry = 0
-        for row, (key, req) in enumerate(batch):
-            group = _Group([None] * req.n) if req.n > 1 else None
-            for sample in range(req.n):
-                slot = targets[entry]
-                plan.slots[entry], plan.source[entry] = slot, row
-                plan.prompt_len[entry] = len(req.prompt_ids)
-                plan.budget[entry] = req.max_new_tokens
-                plan.stop_ids[entry, : len(req.stop_ids)] = list(req.stop_ids)
-                plan.temperature[entry], plan.top_k[entry] = req.temperature, req.top_k
-                plan.top_p[entry] = req.top_p
-                plan.seed[entry] = ctl.sample_seed(req.seed, sample)
-                ctl.fill_row(controls, entry, req)
-                start = self._first_kept + len(self._history)
-                self._runs[slot] = _Running(key, req, slot, start, sample=sample, group=group)
-                self._live[slot] = True
-                self._cancel[slot] = False
-                self._generated[slot] = 0
-                self._budget[slot] = req.max_new_tokens
-                entry += 1
+        plan = self._blank_plan(e)
+        plan.prompts, plan.starts, plan.states = prompts, starts, states
+        plan.controls = plan.controls._replace(prompt_bits=bits)
+        if m == len(requests):  # no request with n > 1: entry i is request i's only sample
+            ents = requests
+            plan.source[:m] = range(m)
+            plan.seed[:m] = [int(req.seed) & 0x7FFFFFFF for req in ents]  # sample_seed(seed, 0)
+            groups: list[_Group | None] = [None] * m
+        else:
+            ents = [requests[row] for row, _ in entries]
+            plan.source[:m] = [row for row, _ in entries]
+            plan.seed[:m] = [ctl.sample_seed(ents[i].seed, s) for i, (_, s) in enumerate(entries)]
+            by_row = [_Group([None] * req.n) if req.n > 1 else None for req in requests]
+            groups = [by_row[row] for row, _ in entries]
+        slots = targets[:m]
+        at = np.asarray(slots)  # one conversion for the assignments below
+        plan.slots[:m] = at
+        plan.prompt_len[:m] = [len(req.prompt_ids) for req in ents]
+        plan.budget[:m] = [req.max_new_tokens for req in ents]
+        plan.temperature[:m] = [req.temperature for req in ents]
+        plan.top_k[:m] = [req.top_k for req in ents]
+        plan.top_p[:m] = [req.top_p for req in ents]
+        for entry, req in enumerate(ents):
+            if req.stop_ids:
+                plan.stop_ids[entry, : len(req.stop_ids)] = req.stop_ids
+        ctl.fill_rows(plan.controls, ents)
+        start = self._first_kept + len(self._history)
+        runs = self._runs
+        for slot, (row, sample), group in zip(slots, entries, groups, strict=True):
+            runs[slot] = _Running(
+                batch[row][0], requests[row], slot, start, sample=sample, group=group
+            )
+        self._start[at] = start
+        self._live[at] = True
+        self._cancel[at] = False
+        self._generated[at] = 0
+        self._budget[at] = plan.budget[:m]
+        self._logprobs[at] = plan.controls.logprobs[:m] >= 0
         if any(req.grammar is not None for req in requests):  # each sample: its own matcher
             grammars = self._grammar_slots()
             plan.mask = np.full((e, grammars.words), -1, np.int32)
@@ -450,6 +522,46 @@ class Scheduler:
                     grammars.start(slot, run.request.grammar)
                     grammars.fill(slot, plan.mask[entry])
         return plan
+
+    def _blank_plan(self, entries: int) -> AdmitPlan:
+        """A plan of ``entries`` rows, every row padding (copies of one template per size: the
+        arrays go to the device, so each plan has its own)."""
+        t = self._plan_templates.get(entries)
+        if t is None:
+            ec = self.engine_config
+            t = AdmitPlan(
+                prompts=[],
+                starts=None,
+                states=None,
+                slots=np.full((entries,), ec.max_slots, np.int32),  # out of range: rows drop
+                prompt_len=np.zeros((entries,), np.int32),
+                budget=np.ones((entries,), np.int32),
+                stop_ids=np.full((entries, ec.max_stop_ids), -1, np.int32),
+                temperature=np.zeros((entries,), np.float32),
+                top_k=np.zeros((entries,), np.int32),
+                top_p=np.ones((entries,), np.float32),
+                seed=np.zeros((entries,), np.int32),
+                source=np.zeros((entries,), np.int32),
+                controls=ctl.empty_controls(
+                    entries, (ec.max_stop_sequences, ec.max_stop_length), 1
+                )._replace(prompt_bits=None),
+            )
+            self._plan_templates[entries] = t
+        return AdmitPlan(
+            prompts=[],
+            starts=None,
+            states=None,
+            slots=t.slots.copy(),
+            prompt_len=t.prompt_len.copy(),
+            budget=t.budget.copy(),
+            stop_ids=t.stop_ids.copy(),
+            temperature=t.temperature.copy(),
+            top_k=t.top_k.copy(),
+            top_p=t.top_p.copy(),
+            seed=t.seed.copy(),
+            source=t.source.copy(),
+            controls=Controls(*(None if x is None else x.copy() for x in t.controls)),
+        )
 
     def _grammar_slots(self) -> GrammarSlots:
         if self.grammars is None:
@@ -462,6 +574,11 @@ class Scheduler:
         every step with no mask."""
         mask = self.grammars.decode_mask(self._live) if self.grammars is not None else None
         return (self.engine_config.decode_steps if mask is None else 1), mask
+
+    def logprobs_running(self) -> bool:
+        """Whether a running request asks for log-probabilities (the next decode call's are
+        read back only then)."""
+        return bool((self._logprobs & self._live).any())
 
     def take_cancel(self) -> np.ndarray:
         """bool [max_slots]: the slots the host stopped since the last call (to deactivate on
@@ -568,9 +685,8 @@ class Scheduler:
         """Frees the slots whose request ``output`` finished (stop id drawn, stop sequence or loop
         matched on the device, stop string found in the text here, or budget reached) and counts
         the work: numpy over rows and steps, Python only per finished request (and per running
-        request with stop strings)."""
-        ended = output.ended if output.ended is not None else np.zeros(output.tokens.shape, np.int8)
-        if output.slots is None:  # a decode call: rows are slots
+        request with stop strings or a grammar)."""
+        if output.slots is None:  # a decode call: row i is slot i
             busy = np.flatnonzero((output.emitted | output.stopped).any(axis=0))
             stats = self.stats
             stats.decode_calls += 1
@@ -579,65 +695,104 @@ class Scheduler:
             index = self._first_kept + len(self._history)
             self._history.append(output)
             self._generated += output.emitted.sum(axis=1) * self._live
-            rows = np.arange(len(self._runs))
-            stopped, code = output.stopped.any(axis=1), ended.max(axis=1)
-            emitted = output.emitted
-        else:  # an insert: rows are prefill rows, each going to output.slots[row]
+            slots = self._slot_ids
+            tokens, emitted = output.tokens, output.emitted
+            stopped = output.stopped.any(axis=1)
+            code = None if output.ended is None else output.ended.max(axis=1)
+            live, generated, budget = self._live, self._generated, self._budget
+        else:  # an insert: row i went to slot output.slots[i] (padding rows past max_slots)
             index = -1
             rows = np.flatnonzero(output.slots < len(self._runs))
             slots = output.slots[rows]
-            first = output.emitted[rows, 0]
-            self._generated[slots] = first
-            for row, slot, emit in zip(rows.tolist(), slots.tolist(), first.tolist(), strict=True):
-                run = self._runs[slot]
-                if emit and run is not None:
-                    run.first.append(int(output.tokens[row, 0]))
-                    if run.request.logprobs is not None:
-                        run.first_logprobs = output.row_logprobs(row, run.request.logprobs, [0])
-            stopped, code = output.stopped[rows, 0], ended[rows, 0]
-            emitted = output.emitted[rows]
-            full = np.zeros(len(self._runs), bool)
-            full[slots] = True
-            stopped, code = _by_slot(stopped, slots, full), _by_slot(code, slots, full)
-            emitted = _by_slot(emitted, slots, full)
-            rows = _by_slot(rows, slots, full)
-            live = full
-        live = self._live if output.slots is None else live & self._live
-        if self.grammars is not None:  # each constrained slot's matcher sees its new tokens
-            for slot in np.flatnonzero(live).tolist():
-                if self.grammars.matchers[slot] is not None:
-                    picked = output.tokens[rows[slot]][emitted[slot]].tolist()
-                    self.grammars.accept(slot, picked)
-        reasons = np.where(stopped | (code == ENDED_STOP_SEQUENCE), "stop", "length")
-        reasons = np.where(code == ENDED_LOOP, "loop", reasons)
-        done = live & (stopped | (code > 0) | (self._generated >= self._budget))
+            tokens, emitted = output.tokens[rows], output.emitted[rows]
+            stopped = output.stopped[rows, 0]
+            code = None if output.ended is None else output.ended[rows, 0]
+            self._generated[slots] = emitted[:, 0]
+            self._take_first(output, rows, slots, emitted[:, 0])
+            live = self._live[slots]
+            generated, budget = self._generated[slots], self._budget[slots]
+        # From here on, position i stands for slot slots[i].
+        ended = stopped | (generated >= budget)
+        if code is not None:
+            ended |= code > 0
+        done = live & ended
         limits: dict[int, int] = {}
-        if self.detokenize is not None:
-            for slot in np.flatnonzero(live).tolist():
-                run = self._runs[slot]
-                if run is None or not run.request.stop_strings or run.request.grammar is not None:
-                    continue
-                tokens = output.tokens[rows[slot]][emitted[slot]].tolist()
-                cut = self._text_stop(run, tokens)
-                if cut is not None:
-                    limits[slot] = cut
-                    self.stats.wasted_tokens += int(self._generated[slot]) - cut
-                    if not done[slot]:
-                        done[slot] = True
-                        self._cancel[slot] = True
+        if self.grammars is not None or self.detokenize is not None:
+            self._host_checks(slots, tokens, emitted, live, done, limits)
         finished = []
-        for slot in np.flatnonzero(done).tolist():
-            run = self._runs[slot]
-            assert run is not None
-            run.reason = "stop" if slot in limits else str(reasons[slot])
-            run.limit = limits.get(slot)
-            run.end = index if index >= 0 else run.start - 1
-            if self.grammars is not None and self.grammars.matchers[slot] is not None:
-                run.error = self.grammars.release(slot)
-            self._runs[slot] = None
-            self._live[slot] = False
-            finished.append(run)
+        where = np.flatnonzero(done)
+        if where.size:
+            done_slots = slots[where].tolist()
+            done_stopped = stopped[where].tolist()
+            done_code = [0] * len(where) if code is None else code[where].tolist()
+            runs = self._runs
+            for slot, stop, why in zip(done_slots, done_stopped, done_code, strict=True):
+                run = runs[slot]
+                assert run is not None
+                if slot in limits:
+                    run.reason, run.limit = "stop", limits[slot]
+                elif why == ENDED_LOOP:
+                    run.reason = "loop"
+                elif stop or why == ENDED_STOP_SEQUENCE:
+                    run.reason = "stop"
+                else:
+                    run.reason = "length"
+                run.end = index if index >= 0 else run.start - 1
+                if self.grammars is not None and self.grammars.matchers[slot] is not None:
+                    run.error = self.grammars.release(slot)
+                runs[slot] = None
+                finished.append(run)
+            self._live[done_slots] = False
         return Retired(finished)
+
+    def _take_first(
+        self, output: CallOutput, rows: np.ndarray, slots: np.ndarray, emitted: np.ndarray
+    ) -> None:
+        """Each inserted request's first token (and its logprobs), if emitted."""
+        runs = self._runs
+        tokens = output.tokens[rows, 0].tolist()
+        for i, (slot, emit) in enumerate(zip(slots.tolist(), emitted.tolist(), strict=True)):
+            run = runs[slot]
+            if emit and run is not None:
+                run.first.append(tokens[i])
+                if run.request.logprobs is not None:
+                    row = int(rows[i])
+                    run.first_logprobs = output.row_logprobs(row, run.request.logprobs, [0])
+
+    def _host_checks(
+        self,
+        slots: np.ndarray,
+        tokens: np.ndarray,
+        emitted: np.ndarray,
+        live: np.ndarray,
+        done: np.ndarray,
+        limits: dict[int, int],
+    ) -> None:
+        """What the host checks per running request in one call's output (position i: slot
+        ``slots[i]``): each constrained slot's matcher sees its new tokens, and a stop string in
+        the text ends a request (``limits[slot]``: the tokens it keeps; ``done`` set, and the
+        slot cancelled on the device if it would run on)."""
+        grammars = self.grammars
+        positions = np.flatnonzero(live).tolist()
+        slot_of = slots.tolist()
+        if grammars is not None:
+            for i in positions:
+                if grammars.matchers[slot_of[i]] is not None:
+                    grammars.accept(slot_of[i], tokens[i][emitted[i]].tolist())
+        if self.detokenize is None:
+            return
+        for i in positions:
+            slot = slot_of[i]
+            run = self._runs[slot]
+            if run is None or not run.request.stop_strings or run.request.grammar is not None:
+                continue
+            cut = self._text_stop(run, tokens[i][emitted[i]].tolist())
+            if cut is not None:
+                limits[slot] = cut
+                self.stats.wasted_tokens += int(self._generated[slot]) - cut
+                if not done[i]:
+                    done[i] = True
+                    self._cancel[slot] = True
 
     def _text_stop(self, run: _Running, new: list[int]) -> int | None:
         """The output tokens up to the one completing a stop string in the text, if ``new`` (the
@@ -667,54 +822,72 @@ class Scheduler:
 
     def collect(self, retired: Sequence[Retired]) -> list[tuple[Any, GenerationResult]]:
         """The requests that finished, as (key, result): each one's tokens gathered from the
-        decode outputs it took part in; outputs no running request needs are dropped. A request
-        with n > 1 comes once all its samples are done."""
+        decode outputs it took part in (all of them together: numpy per call, Python per
+        request); outputs no running request needs are dropped. A request with n > 1 comes
+        once all its samples are done."""
+        runs = [run for item in retired for run in item.finished]
         done: list[tuple[Any, GenerationResult]] = []
-        for item in retired:
-            for run in item.finished:
-                result = self._result(run)
-                if run.group is None:
-                    done.append((run.key, result))
-                    continue
-                run.group.results[run.sample] = result
-                if all(r is not None for r in run.group.results):
-                    samples = tuple(run.group.results)  # type: ignore[arg-type]
-                    done.append((run.key, dataclasses.replace(samples[0], samples=samples)))
-        starts = [run.start for run in self._runs if run is not None]
-        keep_from = min(starts, default=self._first_kept + len(self._history))
+        for run, result in zip(runs, self._results(runs), strict=True):
+            if run.group is None:
+                done.append((run.key, result))
+                continue
+            run.group.results[run.sample] = result
+            if all(r is not None for r in run.group.results):
+                samples = tuple(run.group.results)  # type: ignore[arg-type]
+                done.append((run.key, dataclasses.replace(samples[0], samples=samples)))
+        starts = self._start[self._live]
+        keep_from = int(starts.min()) if starts.size else self._first_kept + len(self._history)
         del self._history[: keep_from - self._first_kept]
         self._first_kept = keep_from
         return done
 
-    def _result(self, run: _Running) -> GenerationResult:
-        k = run.request.logprobs
-        parts = [np.asarray(run.first, np.int32)]
-        lps, tops = list(run.first_logprobs[0]), list(run.first_logprobs[1])
-        for call in range(run.start, run.end + 1):
-            out = self._history[call - self._first_kept]
-            picked = out.emitted[run.slot]
-            parts.append(out.tokens[run.slot][picked])
+    def _results(self, runs: list[_Running]) -> list[GenerationResult]:
+        """The finished ``runs``' results: their tokens from the decode calls each took part in
+        (``start .. end``), gathered for all of them at once."""
+        if not runs:
+            return []
+        ids = [list(run.first) for run in runs]
+        low, high = min(run.start for run in runs), max(run.end for run in runs)
+        if high >= low:
+            slots = np.array([run.slot for run in runs])
+            starts = np.array([run.start for run in runs])
+            ends = np.array([run.end for run in runs])
+            tokens, picked = [], []
+            for call in range(low, high + 1):
+                out = self._history[call - self._first_kept]
+                tokens.append(out.tokens[slots])
+                inside = (starts <= call) & (call <= ends)
+                picked.append(out.emitted[slots] & inside[:, None])
+            kept = np.concatenate(picked, axis=1)
+            flat = np.concatenate(tokens, axis=1)[kept].tolist()  # row by row, in call order
+            ends_at = np.cumsum(kept.sum(axis=1)).tolist()
+            begin = 0
+            for row, end in enumerate(ends_at):
+                ids[row] += flat[begin:end]
+                begin = end
+        results = []
+        for run, run_ids in zip(runs, ids, strict=True):
+            k = run.request.logprobs
+            lps: list[float] = []
+            tops: list[Any] = []
             if k is not None:
-                more_lps, more_tops = out.row_logprobs(run.slot, k, picked)
-                lps += more_lps
-                tops += more_tops
-        ids = np.concatenate(parts).tolist()
-        if run.limit is not None:
-            ids, lps, tops = ids[: run.limit], lps[: run.limit], tops[: run.limit]
-        n_prompt = len(run.request.prompt_ids)
-        return GenerationResult(
-            ids,
-            "error" if run.error is not None else run.reason,
-            n_prompt,
-            len(ids),
-            run.error,
-            logprobs=lps if k is not None else None,
-            top_logprobs=tops if k is not None else None,
-        )
-
-
-def _by_slot(values: np.ndarray, slots: np.ndarray, full: np.ndarray) -> np.ndarray:
-    """Per-row ``values`` of an insert laid out per slot (zeros where no row went)."""
-    out = np.zeros((len(full), *values.shape[1:]), values.dtype)
-    out[slots] = values
-    return out
+                lps, tops = list(run.first_logprobs[0]), list(run.first_logprobs[1])
+                for call in range(run.start, run.end + 1):
+                    out = self._history[call - self._first_kept]
+                    more_lps, more_tops = out.row_logprobs(run.slot, k, out.emitted[run.slot])
+                    lps += more_lps
+                    tops += more_tops
+            if run.limit is not None:
+                run_ids, lps, tops = run_ids[: run.limit], lps[: run.limit], tops[: run.limit]
+            results.append(
+                GenerationResult(
+                    run_ids,
+                    "error" if run.error is not None else run.reason,
+                    len(run.request.prompt_ids),
+                    len(run_ids),
+                    run.error,
+                    logprobs=lps if k is not None else None,
+                    top_logprobs=tops if k is not None else None,
+                )
+            )
+        return results
