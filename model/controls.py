@@ -79,20 +79,6 @@ def pack_tokens(ids: Sequence[int], vocab: int) -> np.ndarray:
     return words
 
 
-def fill_row(controls: Controls, row: int, request: Any) -> None:
-    """Writes ``request``'s controls (a GenerationRequest) into row ``row`` (prompt bits apart)."""
-    controls.min_tokens[row] = request.min_tokens
-    controls.presence[row] = request.presence_penalty
-    controls.frequency[row] = request.frequency_penalty
-    controls.repetition[row] = request.repetition_penalty
-    controls.logprobs[row] = -1 if request.logprobs is None else request.logprobs
-    controls.loop_ngram[row] = request.loop_ngram
-    controls.loop_repeats[row] = request.loop_repeats
-    length = controls.stop_seqs.shape[-1]
-    for q, seq in enumerate(request.stop_sequences):
-        controls.stop_seqs[row, q, length - len(seq) :] = list(seq)
-
-
 def is_off(request: Any) -> bool:
     """Whether every control of ``request`` (a GenerationRequest) is at its default (off), so
     its row of :func:`empty_controls` already holds them."""
@@ -110,7 +96,7 @@ def is_off(request: Any) -> bool:
 
 def fill_rows(controls: Controls, requests: Sequence[Any]) -> None:
     """Writes each request's controls into rows ``0 .. len(requests) - 1`` of ``controls``, a
-    column at a time (what :func:`fill_row` writes row by row; prompt bits apart). The rows
+    column at a time (prompt bits apart). The rows
     must hold the defaults of :func:`empty_controls`: when every request's controls are off
     they are left as they are."""
     if all(is_off(request) for request in requests):

@@ -12,7 +12,6 @@ then make the sharded empty caches).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -413,9 +412,14 @@ class DeviceRunner:
         """Right-aligned prompts in chunks of prefill_chunk; state carried across chunks. With
         ``states``, row i continues ``states[i]`` (a cached prefix state, or None for an empty
         one) from position ``starts[i]``."""
-        tokens, positions = self._prefill_inputs(prompts, starts)
-        c = self.engine_config.prefill_chunk
-        chunks = tokens.shape[1] // c
+        p, c = self.prefill_rows, self.engine_config.prefill_chunk
+        chunks = math.ceil(max(len(ids) for ids in prompts) / c)
+        tokens = np.zeros((p, chunks * c), np.int32)
+        positions = np.full((p, chunks * c), -1, np.int32)
+        for row, ids in enumerate(prompts):
+            start = starts[row] if starts else 0
+            tokens[row, -len(ids) :] = ids
+            positions[row, -len(ids) :] = np.arange(start, start + len(ids))
         loaded = states is not None and any(state is not None for state in states)
         if loaded:
             cache = self._loaded_prefill_cache(states)
@@ -430,27 +434,6 @@ class DeviceRunner:
             )
         self._spare = cache
         return logits, cache
-
-    def _prefill_inputs(
-        self, prompts: Sequence[Sequence[int]], starts: Sequence[int] | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """int32 tokens and positions [prefill_rows, chunks * prefill_chunk]: each prompt
-        right-aligned, at positions from its start (padding: token 0, position -1)."""
-        p, c = self.prefill_rows, self.engine_config.prefill_chunk
-        lengths = np.zeros((p,), np.int64)
-        lengths[: len(prompts)] = [len(ids) for ids in prompts]
-        width = c * math.ceil(int(lengths.max()) / c)
-        # Column j of row r holds the prompt's token j - (width - length), if that is >= 0.
-        offset = np.arange(width)[None, :] - (width - lengths)[:, None]
-        held = offset >= 0
-        tokens = np.zeros((p, width), np.int32)
-        tokens[held] = np.fromiter(
-            itertools.chain.from_iterable(prompts), np.int32, int(lengths.sum())
-        )  # row by row, left to right: each prompt in order
-        if starts:
-            offset[: len(starts)] += np.asarray(starts, np.int64)[:, None]
-        positions = np.where(held, offset, -1).astype(np.int32)
-        return tokens, positions
 
     def prefix_states(self, prefixes: Sequence[Sequence[int]]) -> list[Any]:
         """Each prefix's state after prefill, as a host cache of one sequence (waits)."""

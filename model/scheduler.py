@@ -218,16 +218,14 @@ def merge_inserts(outputs: Sequence[CallOutput]) -> list[CallOutput]:
         if len(group) == 1:
             merged.append(group[0])
         elif group:
-            fields = [f.name for f in dataclasses.fields(CallOutput)]
-            values = [getattr(group[0], name) for name in fields]
-            merged.append(
-                CallOutput(
-                    *(
-                        None if v is None else np.concatenate([getattr(o, n) for o in group])
-                        for n, v in zip(fields, values, strict=True)
-                    )
-                )
+            names = [f.name for f in dataclasses.fields(CallOutput)]
+            joined = (
+                None
+                if getattr(group[0], n) is None
+                else np.concatenate([getattr(o, n) for o in group])
+                for n in names
             )
+            merged.append(CallOutput(*joined))
         group.clear()
 
     for out in outputs:
