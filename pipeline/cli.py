@@ -192,6 +192,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     import ray
 
     from pipeline.config import ConfigError
+    from pipeline.local_ray import start_local_ray
     from pipeline.resources import check_node_fits
     from pipeline.runner import precheck, run_job
 
@@ -211,12 +212,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             flush=True,
         )
     else:
-        # A Ray of this run's own, whatever else runs here: "local" never joins a head started
-        # earlier on the machine (or named by a stale /tmp/ray/ray_current_cluster).
-        ray.init(
-            address="local",
-            num_cpus=config.run.num_cpus or max(8, os.cpu_count() or 1),
-            include_dashboard=False,
+        # A Ray of this run's own, whatever else runs here (pipeline.local_ray).
+        start_local_ray(
+            config.run.num_cpus or max(8, os.cpu_count() or 1),
             _metrics_export_port=config.run.metrics_export_port,
             **ray_logging,
         )

@@ -2,9 +2,10 @@
 
 ``ray.init()`` without an address joins whatever ``<ray temp dir>/ray_current_cluster`` names (a
 head started earlier on the machine, or a stale address a killed head left behind) and then
-refuses ``num_cpus``. ``address="local"`` always starts a fresh local instance, which is what
-``rgbatch run`` does when no ``run.ray_address`` is configured. Every test and benchmark that
-starts Ray goes through :func:`start_local_ray`.
+refuses ``num_cpus``. :func:`pipeline.local_ray.start_local_ray` always starts a fresh local
+instance (``address="local"``), as ``rgbatch run`` does when no ``run.ray_address`` is
+configured, and starts it again when Ray's node start-up wait runs out on a busy machine. Every
+test and benchmark that starts Ray goes through it.
 """
 
 from __future__ import annotations
@@ -13,16 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from pipeline.local_ray import start_local_ray
 
-def start_local_ray(num_cpus: int, **kwargs: Any) -> None:
-    """Start a fresh local Ray instance with ``num_cpus`` logical CPUs and no dashboard.
-
-    Extra keyword arguments go to ``ray.init`` (``runtime_env``, ``log_to_driver``, ...).
-    """
-    import ray
-
-    kwargs.setdefault("include_dashboard", False)
-    ray.init(address="local", num_cpus=num_cpus, **kwargs)
+__all__ = ["local_ray", "start_local_ray"]
 
 
 @contextmanager

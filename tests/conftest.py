@@ -13,6 +13,10 @@ import pytest
 # gcsfs probes for hierarchical-namespace buckets over gRPC (60 s against an emulator) unless this
 # is off; set before any import of gcsfs here and in the Ray workers the tests start.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# Ray waits 60 s for its (minimal) dashboard process to report, then logs an error and goes on
+# without it; two test processes on two cores can make it slower than that. Waiting longer keeps
+# that error out of the run outputs the tests read.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "300")
 
 FAKE_KEY = "testing"
 FAKE_SECRET = "testing"
