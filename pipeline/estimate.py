@@ -14,13 +14,22 @@ Generated tokens are ``generation.max_new_tokens`` per row that can run (an uppe
 given mean (a previous run's ``output_tokens / rows``, or the calibration's). Wall time for N
 replicas comes from a throughput figure: either given (generated tokens per second per replica,
 as a previous run's manifest reports ``throughput.output_tokens_per_s`` over its replicas), or
-measured by :func:`calibrate`: one model replica built in this process from the job's config
-runs the sampled prompts twice, once generating one token (the prompt cost per token) and once
-in full (the generated cost per token), and its start (load, memory plan, compilation) counts
-once. RecurrentGemma's cost is close to linear in tokens (a fixed-size state per sequence), so
-``wall = start + (prompt_s_per_token * prompt_tokens + generated_s_per_token *
-generated_tokens) / replicas``. Not counted: Ray's own start, the toxicity stage, and the
-writer, which run beside the model stage.
+measured by :func:`calibrate`, which times what a run's actors do, on this machine:
+
+- the start: a fresh interpreter importing what the stages' actors import (Ray, JAX and Flax,
+  detoxify and torch when scoring is on), then one model replica built from the job's config
+  (load, memory plan, compilation) and, when scoring is on, one toxicity scorer (checkpoint
+  load); a run pays these once, before its first row;
+- the model: the sampled prompts run twice, once generating one token (the prompt cost per
+  token) and once in full (the generated cost per token);
+- toxicity: the second run's outputs scored (the cost per row).
+
+RecurrentGemma's cost is close to linear in tokens (a fixed-size state per sequence), so
+``model = (prompt_s_per_token * prompt_tokens + generated_s_per_token * generated_tokens) /
+replicas`` and ``toxicity = toxicity_s_per_row * rows / toxicity.replicas``. When the model runs
+on an accelerator the two stages overlap (``wall = start + max(model, toxicity)``); on CPU they
+share the same cores (``wall = start + model + toxicity``). Not counted: Ray's own start, the
+reader, prompt and writer stages (small beside the model), and a cluster's autoscaling.
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import subprocess
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -55,9 +66,14 @@ class Throughput:
 
     prompt_s_per_token: float
     generated_s_per_token: float
-    start_s: float = 0.0
+    start_s: float = 0.0  # import_s + model_start_s + toxicity_start_s when calibrated
     generated_mean: float | None = None  # the calibration's mean generated tokens per row
     source: str = "given"
+    toxicity_s_per_row: float = 0.0  # one scorer's seconds per row (0: not measured or off)
+    stages_overlap: bool = False  # the model on an accelerator: toxicity runs beside it
+    import_s: float = 0.0  # a fresh interpreter importing what the stages' actors import
+    model_start_s: float = 0.0  # one model replica built: load, memory plan, compilation
+    toxicity_start_s: float = 0.0  # one toxicity scorer built: checkpoint load
 
     @classmethod
     def given(cls, generated_tokens_per_s: float) -> Throughput:
@@ -108,6 +124,12 @@ class Estimate:
                 f"wall time:        {format_seconds(self.wall_s)} on {self.replicas} replica(s) "
                 f"({source} throughput)"
             )
+            t = self.throughput or {}
+            if t.get("source") == "calibrated":
+                out.append(
+                    f"  of which start:  {t['start_s']:.1f} s (imports {t['import_s']:.1f} s, "
+                    f"model {t['model_start_s']:.1f} s, toxicity {t['toxicity_start_s']:.1f} s)"
+                )
         return out
 
 
@@ -283,11 +305,16 @@ def estimate(
     replicas = replicas or config.model.replicas
     wall = None
     if throughput is not None:
-        work = (
+        model_s = (
             throughput.prompt_s_per_token * prompt_total
             + throughput.generated_s_per_token * generated_total
-        )
-        wall = throughput.start_s + work / replicas
+        ) / replicas
+        toxicity_s = 0.0
+        if config.toxicity.enabled:
+            scored = ok_fraction * total_rows
+            toxicity_s = throughput.toxicity_s_per_row * scored / config.toxicity.replicas
+        work = max(model_s, toxicity_s) if throughput.stages_overlap else model_s + toxicity_s
+        wall = throughput.start_s + work
     return Estimate(
         files=len(files),
         bytes=int(sum(sizes)),
@@ -316,7 +343,8 @@ def _size(uri: str, options: Mapping[str, Any]) -> int:
 
 
 def calibrate(config: JobConfig, sample: pa.Table, rows: int | None = None) -> Throughput:
-    """Measures one replica of the job's model on ``sample`` (prompted rows), in this process."""
+    """Measures what one run's actors do on ``sample`` (prompted rows), in this process and a
+    fresh interpreter (see the module docstring)."""
     from pipeline.model_stage import ModelStage
     from pipeline.request import ROW_SETTINGS, ROW_SETTINGS_TYPE
 
@@ -326,9 +354,11 @@ def calibrate(config: JobConfig, sample: pa.Table, rows: int | None = None) -> T
     if table.num_rows == 0:
         raise ValueError("no sampled row can be prompted: nothing to calibrate on")
     table = table.drop_columns([c for c in (ROW_SETTINGS,) if c in table.column_names])
+    scoring = config.toxicity.enabled
+    import_s = cold_import_s(ACTOR_IMPORTS + (TOXICITY_IMPORTS if scoring else ()))
     started = time.perf_counter()
     stage = ModelStage(config.model, config.generation)
-    start_s = time.perf_counter() - started
+    model_start_s = time.perf_counter() - started
     try:
         prompt_tokens = int(pc.sum(table.column(S.PROMPT_TOKENS)).as_py() or 0)
         one = pa.array([{"max_new_tokens": 1}] * table.num_rows, ROW_SETTINGS_TYPE)
@@ -340,16 +370,50 @@ def calibrate(config: JobConfig, sample: pa.Table, rows: int | None = None) -> T
         full_s = time.perf_counter() - begun
     finally:
         stage.worker.close()
+    toxicity_start_s, toxicity_s_per_row = _toxicity_costs(config, out) if scoring else (0, 0)
     generated = int(pc.sum(out.column(S.OUTPUT_TOKENS)).as_py() or 0)
     per_prompt = prefill_s / max(prompt_tokens, 1)
     per_generated = max(full_s - per_prompt * prompt_tokens, 0.0) / max(generated, 1)
     return Throughput(
         prompt_s_per_token=per_prompt,
         generated_s_per_token=per_generated,
-        start_s=start_s,
+        start_s=import_s + model_start_s + toxicity_start_s,
         generated_mean=generated / table.num_rows,
         source="calibrated",
+        toxicity_s_per_row=toxicity_s_per_row,
+        stages_overlap=config.model.gpus_per_replica > 0 or config.model.devices_given is not None,
+        import_s=import_s,
+        model_start_s=model_start_s,
+        toxicity_start_s=toxicity_start_s,
     )
+
+
+# What a model actor's process imports before its first row, and a toxicity actor's besides.
+ACTOR_IMPORTS = ("ray", "jax", "flax", "model.engine", "pipeline.model_stage")
+TOXICITY_IMPORTS = ("torch", "detoxify", "pipeline.toxicity")
+
+
+def cold_import_s(modules: Sequence[str]) -> float:
+    """Seconds a fresh interpreter takes to start and import ``modules`` (what an actor's new
+    process pays before its stage is built)."""
+    code = "import " + ", ".join(modules)
+    begun = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, timeout=600)
+    return time.perf_counter() - begun
+
+
+def _toxicity_costs(config: JobConfig, out: pa.Table) -> tuple[float, float]:
+    """(scorer start seconds, seconds per row) of one toxicity scorer on the model's outputs."""
+    from pipeline.toxicity import ToxicityStage
+
+    tox = config.toxicity
+    begun = time.perf_counter()
+    stage = ToxicityStage(tox, device="cuda" if tox.gpus_per_replica else "cpu")
+    start_s = time.perf_counter() - begun
+    begun = time.perf_counter()
+    for offset in range(0, out.num_rows, tox.batch_size):
+        stage(out.slice(offset, tox.batch_size))
+    return start_s, (time.perf_counter() - begun) / max(out.num_rows, 1)
 
 
 def _slots(config: JobConfig) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pyarrow as pa
@@ -117,6 +118,34 @@ def test_wall_time_from_a_given_throughput(fixtures, tmp_path) -> None:
     assert four.wall_s == pytest.approx(one.wall_s / 4, rel=1e-3)
     mean = estimate(config, tokenizer, generated_mean=5.0)
     assert mean.generated_tokens == round(5.0 * mean.rows * (1 - mean.error_fraction))
+
+
+def test_wall_time_adds_toxicity_on_cpu_and_overlaps_it_on_an_accelerator(
+    fixtures, tmp_path
+) -> None:
+    config = _config(fixtures, str(REPO / "data" / "sample" / "*.jsonl"), tmp_path)
+    tokenizer = driver_tokenizer(config)
+    assert config.toxicity.enabled
+    base = dict(prompt_s_per_token=1e-4, generated_s_per_token=1e-3, start_s=7.0)
+    cpu = estimate(config, tokenizer, throughput=Throughput(**base, toxicity_s_per_row=0.01))
+    scored = cpu.rows * (1 - cpu.error_fraction)
+    model_s = 1e-4 * cpu.prompt_tokens + 1e-3 * cpu.generated_tokens
+    toxicity_s = 0.01 * scored / config.toxicity.replicas
+    assert cpu.wall_s == pytest.approx(7.0 + model_s + toxicity_s, rel=1e-3)
+    on_gpu = Throughput(**base, toxicity_s_per_row=0.01, stages_overlap=True)
+    gpu = estimate(config, tokenizer, throughput=on_gpu)
+    assert gpu.wall_s == pytest.approx(7.0 + max(model_s, toxicity_s), rel=1e-3)
+    off = config.model_copy(
+        update={"toxicity": config.toxicity.model_copy(update={"enabled": False})}
+    )
+    no_scoring = estimate(off, tokenizer, throughput=Throughput(**base, toxicity_s_per_row=0.01))
+    assert no_scoring.wall_s == pytest.approx(7.0 + model_s, rel=1e-3)
+
+
+def test_cold_import_time_is_measured_in_a_fresh_interpreter() -> None:
+    assert estimate_module.cold_import_s(("json",)) > 0
+    with pytest.raises(subprocess.CalledProcessError):
+        estimate_module.cold_import_s(("no_such_module_here",))
 
 
 def test_validate_estimate_prints_the_figures(fixtures, tmp_path, capsys) -> None:
