@@ -16,7 +16,7 @@ TEXT = "text"  # str | null: the document (summarize) or the context (qa)
 QUESTION = "question"  # str | null (qa)
 PROMPT = "prompt"  # str | null (generate)
 ERROR = "error"  # str | null: what went wrong with this row
-ERROR_KIND = "error_kind"  # str | null: one of ERROR_KINDS
+ERROR_KIND = "error_kind"  # str | null: one of ERROR_KINDS or a format's (formats.error_kinds())
 
 # A format's reader may add its own columns after these (pipeline.formats), and a row's own
 # generation settings (pipeline.request.ROW_SETTINGS).
@@ -49,6 +49,7 @@ TOXICITY_DECISION = "toxicity_decision"  # "keep" | "drop" | "redact"
 MODEL = "model"  # str: checkpoint variant and fingerprint
 RUN_ID = "run_id"
 
+# The error kinds every format shares; a format adds its own (Reader.error_kinds).
 ERROR_KINDS = (
     "missing_id",  # the configured id column is absent or null (a derived id is used)
     "missing_text",  # the needed column is absent or null
@@ -56,8 +57,6 @@ ERROR_KINDS = (
     "empty_text",  # only whitespace
     "invalid_utf8",  # a JSONL line that is not UTF-8
     "invalid_json",  # a JSONL line that does not parse as an object (or nests too deep)
-    "invalid_request",  # an OpenAI batch line that is no valid, supported request
-    "invalid_custom_id",  # an OpenAI batch line without a usable custom_id (to errors/)
     "unreadable_file",  # one row per input file whose bytes are corrupt (its other rows kept)
     "invalid_settings",  # the row's input.settings_column value is no valid request body
     "row_too_large",  # a JSONL line over input.max_row_bytes

@@ -2,10 +2,10 @@
 
 The corpus is sampled, never read whole: the file listing gives every file's size, a format that
 keeps row counts (Parquet footers) gives the rows of up to :data:`MAX_FOOTERS` files (spread over
-the size range; the others' rows go by their size at the counted files' bytes per row), and a few hundred rows from the start
-of a spread of files (:data:`SAMPLE_FILES` at most, chosen across the size range) are read by the
-job's reader and prompted by the job's own prompt builder (template, chat markers, truncation,
-the configured tokenizer). For a format without row counts (JSONL, OpenAI batch files: line
+the size range; the others' rows go by their size at the counted files' bytes per row), and a few
+hundred rows from the start of a spread of files (:data:`SAMPLE_FILES` at most, chosen across the
+size range) are read by the job's reader and prompted by the job's own prompt builder (template,
+chat markers, truncation, the configured tokenizer). For a format without row counts (the line
 formats), the sampled files' first lines give the stored bytes per row (compressed bytes for a
 compressed file), and a file's rows are its size over that; a sampled file read to its end counts
 exactly.

@@ -4,8 +4,9 @@
 strings, the chat end-of-turn stop). The job's settings come from ``generation`` in the job config
 (:meth:`RequestSettings.from_config`, by field name: a parameter added to both is carried without
 more code). A row may carry its own values in the :data:`ROW_SETTINGS` column (a struct with one
-nullable field per parameter a row may set; null keeps the job's value): the OpenAI batch reader
-fills it from each request body, and a configured per-row column can later fill it the same way.
+nullable field per parameter a row may set; null keeps the job's value): a reader whose rows
+carry their own settings (``Reader.row_settings``) fills it from each request body, and
+``input.settings_column`` fills it the same way for any format.
 The model stage applies a row's values (:meth:`RequestSettings.for_row`) and turns the result into
 the engine's request (:meth:`RequestSettings.engine_request`); stop strings are applied to the
 decoded text afterwards (:meth:`RequestSettings.finish`).

@@ -1,7 +1,7 @@
 """Request body keys, the OpenAI API's names for request parameters, read into row settings.
 
-Two inputs speak this vocabulary: the body of an OpenAI batch line
-(:mod:`pipeline.formats.openai_batch`) and a ``input.settings_column`` value of any format.
+Two inputs speak this vocabulary: the body of a request line (a format whose rows carry their
+own settings, ``Reader.row_settings``) and an ``input.settings_column`` value of any format.
 :func:`body_params` checks and reads the honoured keys (``max_tokens`` /
 ``max_completion_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``response_format``,
 the penalties, ``min_tokens``, ``top_k``, ``n``, ``logprobs`` / ``top_logprobs``);

@@ -5,8 +5,8 @@ encoding (:mod:`pipeline.writer`) and the run contract's two files (:mod:`pipeli
 
     part-<write uuid>-<task>.<ext>            rows the toxicity policy keeps (the writer's)
     rejected/part-...                          rows it drops, with their scores (the writer's)
-    errors/part-...                            an output format's error file (OpenAI batch: lines
-                                               without a usable custom_id; the writer's)
+    errors/part-...                            an output format's error file (request lines it
+                                               cannot answer in place; the writer's)
     _stats/part-....json                       each part's RunSummary (the writer's)
     _inputs/<file digest>.json                 each input file's row count, once read in full
     _ids/<file digest>-<batch>.parquet         the typed id keys of each batch (repeat counts)

@@ -7,7 +7,7 @@ bundle of at least ``output.rows_per_file`` rows and writes, all under the same 
     <run dir>/rejected/part-<write uuid>-<task>.<ext>  rows it drops (with their scores)
     <run dir>/_stats/part-<write uuid>-<task>.json     the RunSummary of all of them
     <run dir>/<error dir>/part-<write uuid>-<task>.<ext>  rows the format sends to its error
-                                                       file (OpenAI batch: no usable custom_id)
+                                                       file (request lines it cannot answer in place)
 
 Ray Data's resume writes a pending checkpoint of the bundle's ids before the task writes and
 commits it after; a pending checkpoint found by the next attempt deletes every file under the run

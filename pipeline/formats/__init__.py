@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from model import storage
+from pipeline import columns as S
 from pipeline.formats import jsonl, openai_batch, parquet
 from pipeline.formats.base import Reader, ReadSpec, Writer, check_names
 
@@ -37,6 +38,7 @@ __all__ = [
     "ReadSpec",
     "Reader",
     "Writer",
+    "error_kinds",
     "infer_format",
     "input_names",
     "list_files",
@@ -44,6 +46,12 @@ __all__ = [
     "reader",
     "writer",
 ]
+
+
+def error_kinds() -> tuple[str, ...]:
+    """Every error kind a row can have: the shared ones, then each input format's own."""
+    own = (kind for r in _READERS for kind in r.error_kinds if kind not in S.ERROR_KINDS)
+    return tuple(dict.fromkeys((*S.ERROR_KINDS, *own)))
 
 
 def input_names() -> tuple[str, ...]:

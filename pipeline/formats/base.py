@@ -125,6 +125,7 @@ class Reader:
     row_settings: ClassVar[bool] = False  # rows carry request settings of their own (ROW_SETTINGS)
     reserved: ClassVar[tuple[str, ...]] = ()  # more column names it keeps (``x_*``: a prefix)
     maps_columns: ClassVar[bool] = True  # rows come from the configured input.*_column columns
+    error_kinds: ClassVar[tuple[str, ...]] = ()  # kinds of its own, beside columns.ERROR_KINDS
     # Error kinds that answer a bad request line (the format's own output, as an API's 4xx
     # answers are), not failures of the run: run.max_error_fraction does not count them.
     answered_errors: ClassVar[tuple[str, ...]] = ()

@@ -105,6 +105,7 @@ REQUEST_PREFIX = "req_"  # the request columns start with it; passthrough column
 REQ_CUSTOM_ID = "req_custom_id"  # str | null: the line's custom_id as given
 REQ_ENDPOINT = "req_endpoint"  # "chat" | "completions" | null (the line is no valid request)
 ENDPOINTS = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS}
+INVALID_REQUEST = "invalid_request"  # the error kind of a line that is no valid, supported request
 INVALID_CUSTOM_ID = "invalid_custom_id"  # the error kind of a line without a usable custom_id
 ERRORS_DIR = "errors"  # the error file's directory in the run directory, as OpenAI's batches
 
@@ -306,7 +307,7 @@ class RequestRows:
             else:
                 values.update(_request_values(request))
             if errors:
-                kind = INVALID_CUSTOM_ID if issue is not None else "invalid_request"
+                kind = INVALID_CUSTOM_ID if issue is not None else INVALID_REQUEST
                 message = f"line {position + 1}: " + "; ".join(errors)
         values[S.ERROR], values[S.ERROR_KIND] = message, kind
         if values[S.ERROR] is not None:
@@ -342,7 +343,7 @@ class RequestRows:
                 except (pa.ArrowException, OverflowError, TypeError, ValueError) as err:
                     message = f"line {position + 1}: a value of column {f.name!r} does not fit "
                     self._columns[S.ERROR][i] = message + f"{f.type}: {err}"
-                    self._columns[S.ERROR_KIND][i] = "invalid_request"
+                    self._columns[S.ERROR_KIND][i] = INVALID_REQUEST
                     self._columns[S.PROMPT][i] = None
                     self._columns[ROW_SETTINGS][i] = None
                     if f.nullable:
@@ -372,8 +373,9 @@ class OpenAIBatchReader(Reader):
     row_settings = True
     reserved = (REQUEST_PREFIX + "*",)
     maps_columns = False  # request lines, checked line by line: a bad one is an error line
+    error_kinds = (INVALID_REQUEST, INVALID_CUSTOM_ID)
     answered_errors = (
-        "invalid_request",
+        INVALID_REQUEST,
         INVALID_CUSTOM_ID,
         "invalid_json",
         "invalid_utf8",

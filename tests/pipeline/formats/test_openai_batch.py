@@ -18,6 +18,7 @@ from pipeline_helpers import job_config, job_yaml, read_table
 
 from model.tokenizer import Tokenizer
 from pipeline import columns as S
+from pipeline import formats
 from pipeline.config import ConfigError, load_job_config
 from pipeline.formats import ReadSpec
 from pipeline.formats import openai_batch as ob
@@ -240,6 +241,12 @@ def test_reader_one_row_per_line_ids_unique_and_bad_lines_as_error_rows(tmp_path
     # No usable custom_id (missing, not a string, a repeat): its own kind, for the error file.
     kinds = ["invalid_json"] + ["invalid_custom_id"] * 3 + ["invalid_request"] * 2
     assert [r[S.ERROR_KIND] for r in bad] == kinds
+    # The kinds of its own are declared by the format (the registry lists them; columns.py,
+    # shared by every format, does not name them).
+    assert set(kinds) <= set(formats.error_kinds())
+    assert set(ob.OpenAIBatchReader.error_kinds) == {"invalid_custom_id", "invalid_request"}
+    assert not set(ob.OpenAIBatchReader.error_kinds) & set(S.ERROR_KINDS)
+    assert set(ob.OpenAIBatchReader.answered_errors) <= set(formats.error_kinds())
     assert all(r[S.PROMPT] is None for r in bad)
     messages = [r[S.ERROR] for r in bad]
     assert "line 4" in messages[0]
