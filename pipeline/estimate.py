@@ -19,7 +19,10 @@ measured by :func:`calibrate`, which times what a run's actors do, on this machi
 - the start: a fresh interpreter importing what the stages' actors import (Ray, JAX and Flax,
   detoxify and torch when scoring is on), then one model replica built from the job's config
   (load, memory plan, compilation) and, when scoring is on, one toxicity scorer (checkpoint
-  load); a run pays these once, before its first row;
+  load); a run pays these once, before its first row. In a process that has not used them yet
+  each build also imports its stage's libraries, so their import counts twice; that stands in
+  for what is not modelled (Ray Data starting the actor processes on a busy node, the run's own
+  sampling for its manifest estimate) and matters less the larger the corpus;
 - the model: the sampled prompts run twice, once generating one token (the prompt cost per
   token) and once in full (the generated cost per token);
 - toxicity: the second run's outputs scored (the cost per row).
