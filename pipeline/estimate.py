@@ -373,7 +373,7 @@ def calibrate(config: JobConfig, sample: pa.Table, rows: int | None = None) -> T
         full_s = time.perf_counter() - begun
     finally:
         stage.worker.close()
-    toxicity_start_s, toxicity_s_per_row = _toxicity_costs(config, out) if scoring else (0, 0)
+    toxicity_start_s, toxicity_s_per_row = _toxicity_costs(config, out) if scoring else (0.0, 0.0)
     generated = int(pc.sum(out.column(S.OUTPUT_TOKENS)).as_py() or 0)
     per_prompt = prefill_s / max(prompt_tokens, 1)
     per_generated = max(full_s - per_prompt * prompt_tokens, 0.0) / max(generated, 1)
