@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 # Test processes (pytest-xdist, one test file per process at a time: a file's tests share its
-# Ray cluster). 2 (the default) finished the suite in 58 instead of 89 minutes on a 2-core
+# Ray cluster). 2 (the default) finished the suite in 47 instead of 89 minutes on a 2-core
 # machine; 0 runs every test in this process (docs/testing.md).
 TEST_WORKERS ?= 2
 XDIST  := -n $(TEST_WORKERS) --dist loadfile
